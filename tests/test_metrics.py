@@ -1,0 +1,204 @@
+"""Metrics: FID against a scipy oracle and closed forms, the reference classifier, simple scores."""
+
+import json
+import math
+
+import numpy as np
+import pytest
+import scipy.linalg
+import torch
+from torch import nn
+
+from unidiff import metrics
+from unidiff.data import DataConfig, build_datasets
+from unidiff.errors import CheckpointError
+from unidiff.metrics import (
+    ClassifierFeatures,
+    ReferenceClassifier,
+    accuracy,
+    compute_fid,
+    cosine,
+    fid_floor,
+    get_reference_classifier,
+    inception_feature_module,
+    masked_mse,
+    masked_psnr,
+    psnr,
+    retrieval_recall_at_k,
+)
+
+
+@pytest.fixture(scope="module")
+def digits():
+    return build_datasets(DataConfig(name="digits"))
+
+
+def _scipy_fid(f1: np.ndarray, f2: np.ndarray) -> float:
+    """The Fréchet distance of the two feature Gaussians, written independently with scipy."""
+    mu1, mu2 = f1.mean(0), f2.mean(0)
+    s1, s2 = np.cov(f1, rowvar=False), np.cov(f2, rowvar=False)
+    covmean = scipy.linalg.sqrtm(s1 @ s2).real
+    return float(((mu1 - mu2) ** 2).sum() + np.trace(s1 + s2 - 2 * covmean))
+
+
+class LinearFeatures(nn.Module):
+    """Features = a fixed random projection of the pixels (FID has a closed form for it)."""
+
+    def __init__(self, in_dim: int, num_features: int):
+        super().__init__()
+        self.proj = nn.Linear(in_dim, num_features, bias=False)
+        self.num_features = num_features
+
+    def forward(self, x):
+        return self.proj(x.flatten(1))
+
+
+# ----------------------------------------------------------------------------------------------
+# FID
+
+
+def test_fid_matches_scipy(digits):
+    train, val, info = digits
+    torch.manual_seed(0)
+    feats = ClassifierFeatures(ReferenceClassifier(info.image_shape, info.num_classes, width=8, feature_dim=16))
+    real, fake = train.images[:600], val.images
+    with torch.no_grad():
+        f_real, f_fake = feats(real).double().numpy(), feats(fake).double().numpy()
+    expected = _scipy_fid(f_real, f_fake)
+    got = compute_fid(real, fake, feats, batch_size=128)
+    assert isinstance(got, float)
+    assert got == pytest.approx(expected, rel=1e-4, abs=1e-8)
+
+
+def test_fid_of_identical_sets_is_zero_and_grows_with_shift(digits):
+    train, _, _ = digits
+    torch.manual_seed(0)
+    feats = LinearFeatures(64, 8)
+    real = train.images[:400]
+    scale = feats.proj.weight.sum(1).square().sum().item()  # ‖W 1‖²
+    assert abs(compute_fid(real, real, feats)) < 1e-6 * scale
+    # Shifting every pixel by c moves the feature mean by c·W1 and leaves the covariance alone,
+    # so FID(x, x + c) = c² ‖W 1‖² exactly.
+    shifts = [0.1, 0.3, 0.9]
+    fids = [compute_fid(real, real + c, feats) for c in shifts]
+    for c, fid in zip(shifts, fids):
+        assert fid == pytest.approx(c**2 * scale, rel=1e-4)
+    assert fids[0] < fids[1] < fids[2]
+
+
+def test_fid_floor_is_fid_of_train_against_val(digits):
+    train, val, _ = digits
+    torch.manual_seed(0)
+    feats = LinearFeatures(64, 8)
+    with torch.no_grad():
+        expected = _scipy_fid(feats(train.images).double().numpy(), feats(val.images).double().numpy())
+    assert fid_floor(train, val, feats) == pytest.approx(expected, rel=1e-4)  # datasets as input
+
+
+def test_inception_needs_a_local_file(tmp_path):
+    missing = str(tmp_path / "weights-inception.pth")
+    with pytest.raises(CheckpointError, match="weights-inception.pth"):
+        inception_feature_module(missing)
+    with pytest.raises(CheckpointError):
+        inception_feature_module(None)
+    garbage = tmp_path / "garbage.pth"
+    garbage.write_bytes(b"not a checkpoint")
+    with pytest.raises(CheckpointError, match="garbage.pth"):
+        inception_feature_module(str(garbage))
+
+
+# ----------------------------------------------------------------------------------------------
+# reference classifier
+
+
+def test_reference_classifier_trains_caches_and_reloads(digits, tmp_path, monkeypatch):
+    train, val, info = digits
+    # The default recipe with fewer steps and a narrower net (the default takes ~2x longer).
+    small = {"steps": 200, "width": 16}
+    clf, acc = get_reference_classifier(train, val, info, str(tmp_path), **small)
+    assert acc >= 0.95
+    with torch.no_grad():
+        logits = clf(val.images)
+        feats = clf.features(val.images)
+    assert logits.shape == (len(val), 10) and feats.shape == (len(val), clf.feature_dim)
+    assert acc == pytest.approx((logits.argmax(-1) == val.labels).double().mean().item())
+    (weights,) = tmp_path.glob("reference_*.safetensors")
+    record = json.loads(weights.with_suffix(".json").read_text())
+    assert record["val_accuracy"] == pytest.approx(acc)
+
+    # The second call must come from the cache: training is now forbidden.
+    def no_training(*args, **kwargs):
+        raise AssertionError("retrained instead of loading the cache")
+
+    monkeypatch.setattr(metrics, "train_reference_classifier", no_training)
+    clf2, acc2 = get_reference_classifier(train, val, info, str(tmp_path), **small)
+    assert acc2 == acc
+    with torch.no_grad():
+        torch.testing.assert_close(clf2(val.images), logits)
+    # Different options or different data are a different cache entry.
+    with pytest.raises(AssertionError, match="retrained"):
+        get_reference_classifier(train, val, info, str(tmp_path), steps=5, width=16)
+    with pytest.raises(AssertionError, match="retrained"):
+        get_reference_classifier(train.subset(range(100)), val, info, str(tmp_path), **small)
+
+
+# ----------------------------------------------------------------------------------------------
+# simple scores against naive references
+
+
+def test_accuracy():
+    target = torch.tensor([0, 1, 2, 2, 1])
+    logits = torch.zeros(5, 3)
+    logits[torch.arange(5), torch.tensor([0, 1, 1, 2, 0])] = 1.0
+    assert accuracy(logits, target) == pytest.approx(3 / 5)
+    assert accuracy(torch.tensor([0, 1, 1, 2, 0]), target) == pytest.approx(3 / 5)
+
+
+def test_psnr_and_masked_scores():
+    g = torch.Generator().manual_seed(0)
+    x = torch.rand(3, 2, 4, 4, generator=g) * 2 - 1
+    y = torch.rand(3, 2, 4, 4, generator=g) * 2 - 1
+    per_image = [10 * math.log10(4.0 / ((x[i] - y[i]) ** 2).mean().item()) for i in range(3)]
+    assert psnr(x, y) == pytest.approx(sum(per_image) / 3, rel=1e-5)
+
+    mask = torch.zeros(3, 1, 4, 4)
+    mask[0, :, :2] = 1  # top half of image 0
+    mask[1, :, :, 1] = 1  # one column of image 1; image 2 has no masked pixel
+    sq, n, psnrs = 0.0, 0, []
+    for i in range(3):
+        pixels = [(c, h, w) for c in range(2) for h in range(4) for w in range(4) if mask[i, 0, h, w]]
+        vals = [(x[i, c, h, w] - y[i, c, h, w]).item() ** 2 for c, h, w in pixels]
+        sq, n = sq + sum(vals), n + len(vals)
+        if vals:
+            psnrs.append(10 * math.log10(4.0 / (sum(vals) / len(vals))))
+    assert masked_mse(x, y, mask) == pytest.approx(sq / n, rel=1e-5)
+    assert masked_psnr(x, y, mask) == pytest.approx(sum(psnrs) / len(psnrs), rel=1e-5)
+
+
+def test_cosine():
+    a = torch.tensor([[1.0, 0.0], [1.0, 1.0]])
+    b = torch.tensor([[0.0, 2.0], [2.0, 2.0]])
+    assert cosine(a, b) == pytest.approx((0.0 + 1.0) / 2)
+
+
+def test_retrieval_recall_at_k():
+    g = torch.Generator().manual_seed(0)
+    q, gal = torch.randn(20, 5, generator=g), torch.randn(30, 5, generator=g)
+    ql, gl = torch.randint(0, 3, (20,), generator=g), torch.randint(0, 3, (30,), generator=g)
+    for k in (1, 3):
+        hits = 0
+        for i in range(20):
+            sims = [float(torch.dot(q[i], gal[j]) / (q[i].norm() * gal[j].norm())) for j in range(30)]
+            top = sorted(range(30), key=lambda j: -sims[j])[:k]
+            hits += any(int(gl[j]) == int(ql[i]) for j in top)
+        assert retrieval_recall_at_k(q, ql, gal, gl, k=k) == pytest.approx(hits / 20)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_fid_on_the_gpu_matches_the_cpu(digits):
+    train, val, _ = digits
+    torch.manual_seed(0)
+    feats = LinearFeatures(64, 8)
+    expected = compute_fid(train.images, val.images, feats)
+    assert compute_fid(train.images, val.images, feats.cuda()) == pytest.approx(expected, rel=1e-4)
