@@ -1,0 +1,370 @@
+"""One sampler for every task (DESIGN.md §3).
+
+Every task is one of three kinds:
+- ``joint``: nothing known; generate the image and read every auxiliary modality at the end;
+- ``conditional``: some modalities are known (``known = {name: x_m}``); their true encodings
+  replace the heads' predictions in the drift ``Â`` (class→image, representation→image,
+  masked image→full image, source→target);
+- ``image_to_aux``: the image is given; read one modality's head at small ``t`` (image→label,
+  image→representation, target→source).
+
+The named tasks (``class_to_image``, ``inpaint``, ...) are these kinds with a default modality.
+
+The loop steps the de-drifted ``y`` with an unmodified diffusers scheduler and re-adds the drift
+(§1: ``y_t = z_t - κ_t A`` is a plain DDPM chain):
+
+    out = model(z, t);  Â = Σ_m π_m E_m(x̂_m or known x_m);  y = z - κ_t Â
+    y' = scheduler.step(out.image, t, y);  z = y' + κ_{t'} Â
+
+where ``t'`` is the level the scheduler steps to (``κ = 0`` once it reaches the data).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from enum import Enum
+from typing import Any, Callable, Dict, List, Optional, Tuple, Union
+
+import torch
+from diffusers import DDIMScheduler, DDPMScheduler, DPMSolverMultistepScheduler
+from diffusers.utils.torch_utils import randn_tensor
+from einops import repeat
+
+from ..errors import ConfigError
+from .schedule import DriftSchedule
+
+
+class Task(str, Enum):
+    joint = "joint"
+    conditional = "conditional"
+    image_to_aux = "image_to_aux"
+    # named instances of the generic kinds (§3, §4)
+    class_to_image = "class_to_image"
+    representation_to_image = "representation_to_image"
+    inpaint = "inpaint"
+    transition = "transition"
+    image_to_label = "image_to_label"
+    image_to_representation = "image_to_representation"
+    target_to_source = "target_to_source"
+
+
+# task -> (kind, default modality name). Names are the batch keys used by the configs.
+TASK_KINDS: Dict[Task, Tuple[str, Optional[str]]] = {
+    Task.joint: ("joint", None),
+    Task.conditional: ("conditional", None),
+    Task.image_to_aux: ("image_to_aux", None),
+    Task.class_to_image: ("conditional", "label"),
+    Task.representation_to_image: ("conditional", "representation"),
+    Task.inpaint: ("conditional", "masked"),
+    Task.transition: ("conditional", "source"),
+    Task.image_to_label: ("image_to_aux", "label"),
+    Task.image_to_representation: ("image_to_aux", "representation"),
+    Task.target_to_source: ("image_to_aux", "source"),
+}
+
+
+class SchedulerName(str, Enum):
+    ddpm = "ddpm"
+    ddim = "ddim"
+    dpm = "dpm"
+
+
+@dataclass
+class SampleOutput:
+    """image: (B, C, H, W) the de-drifted sample (clamped to [-1, 1] unless ``clamp=False``), or the
+    given image for ``image_to_aux``. aux: {name: value in X_m} (readouts; known ones passed through).
+    aux_pred: {name: raw head prediction} at the last step (averaged over draws for image→aux)."""
+
+    image: torch.Tensor
+    aux: Dict[str, Any] = field(default_factory=dict)
+    aux_pred: Dict[str, Any] = field(default_factory=dict)
+
+
+# --- schedulers -----------------------------------------------------------------------------------
+def make_scheduler(name: Union[str, SchedulerName], schedule: DriftSchedule, prediction: str, **overrides):
+    """A diffusers scheduler on exactly ``schedule``'s betas, predicting ``prediction``.
+
+    ``clip_sample`` is off by default: S may be a VAE latent space; pass ``clip_sample=True`` for
+    pixels. ``dpm`` is DPM-Solver++ (2M).
+    """
+    try:
+        name = SchedulerName(name)
+    except ValueError:
+        raise ConfigError(f"sampling.scheduler must be one of {[s.value for s in SchedulerName]}, got {name!r}") from None
+    kwargs: Dict[str, Any] = dict(
+        num_train_timesteps=schedule.num_train_timesteps,
+        trained_betas=schedule.betas.numpy(),
+        prediction_type=prediction,
+    )
+    if name is SchedulerName.ddpm:
+        kwargs.update(clip_sample=False)
+        cls = DDPMScheduler
+    elif name is SchedulerName.ddim:
+        kwargs.update(clip_sample=False, set_alpha_to_one=True)
+        cls = DDIMScheduler
+    else:
+        kwargs.update(algorithm_type="dpmsolver++", solver_order=2)
+        cls = DPMSolverMultistepScheduler
+    kwargs.update(overrides)
+    try:
+        return cls(**kwargs)
+    except (TypeError, ValueError) as e:
+        raise ConfigError(f"sampling.scheduler_kwargs rejected by diffusers {cls.__name__}: {e}") from e
+
+
+def _target_alpha_bar(scheduler, i: int, t: int) -> float:
+    """ᾱ of the level that ``scheduler.step`` at position ``i`` (timestep ``t``) moves the sample to."""
+    if isinstance(scheduler, DDIMScheduler):
+        # DDIM steps by a fixed stride, whatever the timestep list says (diffusers' step()).
+        prev = t - scheduler.config.num_train_timesteps // scheduler.num_inference_steps
+        return float(scheduler.alphas_cumprod[prev]) if prev >= 0 else float(scheduler.final_alpha_cumprod)
+    sigmas = getattr(scheduler, "sigmas", None)
+    if sigmas is not None and len(sigmas) == len(scheduler.timesteps) + 1:
+        # DPM-Solver works with VE sigmas s = σ/a, so ᾱ = 1/(1 + s²); its last sigma is 0 (data).
+        s = float(sigmas[i + 1])
+        return 1.0 / (1.0 + s * s)
+    # DDPM (and the default): the next timestep in the list, the data after the last one.
+    if i + 1 < len(scheduler.timesteps):
+        return float(scheduler.alphas_cumprod[int(scheduler.timesteps[i + 1])])
+    return 1.0
+
+
+# --- helpers --------------------------------------------------------------------------------------
+def _model_device(model) -> torch.device:
+    dev = getattr(model, "device", None)
+    if isinstance(dev, torch.device):
+        return dev
+    return next(model.parameters()).device
+
+
+def _batch_size_of(value: Any) -> int:
+    while isinstance(value, dict):
+        value = next(iter(value.values()))
+    return int(value.shape[0])
+
+
+def _resolve(task: Union[str, Task]) -> Tuple[Task, str, Optional[str]]:
+    try:
+        task = Task(task)
+    except ValueError:
+        raise ConfigError(f"sampling.task must be one of {[t.value for t in Task]}, got {task!r}") from None
+    kind, default_name = TASK_KINDS[task]
+    return task, kind, default_name
+
+
+def _average(preds: List[Any]) -> Any:
+    """Mean of raw predictions (tensors or dicts of tensors)."""
+    first = preds[0]
+    if isinstance(first, dict):
+        return {k: _average([p[k] for p in preds]) for k in first}
+    return torch.stack([p.float() for p in preds]).mean(dim=0)
+
+
+# --- image -> auxiliary modality --------------------------------------------------------------------
+@torch.no_grad()
+def image_to_aux(
+    model,
+    schedule: DriftSchedule,
+    x0: torch.Tensor,
+    name: str,
+    t_read: Optional[int] = None,
+    num_draws: int = 4,
+    generator: Optional[torch.Generator] = None,
+    known: Optional[Dict[str, Any]] = None,
+) -> Tuple[Any, Any]:
+    """Read head ``name`` from the image alone (§3): ``z_t = a_t x0 + κ_t A_∅ + σ_t ε`` at small t.
+
+    ``A_∅ = Σ_m π_m E_m(∅)`` (modalities in ``known`` keep their true encoding), the drift the model
+    saw for dropped modalities in training. The prediction is averaged over ``num_draws`` noise
+    draws (one batched forward): a modality may define ``average_predictions(list) -> pred`` (a
+    label head averages probabilities there); otherwise raw tensors are averaged.
+
+    Args:
+        x0: (B, C, H, W). t_read: the read-out timestep, default ``max(1, T // 100)``.
+
+    Returns ``(readout, averaged raw prediction)``.
+    """
+    if name not in model.modalities:
+        raise ConfigError(f"image_to_aux: model has no modality {name!r}; has {list(model.modalities)}")
+    if num_draws < 1:
+        raise ConfigError(f"sampling.num_draws must be >= 1, got {num_draws}")
+    T = schedule.num_train_timesteps
+    t_read = max(1, T // 100) if t_read is None else int(t_read)
+    if not 0 <= t_read < T:
+        raise ConfigError(f"sampling.t_read must be in [0, {T}), got {t_read}")
+    mod = model.modalities[name]
+    B = x0.shape[0]
+    A = model.aggregate(dict(known or {}), None, batch_size=B).float()  # (B, C, H, W)
+    x_rep = repeat(x0.float(), "b c h w -> (n b) c h w", n=num_draws)
+    A_rep = repeat(A, "b c h w -> (n b) c h w", n=num_draws)
+    noise = randn_tensor(x_rep.shape, generator=generator, device=x0.device, dtype=x_rep.dtype)
+    z = schedule.q_sample(x_rep, A_rep, t_read, noise)
+    out = model(z, torch.full((num_draws * B,), t_read, dtype=torch.long, device=x0.device))
+    rows = torch.arange(num_draws * B, device=x0.device).view(num_draws, B)
+    preds = [mod.select(out.aux[name], rows[d]) for d in range(num_draws)]
+    avg = mod.average_predictions(preds) if hasattr(mod, "average_predictions") else _average(preds)
+    return mod.readout(avg), avg
+
+
+# --- the sampler --------------------------------------------------------------------------------------
+def _guided_prediction(
+    model,
+    schedule: DriftSchedule,
+    z: torch.Tensor,
+    t: int,
+    known: Dict[str, Any],
+    shift: Optional[torch.Tensor],
+    guidance_scale: float,
+    classifier: Optional[Tuple[str, Any, float]],
+) -> Tuple[torch.Tensor, Dict[str, Any], torch.Tensor]:
+    """One denoiser evaluation with drift and classifier guidance.
+
+    Returns (raw image prediction for the scheduler, conditional aux predictions, Â), all for
+    the B rows of ``z``.
+    """
+    B = z.shape[0]
+    kappa = float(schedule.kappa[t])
+    # Drift guidance: the unconditional branch sees the known modalities' drift swapped for the
+    # null drift, z - κ_t Σ_known π_m (E_m(x_m) - E_m(∅)); both branches in one forward.
+    z_in = z if shift is None else torch.cat([z, z - kappa * shift])
+    t_in = torch.full((z_in.shape[0],), t, dtype=torch.long, device=z.device)
+    rows = torch.arange(B, device=z.device)
+    grad = None
+    if classifier is None:
+        out = model(z_in, t_in)
+    else:
+        # Classifier guidance (§3): ∇_z log p̂(x_m | z_t) by autograd through the shared backbone.
+        cname, target, _ = classifier
+        with torch.enable_grad():
+            z_in = z_in.detach().requires_grad_(True)
+            out = model(z_in, t_in)
+            mod = model.modalities[cname]
+            logp = mod.log_likelihood(mod.select(out.aux[cname], rows), target).float().sum()
+            grad = torch.autograd.grad(logp, z_in)[0][:B].float()  # (B, C, H, W)
+    aux = {n: m.select(out.aux[n], rows) for n, m in model.modalities.items()}
+    A_hat = model.expected_aggregate(aux, known) if len(model.modalities) else None
+    A_hat = torch.zeros_like(z) if A_hat is None else A_hat.detach().float()
+    pred = out.image.detach().float()
+    if shift is None and grad is None:
+        return pred, aux, A_hat
+
+    # Guidance acts on ε. Both branches share y = z - κ_t Â (the unconditional branch's own Â
+    # differs only in the swapped known term, which the shift removed), so convert at y.
+    y = z - kappa * A_hat
+    eps = schedule.to_eps(pred[:B], y, t, model.prediction)
+    if shift is not None:
+        eps_u = schedule.to_eps(pred[B:], y, t, model.prediction)
+        eps = eps_u + guidance_scale * (eps - eps_u)
+    if grad is not None:
+        # score = -ε/σ, so adding s∇log p̂ to the score is ε ← ε - s σ_t ∇log p̂.
+        eps = eps - classifier[2] * float(schedule.sigma[t]) * grad
+    return schedule.from_eps(eps, y, t, model.prediction), aux, A_hat
+
+
+@torch.no_grad()
+def sample(
+    model,
+    schedule: DriftSchedule,
+    task: Union[str, Task] = Task.joint,
+    *,
+    batch_size: Optional[int] = None,
+    known: Optional[Dict[str, Any]] = None,
+    image: Optional[torch.Tensor] = None,
+    name: Optional[str] = None,
+    scheduler: Union[str, SchedulerName] = SchedulerName.ddim,
+    num_steps: int = 50,
+    guidance_scale: float = 1.0,
+    classifier_scale: float = 0.0,
+    classifier_modality: Optional[str] = None,
+    classifier_target: Any = None,
+    eta: float = 0.0,
+    generator: Optional[torch.Generator] = None,
+    scheduler_kwargs: Optional[Dict[str, Any]] = None,
+    clamp: bool = True,
+    t_read: Optional[int] = None,
+    num_draws: int = 4,
+    callback: Optional[Callable[[int, int, torch.Tensor, torch.Tensor], None]] = None,
+) -> SampleOutput:
+    """Run a task of §3.
+
+    Args:
+        task: a :class:`Task` (or its string value).
+        batch_size: number of samples (joint); inferred from ``known`` or ``image`` otherwise.
+        known: ``{name: x_m}`` values of known modalities (conditional tasks).
+        image: (B, C, H, W) the given image (image→aux tasks). name: the modality to read there
+            (default from the task, e.g. ``label`` for ``image_to_label``).
+        scheduler: ``ddpm``, ``ddim`` or ``dpm`` (:func:`make_scheduler`), ``num_steps`` steps;
+            ``scheduler_kwargs`` override its diffusers config; ``eta`` is DDIM's η.
+        guidance_scale: drift guidance ``w`` (1 = no guidance; needs known modalities).
+        classifier_scale: classifier guidance ``s`` from head ``classifier_modality`` (default:
+            ``label`` if present) toward ``classifier_target`` (default: its known value).
+        callback: called after every step as ``callback(i, t, y_next, A_hat)`` (de-drifted path).
+
+    The loop makes no host syncs of its own: timesteps stay on the CPU and every schedule scalar
+    is read from the CPU tables.
+    """
+    task, kind, default_name = _resolve(task)
+    known = dict(known or {})
+    for k in known:
+        if k not in model.modalities:
+            raise ConfigError(f"sampling: known modality {k!r} is not a modality of the model ({list(model.modalities)})")
+
+    if kind == "image_to_aux":
+        name = name or default_name
+        if image is None or name is None:
+            raise ConfigError(f"task {task.value!r} needs the image and a modality name (got name={name!r})")
+        readout, pred = image_to_aux(model, schedule, image, name, t_read, num_draws, generator, known)
+        return SampleOutput(image=image, aux={name: readout, **known}, aux_pred={name: pred})
+    if kind == "conditional" and not known:
+        need = f"known[{default_name!r}]" if default_name else "known modality values"
+        raise ConfigError(f"task {task.value!r} needs {need}")
+    if guidance_scale != 1.0 and not known:
+        raise ConfigError("sampling.guidance_scale != 1 needs known modalities (drift guidance is conditional)")
+
+    device = _model_device(model)
+    if batch_size is None:
+        if not known:
+            raise ConfigError("sampling.batch_size is required for the joint task")
+        batch_size = _batch_size_of(next(iter(known.values())))
+    B = int(batch_size)
+
+    classifier = None
+    if classifier_scale != 0.0:
+        cname = classifier_modality or ("label" if "label" in model.modalities else None)
+        if cname is None or cname not in model.modalities:
+            raise ConfigError(f"sampling.classifier_modality {cname!r} is not a modality of the model ({list(model.modalities)})")
+        target = classifier_target if classifier_target is not None else known.get(cname)
+        if target is None:
+            raise ConfigError(f"classifier guidance needs a target for {cname!r}: pass classifier_target or known[{cname!r}]")
+        classifier = (cname, target, float(classifier_scale))
+
+    shift = None
+    if guidance_scale != 1.0:
+        # Σ_known π_m (E_m(x_m) - E_m(∅)): fixed through the loop, computed once.
+        shift = sum(
+            model.modalities[k].weight * (model.encoding(k, v, B) - model.encoding(k, None, B)).float() for k, v in known.items()
+        )
+
+    sched = make_scheduler(scheduler, schedule, model.prediction, **(scheduler_kwargs or {}))
+    sched.set_timesteps(num_steps)  # timesteps on the CPU: int(t) below is free
+    step_kwargs = {"eta": eta} if isinstance(sched, DDIMScheduler) else {}
+    shape = (B, *tuple(getattr(model, "image_shape")))
+    # The prior p(z_T) = N(0, I) (κ ≈ 0 at the end of the chain, §1).
+    z = randn_tensor(shape, generator=generator, device=device, dtype=torch.float32) * sched.init_noise_sigma
+
+    aux: Dict[str, Any] = {}
+    y_next = z
+    for i, t in enumerate(sched.timesteps.tolist()):
+        pred, aux, A_hat = _guided_prediction(model, schedule, z, t, known, shift, guidance_scale, classifier)
+        y = z - float(schedule.kappa[t]) * A_hat
+        y_next = sched.step(pred, t, y, generator=generator, **step_kwargs).prev_sample
+        abar = _target_alpha_bar(sched, i, t)
+        kappa_next = schedule.gamma * math.sqrt(abar * (1.0 - abar))
+        z = y_next + kappa_next * A_hat
+        if callback is not None:
+            callback(i, t, y_next, A_hat)
+
+    x = y_next.clamp(-1.0, 1.0) if clamp else y_next
+    readouts = {n: (known[n] if n in known else m.readout(aux[n])) for n, m in model.modalities.items()}
+    return SampleOutput(image=x, aux=readouts, aux_pred=aux)
