@@ -42,12 +42,17 @@ class UnifiedModel(ModelMixin, ConfigMixin):
 
     Args:
         image_shape: ``[C, H, W]`` of the diffusion space S (pixels or VAE latents).
-        backbone: keyword arguments of :class:`HybridBackbone` (``in_channels``/``input_size`` are
-            filled from ``image_shape``).
-        modalities: one dict per auxiliary modality: ``{"name", "kind", "weight", "loss_weight",
-            **options}`` (see ``heads/``). Empty for single-task image diffusion.
+        backbone_config: keyword arguments of :class:`HybridBackbone` (``in_channels``/``input_size``
+            are filled from ``image_shape``).
+        modality_configs: one dict per auxiliary modality: ``{"name", "kind", "weight",
+            "loss_weight", **options}`` (see ``heads/``). Empty for single-task image diffusion.
         prediction: what the image head predicts: ``epsilon``, ``v_prediction`` or ``sample``
             (diffusers' names, so schedulers take it unchanged).
+        predict_image: False drops the image head (the label-only baseline on the same backbone).
+
+    The argument names differ from the submodule names (``backbone``, ``modalities``,
+    ``image_head``) on purpose: diffusers' ``ModelMixin.__getattr__`` resolves config keys before
+    submodules, so equal names would shadow the modules.
     """
 
     config_name = "config.json"
@@ -56,23 +61,23 @@ class UnifiedModel(ModelMixin, ConfigMixin):
     def __init__(
         self,
         image_shape: Sequence[int] = (1, 8, 8),
-        backbone: Optional[Dict[str, Any]] = None,
-        modalities: Optional[List[Dict[str, Any]]] = None,
+        backbone_config: Optional[Dict[str, Any]] = None,
+        modality_configs: Optional[List[Dict[str, Any]]] = None,
         prediction: str = "epsilon",
-        image_head: bool = True,
+        predict_image: bool = True,
     ):
         super().__init__()
         C, H, W = (int(s) for s in image_shape)
         self.image_shape = (C, H, W)
-        bb = dict(backbone or {})
+        bb = dict(backbone_config or {})
         bb.update(in_channels=C, input_size=(H, W))
         self.backbone = HybridBackbone(**bb)
         D, p = self.backbone.hidden_size, self.backbone.patch_size
-        # image_head=False gives a label-only (classifier) baseline on the same backbone.
-        self.image_head = heads.build_image_head(image_shape=(C, H, W), hidden_size=D, patch_size=p) if image_head else None
+        # predict_image=False gives a label-only (classifier) baseline on the same backbone.
+        self.image_head = heads.build_image_head(image_shape=(C, H, W), hidden_size=D, patch_size=p) if predict_image else None
         self.prediction = prediction
         self.modalities = nn.ModuleDict()
-        for spec in modalities or []:
+        for spec in modality_configs or []:
             spec = dict(spec)
             name = spec.pop("name")
             kind = spec.pop("kind")

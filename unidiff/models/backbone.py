@@ -257,14 +257,11 @@ class HybridBackbone(ModelMixin, ConfigMixin):
 
     def num_parameters_active(self) -> int:
         """Parameters a token touches: routed experts count top_k / num_experts of their weights."""
-        total = 0
-        for name, p in self.named_parameters():
-            frac = 1.0
-            for layer in self.layers:
-                if isinstance(layer.mixer, MoE) and p is not None and any(p is q for q in layer.mixer.routed_expert_parameters()):
-                    frac = layer.mixer.top_k / layer.mixer.num_experts
-                    break
-            total += int(p.numel() * frac)
+        total = sum(p.numel() for p in self.parameters())
+        for layer in self.layers:
+            if isinstance(layer.mixer, MoE):
+                routed = sum(p.numel() for p in layer.mixer.experts.parameters())
+                total -= routed - routed * layer.mixer.top_k // layer.mixer.num_experts
         return total
 
 

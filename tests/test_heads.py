@@ -1,0 +1,287 @@
+"""Heads registry, the image head, the label and representation modalities (DESIGN.md §1-2, §4).
+
+Oracles: closed-form formulas written out here (log-softmax, Gaussian densities from
+``torch.distributions``, a loop-based unpatchify), never the heads' own helpers.
+"""
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import heads
+from heads.image import ImageHead
+from unidiff.errors import ConfigError, DataError
+from unidiff.modality import BackboneOutput, Modality
+
+C, H, W, D, P = 2, 8, 8, 32, 2
+L = (H // P) * (W // P)
+COMMON = dict(image_shape=(C, H, W), hidden_size=D, patch_size=P)
+
+
+def fake_feats(B=3, R=0, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return BackboneOutput(
+        tokens=torch.randn(B, L, D, generator=g),
+        registers=torch.randn(B, R, D, generator=g),
+        c=torch.randn(B, D, generator=g),
+        aux_loss=torch.zeros(()),
+    )
+
+
+def randomize_(module, seed=1):
+    """Give every parameter (zero-initialised outputs included) random values."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in module.parameters():
+            p.copy_(0.3 * torch.randn(p.shape, generator=g))
+    return module
+
+
+def rms(x):
+    return x.pow(2).flatten(1).mean(1).sqrt()
+
+
+def layer_norm_ref(x, eps=1e-6):
+    mu = x.mean(-1, keepdim=True)
+    var = (x - mu).pow(2).mean(-1, keepdim=True)
+    return (x - mu) / torch.sqrt(var + eps)
+
+
+# --- registry ------------------------------------------------------------------------------------
+def test_kinds_and_classes():
+    assert set(heads.MODALITY_KINDS) == {"label", "representation", "masked_image", "source_image"}
+    opts = {"label": dict(num_classes=3), "representation": dict(dim=5), "masked_image": {}, "source_image": dict(transform="invert")}
+    for kind in heads.MODALITY_KINDS:
+        m = heads.build_modality(kind, name=kind, **COMMON, **opts[kind])
+        assert isinstance(m, Modality) and m.kind == kind and m.name == kind
+
+
+def test_unknown_kind_names_it_and_the_allowed_set():
+    with pytest.raises(ConfigError, match=r"'audio'.*label.*representation.*masked_image.*source_image"):
+        heads.build_modality("audio", name="a", **COMMON)
+
+
+@pytest.mark.parametrize(
+    "kind,opts,pattern",
+    [
+        ("label", dict(num_classes=3, colour=1), r"'label'.*'colour'"),
+        ("label", dict(), r"'label'.*'num_classes'"),  # missing required option
+        ("label", dict(num_classes="ten"), r"'label'.*'num_classes'"),
+        ("label", dict(num_classes=1), r"'label'.*'num_classes'"),
+        ("representation", dict(dim=4, embed_dim=0), r"'representation'.*'embed_dim'"),
+        ("masked_image", dict(mask_ratio=1.5), r"'masked_image'.*'mask_ratio'"),
+        ("masked_image", dict(mask_patch=3), r"'masked_image'.*mask_patch"),
+        ("source_image", dict(transform="blur"), r"'source_image'.*'transform'"),
+        ("source_image", dict(transform="invert", source_channels=1), r"'source_image'.*'source_channels'"),
+        ("source_image", dict(transform="downsample", downsample_factor=3), r"'source_image'.*downsample_factor"),
+    ],
+)
+def test_bad_options_raise_config_error_naming_option_and_kind(kind, opts, pattern):
+    with pytest.raises(ConfigError, match=pattern):
+        heads.build_modality(kind, name="m", **COMMON, **opts)
+
+
+def test_modality_options_lists_only_the_kind_options():
+    assert set(heads.modality_options("label")) == {"num_classes", "embed_dim"}
+    assert set(heads.modality_options("masked_image")) == {"mask_ratio", "mask_patch"}
+
+
+# --- image head ----------------------------------------------------------------------------------
+@pytest.mark.parametrize("R", [0, 2])
+def test_image_head_zero_at_init(R):
+    head = heads.build_image_head((C, H, W), D, P)
+    assert isinstance(head, ImageHead)
+    out = head(fake_feats(R=R))
+    assert out.shape == (3, C, H, W)
+    assert torch.count_nonzero(out) == 0
+
+
+def test_image_head_matches_loop_reference():
+    """adaLN LayerNorm + Linear per token, then token (i, j)'s p*p*C vector fills patch (i, j)."""
+    head = randomize_(ImageHead((C, H, W), D, P))
+    f = fake_feats(B=2)
+    out = head(f)
+    lin = head.norm.ada[1]
+    shift, scale = (F.silu(f.c) @ lin.weight.T + lin.bias).chunk(2, dim=-1)
+    h = layer_norm_ref(f.tokens) * (1 + scale[:, None]) + shift[:, None]
+    y = h @ head.linear.weight.T + head.linear.bias  # (B, L, P*P*C)
+    ref = torch.empty(2, C, H, W)
+    gw = W // P
+    for l in range(L):
+        i, j = divmod(l, gw)
+        for p1 in range(P):
+            for p2 in range(P):
+                for c in range(C):
+                    ref[:, c, i * P + p1, j * P + p2] = y[:, l, (p1 * P + p2) * C + c]
+    torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
+
+
+def test_image_head_gradient_reaches_output_layer():
+    head = heads.build_image_head((C, H, W), D, P)
+    (head(fake_feats()) * torch.randn(3, C, H, W)).sum().backward()
+    assert head.linear.weight.grad.abs().sum() > 0
+
+
+# --- label ---------------------------------------------------------------------------------------
+K = 5
+
+
+def make_label(**kw):
+    return heads.build_modality("label", name="label", **COMMON, num_classes=K, **kw)
+
+
+def test_label_encode_and_null_are_unit_rms():
+    m = make_label()
+    y = torch.tensor([0, 3, 4, 3])
+    e = m.encode(y)
+    assert e.shape == (4, C, H, W)
+    torch.testing.assert_close(rms(e), torch.ones(4), rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(e[1], e[3])  # same class, same map
+    assert not torch.allclose(e[0], e[1])
+    null = m.null_encoding(4)
+    assert null.shape == (4, C, H, W)
+    torch.testing.assert_close(rms(null), torch.ones(4), rtol=1e-4, atol=1e-4)
+    params = [p for p in m.parameters() if p.requires_grad]
+    assert any(p.data_ptr() == m.null.weight.data_ptr() for p in params)
+    null.sum().backward()
+    # d/dx of the sum of a unit-RMS map is not zero for a generic x, so the null is learned.
+    assert m.null.weight.grad is not None and m.null.weight.grad.abs().sum() > 0
+
+
+def test_label_encode_matches_class_table():
+    m = make_label()
+    y = torch.tensor([2, 0, 4])
+    torch.testing.assert_close(m.encode(y), m.class_encodings()[y], rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("R", [0, 3])
+def test_label_head_uniform_at_init(R):
+    m = make_label()
+    logits = m.head(fake_feats(R=R))
+    assert logits.shape == (3, K)
+    torch.testing.assert_close(logits.softmax(-1), torch.full((3, K), 1.0 / K))
+
+
+def test_label_head_pools_registers_when_present():
+    m = randomize_(make_label())
+    f = fake_feats(R=2)
+    g = BackboneOutput(tokens=torch.randn_like(f.tokens), registers=f.registers, c=f.c, aux_loss=f.aux_loss)
+    torch.testing.assert_close(m.head(f), m.head(g))  # tokens ignored when registers exist
+    f0, g0 = fake_feats(R=0), fake_feats(R=0, seed=5)
+    g0 = BackboneOutput(tokens=g0.tokens, registers=f0.registers, c=f0.c, aux_loss=f0.aux_loss)
+    assert not torch.allclose(m.head(f0), m.head(g0))  # ... and used (mean-pooled) otherwise
+    perm = torch.randperm(L)
+    p0 = BackboneOutput(tokens=f0.tokens[:, perm], registers=f0.registers, c=f0.c, aux_loss=f0.aux_loss)
+    torch.testing.assert_close(m.head(f0), m.head(p0), rtol=1e-5, atol=1e-5)  # a mean: order-free
+
+
+def test_label_loss_and_log_likelihood_match_formulas():
+    m = make_label()
+    logits = torch.randn(6, K, generator=torch.Generator().manual_seed(3))
+    y = torch.tensor([0, 1, 2, 3, 4, 2])
+    ref_logp = logits[torch.arange(6), y] - torch.logsumexp(logits, dim=1)
+    torch.testing.assert_close(m.loss(logits, y), -ref_logp)
+    torch.testing.assert_close(m.log_likelihood(logits, y), ref_logp)
+    assert torch.equal(m.readout(logits), logits.argmax(1))
+    acc = m.metrics(torch.tensor([0, 1, 1, 3]), torch.tensor([0, 1, 2, 2]))["accuracy"]
+    assert float(acc) == pytest.approx(0.5)
+
+
+def test_label_expected_encoding_onehot_and_uniform():
+    m = make_label()
+    table = m.class_encodings()
+    logits = torch.full((K, K), float("-inf"))
+    logits.fill_diagonal_(0.0)  # softmax -> exactly one-hot
+    assert torch.equal(m.expected_encoding(logits), table)
+    uni = m.expected_encoding(torch.zeros(2, K))
+    torch.testing.assert_close(uni, table.mean(0, keepdim=True).expand(2, -1, -1, -1), rtol=1e-5, atol=1e-6)
+
+
+def test_label_gradients():
+    m = make_label()
+    f = fake_feats()
+    y = torch.tensor([1, 2, 3])
+    m.loss(m.head(f), y).mean().backward()
+    assert m.classifier.out.weight.grad.abs().sum() > 0
+    logits = torch.randn(3, K, requires_grad=True)
+    (m.expected_encoding(logits) * torch.randn(3, C, H, W)).sum().backward()
+    assert logits.grad.abs().sum() > 0
+    assert m.embed.weight.grad.abs().sum() > 0  # the encoder trains through Â too
+
+
+def test_label_bad_labels_raise_data_error():
+    m = make_label()
+    with pytest.raises(DataError, match=r"'label'.*7.*\[0, 5\)"):
+        m.encode(torch.tensor([1, 7]))
+    with pytest.raises(DataError, match=r"-1"):
+        m.loss(torch.zeros(1, K), torch.tensor([-1]))
+    with pytest.raises(DataError, match="integer"):
+        m.encode(torch.tensor([1.0, 2.0]))
+
+
+# --- representation ------------------------------------------------------------------------------
+DIM = 6
+
+
+def make_rep(**kw):
+    return heads.build_modality("representation", name="representation", **COMMON, dim=DIM, **kw)
+
+
+def test_representation_encode_null_shapes_and_rms():
+    m = make_rep(embed_dim=8)
+    r = torch.randn(4, DIM)
+    e = m.encode(r)
+    assert e.shape == (4, C, H, W)
+    torch.testing.assert_close(rms(e), torch.ones(4), rtol=1e-4, atol=1e-4)
+    null = m.null_encoding(2)
+    assert null.shape == (2, C, H, W) and m.null.weight.requires_grad
+    torch.testing.assert_close(rms(null), torch.ones(2), rtol=1e-4, atol=1e-4)
+    with pytest.raises(DataError, match=r"\(B, 6\)"):
+        m.encode(torch.randn(4, DIM + 1))
+
+
+@pytest.mark.parametrize("R", [0, 2])
+def test_representation_head_zero_at_init(R):
+    m = make_rep()
+    out = m.head(fake_feats(R=R))
+    assert out.shape == (3, DIM) and torch.count_nonzero(out) == 0
+
+
+def test_representation_loss_likelihood_metrics():
+    m = make_rep()
+    g = torch.Generator().manual_seed(4)
+    pred, r = torch.randn(5, DIM, generator=g), torch.randn(5, DIM, generator=g)
+    torch.testing.assert_close(m.loss(pred, r), F.mse_loss(pred, r, reduction="none").mean(1))
+    ref_ll = torch.distributions.Normal(pred, 1.0).log_prob(r).sum(1)
+    torch.testing.assert_close(m.log_likelihood(pred, r), ref_ll)
+    assert torch.equal(m.readout(pred), pred)
+    met = m.metrics(pred, r)
+    cos = (pred * r).sum(1) / (pred.norm(dim=1) * r.norm(dim=1))
+    assert float(met["cosine"]) == pytest.approx(float(cos.mean()), rel=1e-5)
+    assert float(met["mse"]) == pytest.approx(float(((pred - r) ** 2).mean()), rel=1e-5)
+
+
+def test_representation_gradients():
+    m = make_rep()
+    m.loss(m.head(fake_feats(R=1)), torch.randn(3, DIM)).mean().backward()
+    assert m.regressor.out.weight.grad.abs().sum() > 0
+    pred = torch.randn(3, DIM, requires_grad=True)
+    (m.expected_encoding(pred) * torch.randn(3, C, H, W)).sum().backward()
+    assert pred.grad.abs().sum() > 0
+    torch.testing.assert_close(m.expected_encoding(pred.detach()), m.encode(pred.detach()))
+
+
+def test_label_average_predictions_averages_probabilities_not_logits():
+    import heads
+
+    mod = heads.build_modality("label", name="label", image_shape=(1, 8, 8), hidden_size=16, patch_size=2, num_classes=3)
+    a = torch.tensor([[10.0, 0.0, 0.0]])  # confident class 0
+    b = torch.tensor([[0.0, 1.0, 0.9]])  # unsure, slight class 1
+    avg = mod.average_predictions([a, b])
+    expected = (a.softmax(-1) + b.softmax(-1)) / 2
+    torch.testing.assert_close(avg.softmax(-1), expected)
+    # a case where the two disagree: each draw is sure of a different class; the logit mean is flat
+    # (argmax class 0) while the probability mean puts all mass on classes 1 and 2.
+    e, f = torch.tensor([[0.0, 10.0, -10.0]]), torch.tensor([[0.0, -10.0, 10.0]])
+    assert mod.readout((e + f) / 2).item() == 0
+    assert mod.readout(mod.average_predictions([e, f])).item() in (1, 2)
