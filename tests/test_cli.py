@@ -1,0 +1,208 @@
+"""The ``unidiff`` command line (unidiff/cli.py): bad input gives one error line, exit 2, no files;
+an end-to-end smoke run (train -> sample each task -> evaluate) writes every output."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from unidiff.cli import COMMANDS, main
+
+ROOT = Path(__file__).resolve().parents[1]
+DEBUG = str(ROOT / "configs" / "debug.yaml")
+
+
+def _files(folder: Path):
+    return sorted(str(p.relative_to(folder)) for p in folder.rglob("*"))
+
+
+def _run(capsys, *argv):
+    rc = main(list(argv))
+    out, err = capsys.readouterr()
+    return rc, out, err
+
+
+def _assert_one_line_error(rc, err, *needles):
+    assert rc == 2
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("unidiff: error: "), err
+    assert "Traceback" not in err
+    for needle in needles:
+        assert needle in lines[0], (needle, lines[0])
+
+
+@pytest.fixture
+def workdir(tmp_path, monkeypatch):
+    """An empty working folder (the default run folder ``runs/<name>`` would land here)."""
+    monkeypatch.chdir(tmp_path)
+    return tmp_path
+
+
+@pytest.fixture(scope="module")
+def trained_run(tmp_path_factory):
+    """A debug run trained for a few steps through the CLI (shared by the sample/evaluate tests)."""
+    root = tmp_path_factory.mktemp("cli")
+    run_dir = root / "run"
+    rc = main(["train", DEBUG, f"run.dir={run_dir}", f"eval.cache_dir={root / 'cache'}"])
+    assert rc == 0
+    return run_dir
+
+
+def test_subcommand_table_is_extensible():
+    assert {"train", "sample", "evaluate", "run"} <= set(COMMANDS)
+
+
+@pytest.mark.parametrize(
+    "argv, needles",
+    [
+        (["train", "missing.yaml"], ["missing.yaml"]),
+        (["train", DEBUG, "train.stepz=3"], ["train.stepz"]),
+        (["train", DEBUG, "train.steps=many"], ["train.steps"]),
+        (["train", DEBUG, "model.prediction=noise"], ["model.prediction"]),
+        (["train", DEBUG, "model.backbone.patch_size=3"], ["patch size 3"]),
+        (["train", DEBUG, "modalities.0.options.num_classes=7"], ["num_classes", "7"]),
+        (["train", DEBUG, "train.batch_size=9", "train.grad_accum=2"], ["train.batch_size"]),
+        (["train", DEBUG, "steps"], ["key=value"]),
+        (["sample", "no_such_run", "--out", "x.npz"], ["no_such_run"]),
+        (["evaluate", "no_such_run"], ["no_such_run"]),
+        (["sample", "r", "-n", "0", "--out", "x.npz"], ["-n"]),
+        (["sample", "r", "--task", "dream", "--out", "x.npz"], ["--task"]),
+        (["sample", "r", "--out", "x.png"], [".npz"]),
+        (["sample", "r", "--labels", "3,x", "--out", "x.npz"], ["--labels"]),
+        (["fly"], ["fly"]),
+        ([], ["required"]),
+    ],
+)
+def test_bad_input_is_one_line_exit_2_and_writes_nothing(workdir, capsys, argv, needles):
+    rc, out, err = _run(capsys, *argv)
+    _assert_one_line_error(rc, err, *needles)
+    assert _files(workdir) == []
+
+
+def test_malformed_yaml_names_file_and_line(workdir, capsys):
+    (workdir / "bad.yaml").write_text("train:\n  steps: [1, 2\n")
+    rc, out, err = _run(capsys, "train", "bad.yaml")
+    _assert_one_line_error(rc, err, "bad.yaml", "line")
+    assert _files(workdir) == ["bad.yaml"]
+
+
+def test_resume_false_refuses_an_existing_run(trained_run, capsys):
+    before = _files(trained_run)
+    rc, out, err = _run(capsys, "train", DEBUG, f"run.dir={trained_run}", "train.resume=false")
+    _assert_one_line_error(rc, err, "train.resume")
+    assert _files(trained_run) == before
+
+
+def test_resume_with_a_different_model_is_refused(trained_run, capsys):
+    rc, out, err = _run(capsys, "train", DEBUG, f"run.dir={trained_run}", "model.backbone.hidden_size=48")
+    _assert_one_line_error(rc, err, "model")
+
+
+def test_run_folder_without_checkpoint(workdir, capsys):
+    run = workdir / "empty_run"
+    run.mkdir()
+    (run / "config.yaml").write_text((Path(DEBUG)).read_text())
+    rc, out, err = _run(capsys, "sample", str(run), "--out", str(workdir / "s.npz"))
+    _assert_one_line_error(rc, err, "empty_run")
+    assert not (workdir / "s.npz").exists()
+
+
+def test_dry_run_prints_config_and_sizes_and_writes_nothing(workdir, capsys):
+    rc, out, err = _run(capsys, "train", DEBUG, "--dry-run", "train.steps=5")
+    assert rc == 0, err
+    assert "steps: 5" in out and "num_classes: 10" in out  # resolved against the data
+    assert "parameters:" in out
+    assert _files(workdir) == []
+
+
+def test_train_outputs(trained_run):
+    files = set(_files(trained_run))
+    for f in ("config.yaml", "log.jsonl", "model/config.json", "checkpoints/step_000004/DONE",
+              "samples/step_000002.png", "samples/step_000002.json", "samples/step_000004.png"):
+        assert f in files, f
+    assert not any(f.endswith(".tmp") for f in files)
+    assert any(f.startswith("tb/events") for f in files)
+    caption = json.loads((trained_run / "samples/step_000004.json").read_text())
+    assert len(caption["label"]) == 4 and all(0 <= c < 10 for c in caption["label"])
+    log = [json.loads(line) for line in (trained_run / "log.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in log] == [1, 2, 3, 4]
+    assert all(math.isfinite(r["loss"]) and "head/label" in r and "moe/router_entropy" in r for r in log)
+
+
+@pytest.mark.parametrize("task", ["joint", "class_to_image", "image_to_label"])
+def test_sample_each_task(trained_run, tmp_path, capsys, task):
+    out = tmp_path / f"{task}.npz"
+    argv = ["sample", str(trained_run), "--task", task, "-n", "5", "--steps", "2", "--sampler", "ddim", "--seed", "3"]
+    if task == "class_to_image":
+        argv += ["--labels", "3,1", "--guidance", "2"]
+    rc, stdout, err = _run(capsys, *argv, "--out", str(out))
+    assert rc == 0, err
+    with np.load(out) as f:
+        images, labels = f["images"], f["labels"]
+    assert images.dtype == np.uint8 and images.shape == (5, 8, 8, 1)
+    assert labels.dtype == np.int64 and labels.shape == (5,)
+    assert ((labels >= 0) & (labels < 10)).all()
+    if task == "class_to_image":
+        assert labels.tolist() == [3, 1, 3, 1, 3]  # the conditioning labels, cycled
+    assert out.with_suffix(".png").is_file()
+    assert not list(tmp_path.glob("*.tmp*"))
+
+
+def test_image_to_label_reads_given_inputs(trained_run, tmp_path, capsys):
+    images = np.random.default_rng(0).integers(0, 256, size=(3, 8, 8, 1), dtype=np.uint8)
+    np.savez(tmp_path / "in.npz", images=images)
+    rc, _, err = _run(capsys, "sample", str(trained_run), "--task", "image_to_label", "--inputs",
+                      str(tmp_path / "in.npz"), "--out", str(tmp_path / "o.npz"))
+    assert rc == 0, err
+    with np.load(tmp_path / "o.npz") as f:
+        assert (f["images"] == images).all() and f["labels"].shape == (3,)
+    np.savez(tmp_path / "wrong.npz", images=np.zeros((2, 5, 5, 1), np.uint8))
+    rc, _, err = _run(capsys, "sample", str(trained_run), "--task", "image_to_label", "--inputs",
+                      str(tmp_path / "wrong.npz"), "--out", str(tmp_path / "w.npz"))
+    _assert_one_line_error(rc, err, "--inputs")
+    assert not (tmp_path / "w.npz").exists()
+
+
+def test_evaluate_writes_finite_metrics(trained_run, capsys):
+    rc, out, err = _run(capsys, "evaluate", str(trained_run), f"eval.cache_dir={trained_run.parent / 'cache'}")
+    assert rc == 0, err
+    metrics = json.loads((trained_run / "metrics.json").read_text())
+    for key in ("fid", "fid_floor", "reference_accuracy", "label_accuracy", "joint_consistency",
+                "class_conditional_accuracy", "bits_per_dim"):
+        assert key in metrics and math.isfinite(metrics[key]), key
+    for key in ("label_accuracy", "joint_consistency", "class_conditional_accuracy", "reference_accuracy"):
+        assert 0.0 <= metrics[key] <= 1.0
+    assert metrics["bits_per_dim"] > 0 and metrics["fid"] >= 0
+    assert metrics["step"] == 4
+
+
+def test_run_command_image_only_omits_label_metrics(tmp_path, capsys):
+    run_dir = tmp_path / "img"
+    rc, out, err = _run(capsys, "run", DEBUG, "modalities=[]", f"run.dir={run_dir}", "train.steps=2",
+                        f"eval.cache_dir={tmp_path / 'cache'}")
+    assert rc == 0, err
+    assert "grid:" in out and "metrics:" in out
+    assert (run_dir / "samples" / "final.npz").is_file() and (run_dir / "samples" / "final.png").is_file()
+    metrics = json.loads((run_dir / "metrics.json").read_text())
+    assert math.isfinite(metrics["fid"]) and math.isfinite(metrics["bits_per_dim"])
+    for key in ("label_accuracy", "joint_consistency", "class_conditional_accuracy"):
+        assert key not in metrics
+
+
+def test_label_only_run_has_no_image_metrics(tmp_path, capsys):
+    run_dir = tmp_path / "lab"
+    rc, _, err = _run(capsys, "train", DEBUG, "image_head=false", "diffusion.p_drop=1.0", f"run.dir={run_dir}",
+                      "train.steps=2", "train.sample_every=0")
+    assert rc == 0, err
+    rc, _, err = _run(capsys, "evaluate", str(run_dir), f"eval.cache_dir={tmp_path / 'cache'}")
+    assert rc == 0, err
+    metrics = json.loads((run_dir / "metrics.json").read_text())
+    assert 0.0 <= metrics["label_accuracy"] <= 1.0
+    for key in ("fid", "bits_per_dim", "joint_consistency", "class_conditional_accuracy"):
+        assert key not in metrics
+    rc, _, err = _run(capsys, "sample", str(run_dir), "--task", "joint", "--out", str(tmp_path / "j.npz"))
+    _assert_one_line_error(rc, err, "image_head")

@@ -1,0 +1,431 @@
+"""Typed run configs (STYLE.md habit 3): dataclass schemas + OmegaConf, YAML file + CLI dotlist.
+
+A run is described by one YAML file and optional ``key=value`` overrides::
+
+    unidiff train configs/joint_image_label.yaml train.steps=2000 model.preset=debug
+
+:func:`load_config` merges ``schema defaults <- YAML <- overrides`` and returns a read-only
+``DictConfig``. Unknown keys, wrong types and bad choices raise :class:`ConfigError` naming the
+full dotted key (``train.stepz``, ``modalities[0].weight``); a missing or malformed YAML file
+names the file (and the line when YAML reports one). String options are Enums, so a typo in
+``model.prediction`` fails at load, not an hour into training.
+
+What a config cannot know until the data is read (the image shape, the number of classes) is
+filled by :func:`resolve_with_data`; the resolved config is what ``train`` writes to
+``RUN_DIR/config.yaml``. :func:`build_model` turns a resolved config into a
+:class:`unidiff.model.UnifiedModel`, checking everything the constructors would otherwise reject
+with a traceback.
+
+Enum-valued fields read back as Enum members; use ``.value`` (or :func:`to_container`) where a
+plain string is needed.
+"""
+
+from __future__ import annotations
+
+import copy
+import os
+from dataclasses import dataclass, field
+from enum import Enum
+from pathlib import Path
+from typing import Any, Dict, List, Optional, Sequence
+
+import yaml
+from omegaconf import DictConfig, ListConfig, OmegaConf, read_write
+from omegaconf.errors import OmegaConfBaseException
+
+from .data import DataConfig
+from .errors import ConfigError
+
+
+# --- choices ---------------------------------------------------------------------------------
+class BetaSchedule(str, Enum):
+    """diffusers' ``beta_schedule`` names (DESIGN.md §1: any of them gives ``ᾱ_t``)."""
+
+    linear = "linear"
+    scaled_linear = "scaled_linear"
+    squaredcos_cap_v2 = "squaredcos_cap_v2"
+
+
+class Prediction(str, Enum):
+    """What the image head predicts; diffusers' ``prediction_type`` names (DESIGN.md §2)."""
+
+    epsilon = "epsilon"
+    v_prediction = "v_prediction"
+    sample = "sample"
+
+
+class Weighting(str, Enum):
+    """Head-loss weighting over t (DESIGN.md §2): constant ``λ_m`` or the bound's own weights."""
+
+    simple = "simple"
+    vlb = "vlb"
+
+
+class MixedPrecision(str, Enum):
+    """accelerate's ``mixed_precision`` values."""
+
+    no = "no"
+    bf16 = "bf16"
+    fp16 = "fp16"
+
+
+class LRSchedule(str, Enum):
+    """diffusers ``get_scheduler`` names (``piecewise_constant`` left out: it needs step rules)."""
+
+    constant = "constant"
+    constant_with_warmup = "constant_with_warmup"
+    linear = "linear"
+    cosine = "cosine"
+    cosine_with_restarts = "cosine_with_restarts"
+    polynomial = "polynomial"
+
+
+class Sampler(str, Enum):
+    """Reverse-process solvers (DESIGN.md §3): diffusers DDPM, DDIM, DPM-Solver++."""
+
+    ddpm = "ddpm"
+    ddim = "ddim"
+    dpm = "dpm"
+
+
+# --- schemas ---------------------------------------------------------------------------------
+@dataclass
+class RunConfig:
+    """name: run name; dir: run folder (default ``runs/<name>``); seed: the one seed of the run."""
+
+    name: str = "run"
+    dir: Optional[str] = None
+    seed: int = 0
+
+
+@dataclass
+class ModelConfig:
+    """preset: a name in ``unidiff.models.presets.PRESETS``; backbone: keys merged onto the preset
+    (checked by :class:`HybridBackbone`); prediction: the image head's target."""
+
+    preset: str = "debug"
+    backbone: Dict[str, Any] = field(default_factory=dict)
+    prediction: Prediction = Prediction.epsilon
+
+
+@dataclass
+class DiffusionConfig:
+    """The forward process (DESIGN.md §1) and the training objective (§2)."""
+
+    beta_schedule: BetaSchedule = BetaSchedule.squaredcos_cap_v2
+    num_train_timesteps: int = 1000
+    beta_start: float = 1e-4
+    beta_end: float = 0.02
+    gamma: float = 1.0  # κ_t = γ a_t σ_t
+    weighting: Weighting = Weighting.simple
+    p_drop: float = 0.1  # modality dropout (§2)
+
+
+@dataclass
+class ModalityConfig:
+    """One auxiliary modality: ``kind`` picks the file in ``heads/``; weight is π_m, loss_weight λ_m;
+    options are the head's own keyword arguments (a label's ``num_classes`` is filled from the data)."""
+
+    name: str = "label"
+    kind: str = "label"
+    weight: float = 1.0
+    loss_weight: float = 1.0
+    options: Dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class TrainConfig:
+    """The training loop. ``batch_size`` is the global batch of one optimiser step (summed over
+    processes and gradient-accumulation micro-steps). DataLoader workers are ``data.num_workers``.
+    ``resume``: continue from the latest
+    complete checkpoint in the run folder when there is one (rerunning the same command resumes);
+    false refuses to touch a run folder that already holds checkpoints."""
+
+    steps: int = 1000
+    batch_size: int = 64
+    lr: float = 3e-4
+    weight_decay: float = 0.0
+    betas: List[float] = field(default_factory=lambda: [0.9, 0.99])
+    warmup_steps: int = 100
+    lr_schedule: LRSchedule = LRSchedule.constant_with_warmup
+    grad_clip: float = 1.0  # 0 disables clipping
+    grad_accum: int = 1
+    mixed_precision: MixedPrecision = MixedPrecision.no
+    ema_decay: float = 0.999
+    log_every: int = 50
+    sample_every: int = 500  # 0 disables sample grids
+    ckpt_every: int = 500
+    keep_last: int = 2
+    compile: bool = False  # torch.compile the backbone
+    resume: bool = True
+
+
+@dataclass
+class SampleConfig:
+    """Sample grids during training and the defaults of ``unidiff sample``."""
+
+    sampler: Sampler = Sampler.ddim
+    steps: int = 50
+    guidance: float = 1.0  # 1 = no classifier-free guidance
+    n: int = 64
+
+
+@dataclass
+class EvalConfig:
+    """``unidiff evaluate``: sample counts, solver, the image->label read-out (t_read, num_draws)
+    and the reference classifier's cache folder."""
+
+    n_samples: int = 500
+    sampler: Sampler = Sampler.ddim
+    steps: int = 50
+    guidance: float = 1.0
+    t_read: int = 50
+    num_draws: int = 4
+    batch_size: int = 250
+    bpd_num_t: int = 32  # Monte-Carlo draws of t for bits/dim (on up to n_samples val images)
+    cache_dir: str = "runs/.cache"
+    reference_steps: int = 600  # training steps of the reference classifier (cached per data + steps)
+
+
+@dataclass
+class Config:
+    """The whole run (``config.yaml`` in every run folder has this layout)."""
+
+    run: RunConfig = field(default_factory=RunConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    diffusion: DiffusionConfig = field(default_factory=DiffusionConfig)
+    modalities: List[ModalityConfig] = field(default_factory=list)
+    image_head: bool = True  # false: a label-only (classifier) baseline on the same backbone
+    train: TrainConfig = field(default_factory=TrainConfig)
+    sample: SampleConfig = field(default_factory=SampleConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+
+
+# --- loading ---------------------------------------------------------------------------------
+def _omegaconf_error(err: OmegaConfBaseException, prefix: str = "") -> ConfigError:
+    """One line naming the full dotted key of an omegaconf error."""
+    key = getattr(err, "full_key", None) or ""
+    key = f"{prefix}{key}" if prefix and key else (key or prefix.rstrip("."))
+    msg = (getattr(err, "msg", None) or str(err)).splitlines()[0].strip()
+    return ConfigError(f"{key}: {msg}" if key else msg)
+
+
+def read_yaml(path: str | os.PathLike) -> Dict[str, Any]:
+    """A YAML mapping from ``path``; ConfigError naming the file (and line) when missing or malformed."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"config file {str(path)!r} does not exist" if not path.exists() else f"config path {str(path)!r} is not a file")
+    try:
+        node = OmegaConf.load(path)
+    except yaml.YAMLError as err:
+        mark = getattr(err, "problem_mark", None)
+        where = f" line {mark.line + 1}" if mark is not None else ""
+        problem = getattr(err, "problem", None) or str(err).splitlines()[0]
+        raise ConfigError(f"config file {str(path)!r}{where}: malformed YAML ({problem})") from None
+    except (OSError, UnicodeDecodeError) as err:
+        raise ConfigError(f"config file {str(path)!r} cannot be read: {err}") from None
+    except OmegaConfBaseException as err:
+        raise ConfigError(f"config file {str(path)!r}: {str(err).splitlines()[0]}") from None
+    if node is None or isinstance(node, ListConfig) or (isinstance(node, DictConfig) and node._is_none()):
+        raise ConfigError(f"config file {str(path)!r} must hold a mapping of sections (run, data, model, ...)")
+    return OmegaConf.to_container(node, resolve=False)
+
+
+def _check_override(item: str) -> str:
+    """The key of a ``key=value`` override (its value is parsed as YAML by omegaconf, so ``1e-4``
+    is a float and ``[0.9,0.95]`` a list)."""
+    if not isinstance(item, str) or "=" not in item or item.startswith("="):
+        raise ConfigError(f"override {item!r} is not of the form key=value")
+    return item.split("=", 1)[0].strip()
+
+
+def _merge_modalities(entries: Any) -> List[Dict[str, Any]]:
+    """Validate each ``modalities[i]`` against :class:`ModalityConfig` (errors keep the index)."""
+    if not isinstance(entries, (list, tuple)):
+        raise ConfigError(f"modalities: must be a list of modality entries, got {type(entries).__name__}")
+    out = []
+    for i, entry in enumerate(entries):
+        if not isinstance(entry, dict):
+            raise ConfigError(f"modalities[{i}]: must be a mapping with name, kind, ..., got {entry!r}")
+        try:
+            node = OmegaConf.merge(OmegaConf.structured(ModalityConfig), entry)
+        except OmegaConfBaseException as err:
+            raise _omegaconf_error(err, prefix=f"modalities[{i}].") from None
+        out.append(OmegaConf.to_container(node))
+    return out
+
+
+def load_config(path: Optional[str | os.PathLike] = None, overrides: Sequence[str] = ()) -> DictConfig:
+    """Schema defaults <- YAML file at ``path`` <- ``key=value`` overrides; validated, read-only.
+
+    Raises :class:`ConfigError` naming the file, key or value that is wrong.
+    """
+    cfg = OmegaConf.structured(Config)
+    if path is not None:
+        data = read_yaml(path)
+        unknown = sorted(set(data) - set(cfg.keys()))
+        if unknown:
+            raise ConfigError(f"{unknown[0]}: unknown config section in {str(path)!r}; sections are {list(cfg.keys())}")
+        if "modalities" in data and data["modalities"] is not None:
+            data["modalities"] = _merge_modalities(data["modalities"])
+        try:
+            cfg = OmegaConf.merge(cfg, data)
+        except OmegaConfBaseException as err:
+            raise _omegaconf_error(err) from None
+    for item in overrides:
+        key = _check_override(item)
+        try:
+            cfg.merge_with_dotlist([item])
+        except OmegaConfBaseException as err:
+            # Errors inside a list entry lose their path (``bad`` for ``modalities[0].bad``).
+            inside = (getattr(err, "full_key", "") or "").startswith(key.split(".")[0].split("[")[0])
+            raise _omegaconf_error(err, prefix="" if inside else f"{key}: ") from None
+        except (TypeError, ValueError, IndexError, yaml.YAMLError) as err:  # e.g. a scalar merged into a section
+            raise ConfigError(f"{key}: cannot apply override {item!r} ({str(err).splitlines()[0]})") from None
+    validate(cfg)
+    OmegaConf.set_readonly(cfg, True)
+    return cfg
+
+
+def _check(cond: bool, key: str, msg: str) -> None:
+    if not cond:
+        raise ConfigError(f"{key}: {msg}")
+
+
+def validate(cfg: DictConfig) -> None:
+    """Range and consistency checks the types alone cannot express (raise ConfigError naming the key)."""
+    from .models.presets import PRESETS
+
+    _check(cfg.model.preset in PRESETS, "model.preset", f"unknown preset {cfg.model.preset!r}; available: {sorted(PRESETS)}")
+    from .models.backbone import validate_backbone_options
+
+    validate_backbone_options(dict(cfg.model.backbone))
+    d = cfg.diffusion
+    _check(d.num_train_timesteps >= 2, "diffusion.num_train_timesteps", f"must be >= 2, got {d.num_train_timesteps}")
+    _check(0 < d.beta_start < d.beta_end < 1, "diffusion.beta_start", f"need 0 < beta_start < beta_end < 1, got {d.beta_start}, {d.beta_end}")
+    _check(d.gamma >= 0, "diffusion.gamma", f"must be >= 0, got {d.gamma}")
+    _check(0 <= d.p_drop <= 1, "diffusion.p_drop", f"must be in [0, 1], got {d.p_drop}")
+
+    import heads
+
+    names = set()
+    for i, m in enumerate(cfg.modalities):
+        _check(m.kind in heads.MODALITY_KINDS, f"modalities[{i}].kind", f"unknown kind {m.kind!r}; choose one of {list(heads.MODALITY_KINDS)}")
+        _check(m.name not in names and m.name != "image", f"modalities[{i}].name", f"duplicate or reserved name {m.name!r}")
+        _check(m.weight >= 0, f"modalities[{i}].weight", f"must be >= 0, got {m.weight}")
+        _check(m.loss_weight >= 0, f"modalities[{i}].loss_weight", f"must be >= 0, got {m.loss_weight}")
+        names.add(m.name)
+    _check(cfg.image_head or len(cfg.modalities) > 0, "image_head", "false needs at least one modality to train")
+
+    t = cfg.train
+    for key in ("steps", "batch_size", "grad_accum", "log_every", "ckpt_every", "keep_last"):
+        _check(t[key] >= 1, f"train.{key}", f"must be >= 1, got {t[key]}")
+    for key in ("warmup_steps", "sample_every"):
+        _check(t[key] >= 0, f"train.{key}", f"must be >= 0, got {t[key]}")
+    _check(t.lr > 0, "train.lr", f"must be > 0, got {t.lr}")
+    _check(t.weight_decay >= 0, "train.weight_decay", f"must be >= 0, got {t.weight_decay}")
+    _check(len(t.betas) == 2 and all(0 <= b < 1 for b in t.betas), "train.betas", f"must be two numbers in [0, 1), got {list(t.betas)}")
+    _check(t.grad_clip >= 0, "train.grad_clip", f"must be >= 0, got {t.grad_clip}")
+    _check(0 <= t.ema_decay < 1, "train.ema_decay", f"must be in [0, 1), got {t.ema_decay}")
+    _check(t.batch_size % t.grad_accum == 0, "train.batch_size",
+           f"{t.batch_size} is not divisible by train.grad_accum={t.grad_accum}")
+    for sec in ("sample", "eval"):
+        _check(cfg[sec].steps >= 1, f"{sec}.steps", f"must be >= 1, got {cfg[sec].steps}")
+        _check(cfg[sec].guidance >= 0, f"{sec}.guidance", f"must be >= 0, got {cfg[sec].guidance}")
+    _check(cfg.sample.n >= 1, "sample.n", f"must be >= 1, got {cfg.sample.n}")
+    _check(cfg.eval.n_samples >= 1, "eval.n_samples", f"must be >= 1, got {cfg.eval.n_samples}")
+    _check(cfg.eval.batch_size >= 1, "eval.batch_size", f"must be >= 1, got {cfg.eval.batch_size}")
+    _check(0 <= cfg.eval.t_read < d.num_train_timesteps, "eval.t_read",
+           f"must be in [0, diffusion.num_train_timesteps={d.num_train_timesteps}), got {cfg.eval.t_read}")
+    _check(cfg.eval.reference_steps >= 1, "eval.reference_steps", f"must be >= 1, got {cfg.eval.reference_steps}")
+    _check(cfg.eval.bpd_num_t >= 1, "eval.bpd_num_t", f"must be >= 1, got {cfg.eval.bpd_num_t}")
+    _check(cfg.eval.num_draws >= 1, "eval.num_draws", f"must be >= 1, got {cfg.eval.num_draws}")
+
+
+def resolve_with_data(cfg: DictConfig, info: Any) -> DictConfig:
+    """Fill what only the data knows: a label modality's ``num_classes`` (from ``info.num_classes``).
+
+    A ``num_classes`` given in the config that disagrees with the data is an error (a head with
+    the wrong K would train silently on clipped labels). Returns a new read-only config.
+    """
+    cfg = copy.deepcopy(cfg)
+    with read_write(cfg):
+        for i, m in enumerate(cfg.modalities):
+            if m.kind != "label":
+                continue
+            k_data = getattr(info, "num_classes", None)
+            if "num_classes" not in m.options or m.options.num_classes is None:
+                _check(bool(k_data), f"modalities[{i}].options.num_classes",
+                       f"dataset {getattr(info, 'name', '?')!r} has no class labels; set it or drop the label modality")
+                m.options.num_classes = int(k_data)
+            elif k_data and int(m.options.num_classes) != int(k_data):
+                raise ConfigError(f"modalities[{i}].options.num_classes: {m.options.num_classes} disagrees with the "
+                                  f"{k_data} classes of dataset {getattr(info, 'name', '?')!r}")
+    OmegaConf.set_readonly(cfg, True)
+    return cfg
+
+
+def run_dir(cfg: DictConfig) -> Path:
+    """The run folder: ``run.dir`` or ``runs/<run.name>``."""
+    return Path(cfg.run.dir) if cfg.run.dir else Path("runs") / cfg.run.name
+
+
+def to_container(cfg: DictConfig) -> Dict[str, Any]:
+    """Plain dicts/lists with Enum members as their string values (for JSON, logging, kwargs)."""
+    return OmegaConf.to_container(cfg, resolve=True, enum_to_str=True)
+
+
+def to_yaml(cfg: DictConfig) -> str:
+    """The resolved config as YAML text (what ``config.yaml`` holds)."""
+    return OmegaConf.to_yaml(OmegaConf.create(to_container(cfg)))
+
+
+def backbone_kwargs(cfg: DictConfig) -> Dict[str, Any]:
+    """The preset's backbone kwargs with ``model.backbone`` overrides merged on top."""
+    from .models.presets import get_preset
+
+    kwargs = get_preset(cfg.model.preset)
+    kwargs.update(OmegaConf.to_container(cfg.model.backbone, resolve=True))
+    return kwargs
+
+
+def model_kwargs(cfg: DictConfig, image_shape: Sequence[int]) -> Dict[str, Any]:
+    """Keyword arguments of :class:`UnifiedModel` for a resolved config and the data's ``(C, H, W)``."""
+    mods = []
+    for m in to_container(cfg)["modalities"]:
+        mods.append(dict(name=m["name"], kind=m["kind"], weight=m["weight"], loss_weight=m["loss_weight"], **m["options"]))
+    return dict(image_shape=[int(s) for s in image_shape], backbone_config=backbone_kwargs(cfg), modality_configs=mods,
+                prediction=cfg.model.prediction.value, predict_image=bool(cfg.image_head))
+
+
+def build_model(cfg: DictConfig, image_shape: Sequence[int]):
+    """A fresh :class:`UnifiedModel` for a resolved config; constructor complaints become ConfigError."""
+    from .model import UnifiedModel
+
+    kwargs = model_kwargs(cfg, image_shape)
+    C, H, W = kwargs["image_shape"]
+    p = int(kwargs["backbone_config"].get("patch_size", 1))
+    _check(p >= 1 and H % p == 0 and W % p == 0, "model.backbone.patch_size",
+           f"image size {H}x{W} (data) is not divisible by patch size {p}")
+    for i, m in enumerate(kwargs["modality_configs"]):
+        opts = {k: v for k, v in m.items() if k not in ("name", "kind", "weight", "loss_weight")}
+        import heads
+
+        allowed = heads.modality_options(m["kind"])
+        bad = sorted(set(opts) - set(allowed))
+        _check(not bad, f"modalities[{i}].options", f"unknown option(s) {bad} for kind {m['kind']!r}; allowed: {list(allowed)}")
+    try:
+        return UnifiedModel(**kwargs)
+    except ConfigError:
+        raise
+    except (TypeError, ValueError) as err:
+        raise ConfigError(f"model: cannot build the model from this config: {err}") from None
+
+
+def build_schedule(cfg: DictConfig):
+    """The drift schedule of §1 from the ``diffusion`` section."""
+    from .diffusion import DriftSchedule
+
+    d = cfg.diffusion
+    return DriftSchedule.from_config(d.beta_schedule.value, d.num_train_timesteps, d.beta_start, d.beta_end, d.gamma)

@@ -1,0 +1,174 @@
+"""``unidiff evaluate RUN_DIR``: the numbers of a trained run, written to ``RUN_DIR/metrics.json``.
+
+Metrics (each only where it applies to the run; none is faked for a run without the part it
+measures):
+
+- ``fid``: reference-classifier features of joint samples (§3) against the val split;
+  ``fid_floor``: the same distance between as many real train images and the val split (the best
+  a model can reach at this sample size); ``reference_accuracy``: the reference classifier's own
+  val accuracy (how much its readings can be trusted). Need an image head and labelled data.
+- ``bits_per_dim``: the variational bound of §2 on val (Monte-Carlo over t). Needs an image head.
+- per auxiliary modality ``m``: ``image_to_<m>/<metric>``, the head read from val images alone
+  (§3 image→aux at ``eval.t_read``, ``eval.num_draws`` noise draws), scored by the modality's own
+  ``metrics``; for a label, also ``label_accuracy``.
+- label modality + image head: ``joint_consistency`` (the generated label equals the reference
+  classifier's reading of the generated image) and ``class_conditional_accuracy`` (the reference
+  classifier recovers the conditioning class of class→image samples, drift guidance
+  ``eval.guidance``).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from pathlib import Path
+from typing import Any, Dict, Optional, Sequence
+
+import torch
+from omegaconf import DictConfig
+
+from .errors import CheckpointError
+
+
+def load_run_config(run_dir: str | os.PathLike, overrides: Sequence[str] = ()) -> DictConfig:
+    """The resolved ``config.yaml`` of a run (plus overrides, e.g. ``eval.n_samples=100``)."""
+    from .config import load_config
+
+    run_dir = Path(run_dir)
+    if not run_dir.is_dir():
+        raise CheckpointError(f"run folder {str(run_dir)!r} does not exist")
+    if not (run_dir / "config.yaml").is_file():
+        raise CheckpointError(f"run folder {str(run_dir)!r} has no config.yaml (not a unidiff run?)")
+    return load_config(run_dir / "config.yaml", overrides)
+
+
+def _label_modality(model) -> Optional[str]:
+    """Name of the model's (first) label modality, or None."""
+    for name, mod in model.modalities.items():
+        if getattr(mod, "kind", "") == "label":
+            return name
+    return None
+
+
+@torch.no_grad()
+def _generate(model, schedule, task: str, n: int, batch_size: int, sampler: str, steps: int, guidance: float,
+              generator: torch.Generator, known_fn=None):
+    """``n`` samples of ``task`` in batches: (images (n, C, H, W), {name: (n,) readouts})."""
+    from .diffusion import sample
+
+    images, aux = [], {}
+    for start in range(0, n, batch_size):
+        b = min(batch_size, n - start)
+        known = known_fn(start, b) if known_fn is not None else None
+        out = sample(model, schedule, task, batch_size=b, known=known, scheduler=sampler, num_steps=steps,
+                     guidance_scale=guidance if known else 1.0, generator=generator)
+        images.append(out.image.float().cpu())
+        for k, v in out.aux.items():
+            if torch.is_tensor(v):
+                aux.setdefault(k, []).append(v.cpu())
+    return torch.cat(images), {k: torch.cat(v) for k, v in aux.items()}
+
+
+@torch.no_grad()
+def _classify(clf, images: torch.Tensor, batch_size: int, device) -> torch.Tensor:
+    return torch.cat([clf(x.to(device)).argmax(-1).cpu() for x in images.split(batch_size)])
+
+
+@torch.no_grad()
+def _model_metrics(model, schedule, cfg, train_set, val_set, clf, g, device) -> Dict[str, Any]:
+    """The metrics that run the model (no gradients); see the module docstring."""
+    from . import metrics as M
+    from .data import iter_batches
+    from .diffusion import bits_per_dim, image_to_aux
+
+    ev, bs, out = cfg.eval, cfg.eval.batch_size, {}
+    has_image = model.image_head is not None
+    label = _label_modality(model)
+
+    # --- image quality and the bound ------------------------------------------------------------
+    if has_image:
+        fake, fake_aux = _generate(model, schedule, "joint", ev.n_samples, bs, ev.sampler.value, ev.steps, 1.0, g)
+        if clf is not None:
+            feats = M.ClassifierFeatures(clf)
+            real_train = torch.cat([b["image"] for b in iter_batches(train_set, bs)])[: ev.n_samples]
+            out["fid"] = M.compute_fid(val_set, fake, feats, batch_size=bs)
+            out["fid_floor"] = M.fid_floor(real_train, val_set, feats, batch_size=bs)
+            if label is not None:
+                read = _classify(clf, fake, bs, device)
+                out["joint_consistency"] = float((read == fake_aux[label].long()).float().mean())
+        bpd = []
+        seen = 0
+        for batch in iter_batches(val_set, bs):
+            batch = {k: v[: ev.n_samples - seen].to(device) for k, v in batch.items()}
+            if len(batch["image"]) == 0:
+                break
+            seen += len(batch["image"])
+            bpd.append(bits_per_dim(model, schedule, batch, num_t=ev.bpd_num_t, generator=g).cpu())
+        out["bits_per_dim"] = float(torch.cat(bpd).mean())
+
+    # --- every auxiliary head read from the image alone (§3) -------------------------------------
+    for name, mod in model.modalities.items():
+        scores: Dict[str, list] = {}
+        for batch in iter_batches(val_set, bs):
+            batch = {k: v.to(device) for k, v in batch.items()}
+            truth = mod.from_batch(batch, generator=g)
+            readout, _ = image_to_aux(model, schedule, batch["image"], name, ev.t_read, ev.num_draws, g)
+            if hasattr(mod, "metrics"):
+                n = batch["image"].shape[0]
+                for k, v in mod.metrics(readout, truth).items():
+                    scores.setdefault(k, []).append((float(v), n))
+        for k, vals in scores.items():  # batch means -> dataset mean
+            out[f"image_to_{name}/{k}"] = sum(v * n for v, n in vals) / sum(n for _, n in vals)
+        if name == label and "accuracy" in scores:
+            out["label_accuracy"] = out[f"image_to_{name}/accuracy"]
+
+    # --- class -> image, read back by the reference classifier -----------------------------------
+    if has_image and label is not None and clf is not None:
+        K = model.modalities[label].num_classes
+        cond = torch.arange(ev.n_samples) % K  # cycle over the classes: balanced
+
+        def known_fn(start, b):
+            return {label: cond[start:start + b].to(device)}
+
+        images, _ = _generate(model, schedule, "class_to_image", ev.n_samples, bs, ev.sampler.value, ev.steps,
+                              ev.guidance, g, known_fn)
+        out["class_conditional_accuracy"] = float((_classify(clf, images, bs, device) == cond).float().mean())
+
+    return out
+
+
+def evaluate(run_dir: str | os.PathLike, overrides: Sequence[str] = (), device: Optional[str] = None,
+             seed: int = 0) -> Dict[str, Any]:
+    """Compute the metrics of a run, write ``RUN_DIR/metrics.json`` atomically and return them."""
+    from . import metrics as M
+    from .checkpoint import latest, load_model, step_of
+    from .config import build_schedule
+    from .data import build_datasets
+    from .train import write_text_atomic
+
+    run_dir = Path(run_dir)
+    cfg = load_run_config(run_dir, overrides)
+    ev = cfg.eval
+    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    model = load_model(run_dir, device)
+    schedule = build_schedule(cfg)
+    train_set, val_set, info = build_datasets(cfg.data)
+    g = torch.Generator(device=device).manual_seed(seed)
+    out: Dict[str, Any] = {"step": None, "n_samples": int(ev.n_samples)}
+    meta = run_dir / "model" / "config.json"
+    out["model"] = "model/" if meta.is_file() else "latest checkpoint (EMA)"
+
+    clf = None
+    if info.num_classes >= 2:  # trains (with gradients) on first use, then cached
+        clf, ref_acc = M.get_reference_classifier(train_set, val_set, info, ev.cache_dir, device=device,
+                                                  steps=ev.reference_steps)
+        out["reference_accuracy"] = float(ref_acc)
+    out.update(_model_metrics(model, schedule, cfg, train_set, val_set, clf, g, device))
+    last = latest(run_dir / "checkpoints")
+    out["step"] = step_of(last) if last is not None else None
+    bad = [k for k, v in out.items() if isinstance(v, float) and not math.isfinite(v)]
+    if bad:
+        out["non_finite"] = bad
+    write_text_atomic(run_dir / "metrics.json", json.dumps(out, indent=1))
+    return out
