@@ -206,3 +206,128 @@ def test_label_only_run_has_no_image_metrics(tmp_path, capsys):
         assert key not in metrics
     rc, _, err = _run(capsys, "sample", str(run_dir), "--task", "joint", "--out", str(tmp_path / "j.npz"))
     _assert_one_line_error(rc, err, "image_head")
+
+
+# --- encoder ---------------------------------------------------------------------------------
+ROOT_DIR = Path(__file__).resolve().parents[1]
+
+
+def test_encoder_configs_load_and_reject_unknown_keys(tmp_path, capsys):
+    from unidiff.cli import load_encoder_config
+
+    paths = sorted((ROOT_DIR / "configs/encoders").glob("*.yaml"))
+    assert paths
+    for path in paths:
+        data_cfg, enc = load_encoder_config(path)
+        assert enc.towers in (3, 4) and data_cfg.name
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("data: {name: digits}\nencoder: {towers: 3, tempreature: 0.1}\n")
+    rc, _, err = _run(capsys, "encoder", "train", str(bad))
+    _assert_one_line_error(rc, err, "tempreature")
+
+
+def test_encoder_train_command_writes_recall_metrics(tmp_path, capsys):
+    out = tmp_path / "enc"
+    rc, _, err = _run(capsys, "encoder", "train", str(ROOT_DIR / "configs/encoders/digits.yaml"), f"encoder.out_dir={out}",
+                      "encoder.steps=5", "encoder.batch_size=32", "encoder.ablation=false", "data.max_items=200")
+    assert rc == 0, err
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert 0.0 <= metrics["recall@1"] <= 1.0 and 0.0 <= metrics["recall@5"] <= 1.0
+    assert (out / "encoder.safetensors").is_file()
+
+
+# --- sample: the tasks of the other settings ---------------------------------------------------
+@pytest.fixture(scope="module")
+def multimodal_run(tmp_path_factory):
+    """A debug run with label, masked-image and source-image modalities, trained a few steps."""
+    root = tmp_path_factory.mktemp("multi")
+    mods = ("modalities=[{name: label, kind: label}, {name: masked, kind: masked_image, options: {mask_ratio: 0.5}},"
+            " {name: source, kind: source_image, options: {transform: invert}}]")
+    rc = main(["train", DEBUG, f"run.dir={root / 'run'}", f"eval.cache_dir={root / 'cache'}", mods])
+    assert rc == 0
+    return root / "run"
+
+
+@pytest.fixture(scope="module")
+def representation_run(tmp_path_factory):
+    """An untrained run folder with a representation modality (model + resolved config)."""
+    from unidiff.config import build_model, load_config, resolve_with_data, to_yaml
+    from unidiff.data import build_datasets
+
+    run_dir = tmp_path_factory.mktemp("rep") / "run"
+    cfg = load_config(DEBUG, ["modalities=[{name: representation, kind: representation, options: {dim: 4}}]"])
+    _, _, info = build_datasets(cfg.data)
+    cfg = resolve_with_data(cfg, info)
+    (run_dir / "model").mkdir(parents=True)
+    (run_dir / "config.yaml").write_text(to_yaml(cfg))
+    build_model(cfg, info.image_shape).save_pretrained(run_dir / "model")
+    return run_dir
+
+
+def _sample(capsys, run_dir, task, out, *extra):
+    return _run(capsys, "sample", str(run_dir), "--task", task, "--steps", "2", "--sampler", "ddim", *extra,
+                "--out", str(out))
+
+
+def test_inpaint_with_given_masks_writes_them_back(multimodal_run, tmp_path, capsys):
+    rng = np.random.default_rng(0)
+    images = rng.integers(0, 256, size=(4, 8, 8, 1), dtype=np.uint8)
+    masks = np.zeros((4, 8, 8), np.uint8)
+    masks[:, :4] = 1  # top half visible
+    np.savez(tmp_path / "in.npz", images=images, masks=masks)
+    rc, _, err = _sample(capsys, multimodal_run, "inpaint", tmp_path / "o.npz", "--inputs", str(tmp_path / "in.npz"))
+    assert rc == 0, err
+    with np.load(tmp_path / "o.npz") as f:
+        assert f["images"].shape == (4, 8, 8, 1) and f["images"].dtype == np.uint8
+        assert (f["masks"] == masks).all()
+
+
+def test_inpaint_default_inputs_use_random_masks_of_the_run_ratio(multimodal_run, tmp_path, capsys):
+    rc, _, err = _sample(capsys, multimodal_run, "inpaint", tmp_path / "o.npz", "-n", "3")
+    assert rc == 0, err
+    with np.load(tmp_path / "o.npz") as f:
+        masks = f["masks"]
+    assert masks.shape == (3, 8, 8)
+    assert np.allclose(masks.mean(axis=(1, 2)), 0.5)  # mask_ratio 0.5 of the patches hidden
+
+
+def test_transition_and_reverse_transition(multimodal_run, tmp_path, capsys):
+    rc, _, err = _sample(capsys, multimodal_run, "transition", tmp_path / "t.npz", "-n", "3")
+    assert rc == 0, err
+    with np.load(tmp_path / "t.npz") as f:
+        assert f["images"].shape == (3, 8, 8, 1) and f["sources"].shape == (3, 8, 8, 1)
+        assert f["labels"].shape == (3,)  # the generated labels ride along
+    images = np.full((2, 8, 8, 1), 255, np.uint8)  # white images: their inverted source is black
+    np.savez(tmp_path / "in.npz", images=images)
+    rc, _, err = _sample(capsys, multimodal_run, "reverse_transition", tmp_path / "r.npz", "--inputs", str(tmp_path / "in.npz"))
+    assert rc == 0, err
+    with np.load(tmp_path / "r.npz") as f:
+        assert (f["images"] == images).all() and f["sources"].shape == (2, 8, 8, 1)
+
+
+def test_representation_tasks(representation_run, tmp_path, capsys):
+    r = np.random.default_rng(0).normal(size=(3, 4)).astype(np.float32)
+    np.savez(tmp_path / "r.npz", representations=r)
+    rc, _, err = _sample(capsys, representation_run, "representation_to_image", tmp_path / "o.npz",
+                         "--inputs", str(tmp_path / "r.npz"))
+    assert rc == 0, err
+    with np.load(tmp_path / "o.npz") as f:
+        assert f["images"].shape == (3, 8, 8, 1) and np.allclose(f["representations"], r)
+    rc, _, err = _sample(capsys, representation_run, "image_to_representation", tmp_path / "i.npz", "-n", "5")
+    assert rc == 0, err
+    with np.load(tmp_path / "i.npz") as f:
+        assert f["representations"].shape == (5, 4) and np.isfinite(f["representations"]).all()
+
+
+def test_sample_task_input_errors(representation_run, multimodal_run, tmp_path, capsys):
+    rc, _, err = _sample(capsys, representation_run, "representation_to_image", tmp_path / "a.npz")
+    _assert_one_line_error(rc, err, "representations")
+    np.savez(tmp_path / "bad.npz", representations=np.zeros((2, 7), np.float32))
+    rc, _, err = _sample(capsys, representation_run, "representation_to_image", tmp_path / "b.npz",
+                         "--inputs", str(tmp_path / "bad.npz"))
+    _assert_one_line_error(rc, err, "N×4")
+    rc, _, err = _sample(capsys, representation_run, "inpaint", tmp_path / "c.npz")
+    _assert_one_line_error(rc, err, "masked_image")
+    rc, _, err = _sample(capsys, multimodal_run, "joint", tmp_path / "d.npz", "--inputs", str(tmp_path / "bad.npz"))
+    _assert_one_line_error(rc, err, "--inputs")
+    assert not list(tmp_path.glob("?.npz"))

@@ -21,6 +21,8 @@ def _info(num_classes=10, shape=(1, 8, 8)):
 def _run_configs(path):
     """{arm: run config} of a YAML: a run config is one run; an experiment file (``experiment:``
     section) gives one run per arm through the experiment loader."""
+    if "encoder" in OmegaConf.load(path):  # an encoder config: checked in tests/test_cli.py
+        return {}
     if "experiment" not in OmegaConf.load(path):
         return {"run": load_config(path, ["model.preset=debug"])}
     from unidiff.experiment import load_experiment
@@ -153,3 +155,12 @@ def test_backbone_overrides_reach_the_model():
     cfg = resolve_with_data(load_config(ROOT / "configs/debug.yaml", ["model.backbone.hidden_size=40"]), _info())
     model = build_model(cfg, (1, 8, 8))
     assert model.backbone.hidden_size == 40
+
+
+def test_mixed_precision_no_is_a_string_not_yaml_false(tmp_path):
+    # YAML 1.1 reads a bare `no` as false; accelerate's value is the string "no".
+    cfg = load_config("configs/debug.yaml", ["train.mixed_precision=no"])
+    assert cfg.train.mixed_precision.value == "no"
+    path = tmp_path / "c.yaml"
+    path.write_text(Path("configs/debug.yaml").read_text().replace("train:\n", "train:\n  mixed_precision: no\n", 1))
+    assert load_config(path).train.mixed_precision.value == "no"

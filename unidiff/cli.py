@@ -1,9 +1,12 @@
 """The ``unidiff`` command line.
 
     unidiff train CONFIG [key=value ...] [--dry-run]
-    unidiff sample RUN_DIR --task joint|class_to_image|image_to_label -n N --out FILE.npz [...]
+    unidiff sample RUN_DIR --task TASK -n N --out FILE.npz [--inputs FILE.npz] [...]
+        TASK: joint, class_to_image, representation_to_image, inpaint, transition,
+              image_to_label, image_to_representation, reverse_transition
     unidiff evaluate RUN_DIR [key=value ...]
     unidiff run CONFIG [key=value ...]          # train, sample, evaluate
+    unidiff encoder train CONFIG [key=value ...]  # the multi-tower representation encoder
 
 Subcommands live in one table, :data:`COMMANDS` (name -> help, argument builder, handler): a new
 subcommand is one :func:`command` registration. Anything the user got wrong (a config key, a
@@ -139,46 +142,74 @@ def _train(args) -> int:
 
 
 # --- sample ----------------------------------------------------------------------------------
-TASKS = ("joint", "class_to_image", "image_to_label")
+# task -> (what it does, the modality kind it needs). "generate" tasks produce images (conditioned
+# on a known modality value when the kind is set); "read" tasks read a modality off given images.
+TASKS = {
+    "joint": ("generate", None),
+    "class_to_image": ("generate", "label"),
+    "representation_to_image": ("generate", "representation"),
+    "inpaint": ("generate", "masked_image"),
+    "transition": ("generate", "source_image"),
+    "image_to_label": ("read", "label"),
+    "image_to_representation": ("read", "representation"),
+    "reverse_transition": ("read", "source_image"),
+}
 SAMPLERS = ("ddpm", "ddim", "dpm")
+# npz key under which each modality kind's values are written / read.
+NPZ_KEYS = {"label": "labels", "representation": "representations", "source_image": "sources", "masked_image": "masks"}
 
 
 def _sample_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("run_dir", help="run folder (RUN_DIR with model/ or checkpoints/)")
-    p.add_argument("--task", choices=TASKS, default="joint")
+    p.add_argument("--task", choices=tuple(TASKS), default="joint")
     p.add_argument("-n", type=_positive_int, default=None, help="number of samples (default sample.n)")
     p.add_argument("--steps", type=_positive_int, default=None, help="sampler steps (default sample.steps)")
     p.add_argument("--sampler", choices=SAMPLERS, default=None, help="default sample.sampler")
-    p.add_argument("--guidance", type=_nonneg_float, default=None, help="drift guidance w (class_to_image)")
+    p.add_argument("--guidance", type=_nonneg_float, default=None, help="drift guidance w (conditional tasks)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--labels", type=_label_list, default=None, help="class_to_image: classes to cycle, e.g. 3,1,4")
-    p.add_argument("--inputs", type=Path, default=None, help="image_to_label: .npz with 'images' (default: val split)")
+    p.add_argument("--inputs", type=Path, default=None,
+                   help="an .npz of inputs: 'images' (read tasks, inpaint; default: the val split), 'masks' "
+                        "(inpaint, N×H×W, 1 = visible; default: random), 'sources' (transition; default: the "
+                        "built-in transform of val images), 'representations' (representation_to_image, required)")
     p.add_argument("--out", type=_npz_path, required=True, help="output .npz (a PNG grid is written beside it)")
 
 
-def _load_inputs(path: Path, image_shape) -> "torch.Tensor":
-    """``images`` of an .npz as (N, C, H, W) in [-1, 1]: uint8 N×H×W×C (our own output) or float."""
+def _read_npz(path: Path) -> Dict[str, "np.ndarray"]:
     import numpy as np
-    import torch
 
     if not path.is_file():
         raise DataError(f"--inputs file {str(path)!r} does not exist")
     try:
         with np.load(path) as f:
-            if "images" not in f:
-                raise DataError(f"--inputs file {str(path)!r} has no 'images' array (has {list(f.keys())})")
-            arr = f["images"]
+            return {k: f[k] for k in f.keys()}
     except (OSError, ValueError) as err:
         raise DataError(f"--inputs file {str(path)!r} cannot be read: {err}") from None
+
+
+def _images_from_array(arr: "np.ndarray", image_shape, what: str, path: Path) -> "torch.Tensor":
+    """N×H×W×C uint8 (our own output) or float in [-1, 1] -> (N, C, H, W) float in [-1, 1]."""
+    import numpy as np
+    import torch
+
     C, H, W = image_shape
     if arr.ndim == 3 and C == 1:
         arr = arr[..., None]
-    if arr.ndim != 4 or tuple(arr.shape[1:]) != (H, W, C):
-        raise DataError(f"--inputs 'images' must be N×{H}×{W}×{C}, got {tuple(arr.shape)}")
+    if arr.ndim != 4 or tuple(arr.shape[1:3]) != (H, W):
+        raise DataError(f"--inputs {str(path)!r}: {what!r} must be N×{H}×{W}×C, got {tuple(arr.shape)}")
     x = torch.from_numpy(np.ascontiguousarray(arr)).permute(0, 3, 1, 2)
-    if arr.dtype == np.uint8:
-        return x.float() / 127.5 - 1.0
-    return x.float().clamp(-1, 1)
+    return x.float() / 127.5 - 1.0 if arr.dtype == np.uint8 else x.float().clamp(-1, 1)
+
+
+def _load_inputs(path: Path, image_shape) -> "torch.Tensor":
+    """``images`` of an .npz as (N, C, H, W) in [-1, 1]."""
+    arrays = _read_npz(path)
+    if "images" not in arrays:
+        raise DataError(f"--inputs file {str(path)!r} has no 'images' array (has {sorted(arrays)})")
+    x = _images_from_array(arrays["images"], image_shape, "images", path)
+    if x.shape[1] != image_shape[0]:
+        raise DataError(f"--inputs 'images' must have {image_shape[0]} channel(s), got {x.shape[1]}")
+    return x
 
 
 def to_uint8(images: "torch.Tensor") -> "np.ndarray":
@@ -200,20 +231,48 @@ def write_npz(path: Path, **arrays) -> None:
     os.replace(tmp, path)
 
 
+def _modality_of_kind(model, kind: str) -> Optional[str]:
+    """Name of the model's first modality of ``kind``, or None."""
+    return next((name for name, mod in model.modalities.items() if getattr(mod, "kind", "") == kind), None)
+
+
+def _to_npz_value(kind: str, value) -> "np.ndarray":
+    """A modality value as written into the output .npz under ``NPZ_KEYS[kind]``."""
+    import numpy as np
+
+    if kind == "label":
+        return np.asarray(value.long().cpu().numpy(), dtype=np.int64)
+    if kind == "representation":
+        return np.asarray(value.float().cpu().numpy(), dtype=np.float32)
+    if kind == "source_image":
+        return to_uint8(value)
+    if kind == "masked_image":  # the mask, N×H×W uint8 (1 = visible)
+        mask = value["mask"] if isinstance(value, dict) else value
+        return np.ascontiguousarray(mask[:, 0].round().to(dtype=__import__("torch").uint8).cpu().numpy())
+    raise ConfigError(f"no .npz encoding for modality kind {kind!r}")
+
+
 def sample_to_file(run_dir, task: str, n: Optional[int], steps: Optional[int], sampler: Optional[str],
                    guidance: Optional[float], seed: int, labels: Optional[List[int]], inputs: Optional[Path],
                    out: Path) -> Dict[str, Path]:
-    """Run one sampling task of a trained run; write ``out`` (.npz: images uint8 N×H×W×C, labels
-    int64 N) and a PNG grid beside it. Returns the written paths."""
-    import numpy as np
+    """Run one sampling task of a trained run (DESIGN.md §3); write ``out`` and a PNG grid beside it.
+
+    The .npz holds ``images`` (uint8 N×H×W×C: generated, or the inputs of a read task) and one array
+    per modality involved, under ``NPZ_KEYS``: ``labels`` (int64 N; for class_to_image the
+    conditioning labels, for joint/image_to_label the generated ones), ``representations``
+    (float32 N×K), ``sources`` (uint8 N×H×W×C), ``masks`` (uint8 N×H×W, 1 = visible).
+    """
     import torch
 
     from .checkpoint import load_model
     from .config import build_schedule
     from .diffusion import sample
-    from .evaluate import _label_modality, load_run_config
+    from .evaluate import load_run_config
     from .train import save_grid
 
+    if task not in TASKS:
+        raise ConfigError(f"--task {task!r} is not one of {sorted(TASKS)}")
+    action, kind = TASKS[task]
     cfg = load_run_config(run_dir)
     n_given, n = n, n or cfg.sample.n
     steps = steps or cfg.sample.steps
@@ -224,54 +283,95 @@ def sample_to_file(run_dir, task: str, n: Optional[int], steps: Optional[int], s
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     model = load_model(run_dir, device)
     schedule = build_schedule(cfg)
-    label = _label_modality(model)
-    if task != "joint" and label is None:
-        raise ConfigError(f"--task {task} needs a label modality; run {str(run_dir)!r} has {list(model.modalities)}")
-    if task != "image_to_label" and model.image_head is None:
+    name = _modality_of_kind(model, kind) if kind else None
+    if kind and name is None:
+        kinds = sorted({m.kind for m in model.modalities.values()})
+        raise ConfigError(f"--task {task} needs a {kind} modality; run {str(run_dir)!r} has {kinds or 'none'}")
+    if action == "generate" and model.image_head is None:
         raise ConfigError(f"--task {task} generates images; run {str(run_dir)!r} was trained with image_head=false")
     if labels is not None and task != "class_to_image":
         raise ConfigError("--labels only applies to --task class_to_image")
-    if inputs is not None and task != "image_to_label":
-        raise ConfigError("--inputs only applies to --task image_to_label")
+    if inputs is not None and task in ("joint", "class_to_image"):
+        raise ConfigError(f"--inputs does not apply to --task {task}")
+    arrays = _read_npz(inputs) if inputs is not None else {}
     g = torch.Generator(device=device).manual_seed(seed)
 
-    if task == "image_to_label":
-        if inputs is not None:
-            images = _load_inputs(inputs, model.image_shape)
+    def input_images() -> "torch.Tensor":
+        if "images" in arrays:
+            x = _load_inputs(inputs, model.image_shape)
         else:
+            if inputs is not None:
+                raise DataError(f"--inputs file {str(inputs)!r} has no 'images' array (has {sorted(arrays)})")
             from .data import build_datasets, iter_batches
 
             _, val_set, _ = build_datasets(cfg.data)
-            images = torch.cat([b["image"] for b in iter_batches(val_set, 512)])
-        images = images[:n_given] if n_given else images  # default: every input
+            x = torch.cat([b["image"] for b in iter_batches(val_set, 512)])
+        return x[:n_given] if n_given else x  # default: every input
+
+    written = {}  # npz key -> array
+    if action == "read":
+        images = input_images()
         read = []
         for x in images.split(cfg.eval.batch_size):
-            out_ = sample(model, schedule, "image_to_label", image=x.to(device), t_read=cfg.eval.t_read,
-                          num_draws=cfg.eval.num_draws, generator=g)
-            read.append(out_.aux[label].cpu())
-        result_images, result_labels = images, torch.cat(read)
+            res = sample(model, schedule, "image_to_aux", image=x.to(device), name=name, t_read=cfg.eval.t_read,
+                         num_draws=cfg.eval.num_draws, generator=g)
+            read.append(res.aux[name])
+        value = torch.cat(read)
+        result_images = images
+        written[NPZ_KEYS[kind]] = _to_npz_value(kind, value)
     else:
         known = None
-        if task == "class_to_image":
-            K = model.modalities[label].num_classes
+        if kind == "label":
+            K = model.modalities[name].num_classes
             bad = [c for c in (labels or []) if not 0 <= c < K]
             if bad:
                 raise ConfigError(f"--labels: class {bad[0]} is out of range [0, {K})")
             pool = torch.tensor(labels or list(range(K)), dtype=torch.long)
-            cond = pool[torch.arange(n) % len(pool)]
-            known = {label: cond.to(device)}
-        res = sample(model, schedule, task, batch_size=n, known=known, scheduler=sampler, num_steps=steps,
-                     guidance_scale=guidance if known else 1.0, generator=g)
-        result_images = res.image.cpu()
-        if task == "class_to_image":
-            result_labels = cond
-        elif label is not None:
-            result_labels = res.aux[label].cpu()
-        else:  # image-only run: no labels to report
-            result_labels = torch.full((n,), -1, dtype=torch.long)
-    write_npz(out, images=to_uint8(result_images), labels=np.asarray(result_labels.long().numpy(), dtype=np.int64))
+            known = {name: pool[torch.arange(n) % len(pool)].to(device)}
+        elif kind == "representation":
+            if "representations" not in arrays:
+                raise DataError("--task representation_to_image needs --inputs FILE.npz with a 'representations' "
+                                "array (N×K float)")
+            r = torch.as_tensor(arrays["representations"], dtype=torch.float32)
+            dim = model.modalities[name].dim
+            if r.ndim != 2 or r.shape[1] != dim:
+                raise DataError(f"--inputs 'representations' must be N×{dim}, got {tuple(r.shape)}")
+            known = {name: (r[:n_given] if n_given else r).to(device)}
+        elif kind == "masked_image":
+            x = input_images().to(device)
+            mod = model.modalities[name]
+            batch = {"image": x}
+            if "masks" in arrays:
+                m = torch.as_tensor(arrays["masks"]).float()
+                batch["mask"] = (m[:n_given] if n_given else m).to(device)
+            known = {name: mod.from_batch(batch, generator=g)}
+        elif kind == "source_image":
+            mod = model.modalities[name]
+            if "sources" in arrays:
+                src = _images_from_array(arrays["sources"], model.image_shape, "sources", inputs)
+                known = {name: (src[:n_given] if n_given else src).to(device)}
+            else:  # the run's built-in source view of the val images
+                known = {name: mod.from_batch({"image": input_images().to(device)}, generator=g)}
+        if known:
+            first = next(iter(known.values()))
+            n = (first["image"] if isinstance(first, dict) else first).shape[0]
+        res = sample(model, schedule, "conditional" if known else "joint", batch_size=n, known=known,
+                     scheduler=sampler, num_steps=steps, guidance_scale=guidance if known else 1.0, generator=g)
+        result_images = res.image
+        for m_name, mod in model.modalities.items():  # the known values, and every generated modality
+            if mod.kind not in NPZ_KEYS or NPZ_KEYS[mod.kind] in written:
+                continue
+            if known and m_name in known:
+                written[NPZ_KEYS[mod.kind]] = _to_npz_value(mod.kind, known[m_name])
+            elif mod.kind != "masked_image":  # a generated masked image has no mask to report
+                written[NPZ_KEYS[mod.kind]] = _to_npz_value(mod.kind, res.aux[m_name])
+        if "labels" not in written:  # image-only run: no labels to report (-1)
+            import numpy as np
+
+            written["labels"] = np.full((n,), -1, dtype=np.int64)
+    write_npz(out, images=to_uint8(result_images), **written)
     grid = out.with_suffix(".png")
-    save_grid(result_images, grid)
+    save_grid(result_images.cpu(), grid)
     return {"npz": out, "grid": grid}
 
 
@@ -321,6 +421,61 @@ def _run(args) -> int:
     if paths is not None:
         print(f"grid: {paths['grid']}")
     print(f"metrics: {out / 'metrics.json'}")
+    return 0
+
+
+# --- encoder ---------------------------------------------------------------------------------
+def _encoder_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("action", choices=("train",), help="train: fit the multi-tower encoder (cached)")
+    _add_config_args(p)
+
+
+def load_encoder_config(path, overrides: Sequence[str] = ()):
+    """``data:`` (DataConfig) + ``encoder:`` (EncoderConfig) sections, validated like run configs."""
+    from omegaconf import OmegaConf
+    from omegaconf.errors import OmegaConfBaseException
+
+    from .config import _check_override, _omegaconf_error, read_yaml
+    from .data import DataConfig
+    from .encoders import EncoderConfig
+
+    schema = OmegaConf.create({"data": OmegaConf.structured(DataConfig), "encoder": OmegaConf.structured(EncoderConfig)})
+    OmegaConf.set_struct(schema, True)
+    data = read_yaml(path)
+    unknown = sorted(set(data) - {"data", "encoder"})
+    if unknown:
+        raise ConfigError(f"{unknown[0]}: unknown section in {str(path)!r}; an encoder config has data and encoder")
+    try:
+        cfg = OmegaConf.merge(schema, data)
+        for item in overrides:
+            _check_override(item)
+            cfg.merge_with_dotlist([item])
+    except OmegaConfBaseException as err:
+        raise _omegaconf_error(err) from None
+    enc = OmegaConf.to_object(cfg.encoder)
+    enc.validate()
+    return OmegaConf.to_object(cfg.data), enc
+
+
+@command("encoder", "train the multi-tower image-text representation encoder (unidiff encoder train CONFIG)", _encoder_args)
+def _encoder(args) -> int:
+    import json
+    from dataclasses import replace
+
+    from .data import build_datasets
+    from .encoders import train_encoder
+
+    data_cfg, enc_cfg = load_encoder_config(args.config, args.overrides)
+    train_set, val_set, info = build_datasets(data_cfg)
+    if not hasattr(train_set, "images"):
+        raise DataError("unidiff encoder needs an in-memory dataset (data.in_memory=true)")
+    if enc_cfg.out_dir is None:
+        enc_cfg = replace(enc_cfg, out_dir=str(Path("runs") / "encoders" / Path(args.config).stem))
+    _, metrics = train_encoder(enc_cfg, train_set.images, train_set.labels, info.class_names,
+                               val_set.images, val_set.labels)
+    keys = [k for k in metrics if k.startswith("recall@")]
+    print(json.dumps({k: metrics[k] for k in keys} | ({"ablation": metrics["ablation"]} if "ablation" in metrics else {}), indent=1))
+    print(f"encoder: {enc_cfg.out_dir}")
     return 0
 
 

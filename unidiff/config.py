@@ -269,12 +269,16 @@ def load_config(path: Optional[str | os.PathLike] = None, overrides: Sequence[st
             raise ConfigError(f"{unknown[0]}: unknown config section in {str(path)!r}; sections are {list(cfg.keys())}")
         if "modalities" in data and data["modalities"] is not None:
             data["modalities"] = _merge_modalities(data["modalities"])
+        if isinstance(data.get("train"), dict) and data["train"].get("mixed_precision") is False:
+            data["train"]["mixed_precision"] = "no"  # YAML 1.1 reads a bare `no` as false
         try:
             cfg = OmegaConf.merge(cfg, data)
         except OmegaConfBaseException as err:
             raise _omegaconf_error(err) from None
     for item in overrides:
         key = _check_override(item)
+        if key == "train.mixed_precision" and item.split("=", 1)[1].strip() == "no":
+            item = "train.mixed_precision='no'"  # keep accelerate's `no` a string, not YAML's false
         try:
             cfg.merge_with_dotlist([item])
         except OmegaConfBaseException as err:

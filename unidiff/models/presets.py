@@ -24,7 +24,11 @@ PRESETS: Dict[str, Dict[str, Any]] = {
     # The size the tests run: every sublayer kind once, tiny widths (seconds on CPU).
     "debug": dict(hidden_size=32, pattern="M*E-", num_heads=2, num_kv_heads=1, d_state=8, headdim=8, chunk_size=16,
                   num_experts=4, top_k=2, num_registers=1, patch_size=2),
-    # The embedded-digits default: 8x8 images at patch 1 (64 tokens).
+    # The embedded-digits default (configs/joint_image_label.yaml): 8x8 images at patch 2 (16 tokens),
+    # sized so the main job trains in ~8 minutes on a 2-core CPU.
+    "digits": dict(hidden_size=64, pattern="MEM*EM*E", num_heads=4, num_kv_heads=2, d_state=16, headdim=16,
+                   chunk_size=32, num_experts=8, top_k=2, num_registers=1, patch_size=2),
+    # Twice as wide, patch 1 (64 tokens on 8x8): a stronger digits model for longer runs.
     "tiny": dict(hidden_size=128, pattern="MEM*EMEM*E", num_heads=4, num_kv_heads=2, d_state=16, headdim=32,
                  chunk_size=32, num_experts=8, top_k=2, num_registers=1, patch_size=1),
     "S": dict(hidden_size=384, pattern="MEMEM*E" * 2, num_heads=6, num_kv_heads=2, d_state=64, headdim=64,
