@@ -331,3 +331,13 @@ def test_sample_task_input_errors(representation_run, multimodal_run, tmp_path, 
     rc, _, err = _sample(capsys, multimodal_run, "joint", tmp_path / "d.npz", "--inputs", str(tmp_path / "bad.npz"))
     _assert_one_line_error(rc, err, "--inputs")
     assert not list(tmp_path.glob("?.npz"))
+
+
+def test_class_to_image_with_classifier_guidance(trained_run, tmp_path, capsys):
+    rc, _, err = _sample(capsys, trained_run, "class_to_image", tmp_path / "c.npz", "-n", "3", "--labels", "2",
+                         "--classifier-scale", "1.5")
+    assert rc == 0, err
+    with np.load(tmp_path / "c.npz") as f:
+        assert f["labels"].tolist() == [2, 2, 2] and f["images"].shape == (3, 8, 8, 1)
+    rc, _, err = _sample(capsys, trained_run, "joint", tmp_path / "j.npz", "--classifier-scale", "1")
+    _assert_one_line_error(rc, err, "--classifier-scale")

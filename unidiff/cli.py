@@ -166,6 +166,8 @@ def _sample_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--steps", type=_positive_int, default=None, help="sampler steps (default sample.steps)")
     p.add_argument("--sampler", choices=SAMPLERS, default=None, help="default sample.sampler")
     p.add_argument("--guidance", type=_nonneg_float, default=None, help="drift guidance w (conditional tasks)")
+    p.add_argument("--classifier-scale", type=_nonneg_float, default=None,
+                   help="class_to_image: classifier guidance from the label head (default sample.classifier_scale)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--labels", type=_label_list, default=None, help="class_to_image: classes to cycle, e.g. 3,1,4")
     p.add_argument("--inputs", type=Path, default=None,
@@ -254,7 +256,7 @@ def _to_npz_value(kind: str, value) -> "np.ndarray":
 
 def sample_to_file(run_dir, task: str, n: Optional[int], steps: Optional[int], sampler: Optional[str],
                    guidance: Optional[float], seed: int, labels: Optional[List[int]], inputs: Optional[Path],
-                   out: Path) -> Dict[str, Path]:
+                   out: Path, classifier_scale: Optional[float] = None) -> Dict[str, Path]:
     """Run one sampling task of a trained run (DESIGN.md §3); write ``out`` and a PNG grid beside it.
 
     The .npz holds ``images`` (uint8 N×H×W×C: generated, or the inputs of a read task) and one array
@@ -278,6 +280,9 @@ def sample_to_file(run_dir, task: str, n: Optional[int], steps: Optional[int], s
     steps = steps or cfg.sample.steps
     sampler = sampler or cfg.sample.sampler.value
     guidance = cfg.sample.guidance if guidance is None else guidance
+    classifier_scale = cfg.sample.classifier_scale if classifier_scale is None else classifier_scale
+    if classifier_scale and task != "class_to_image":
+        raise ConfigError("--classifier-scale only applies to --task class_to_image")
     if not out.parent.is_dir():
         raise ConfigError(f"--out folder {str(out.parent)!r} does not exist")
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -356,7 +361,9 @@ def sample_to_file(run_dir, task: str, n: Optional[int], steps: Optional[int], s
             first = next(iter(known.values()))
             n = (first["image"] if isinstance(first, dict) else first).shape[0]
         res = sample(model, schedule, "conditional" if known else "joint", batch_size=n, known=known,
-                     scheduler=sampler, num_steps=steps, guidance_scale=guidance if known else 1.0, generator=g)
+                     scheduler=sampler, num_steps=steps, guidance_scale=guidance if known else 1.0,
+                     classifier_scale=classifier_scale if kind == "label" else 0.0,
+                     classifier_modality=name if kind == "label" else None, generator=g)
         result_images = res.image
         for m_name, mod in model.modalities.items():  # the known values, and every generated modality
             if mod.kind not in NPZ_KEYS or NPZ_KEYS[mod.kind] in written:
@@ -378,7 +385,7 @@ def sample_to_file(run_dir, task: str, n: Optional[int], steps: Optional[int], s
 @command("sample", "sample from a trained run into an .npz (+ PNG grid)", _sample_args)
 def _sample(args) -> int:
     paths = sample_to_file(args.run_dir, args.task, args.n, args.steps, args.sampler, args.guidance, args.seed,
-                           args.labels, args.inputs, args.out)
+                           args.labels, args.inputs, args.out, args.classifier_scale)
     print(f"samples: {paths['npz']}\ngrid: {paths['grid']}")
     return 0
 

@@ -167,6 +167,7 @@ class SampleConfig:
     sampler: Sampler = Sampler.ddim
     steps: int = 50
     guidance: float = 1.0  # 1 = no classifier-free guidance
+    classifier_scale: float = 0.0  # classifier guidance from the label head (§3); 0 = off
     n: int = 64
 
 
@@ -179,6 +180,7 @@ class EvalConfig:
     sampler: Sampler = Sampler.ddim
     steps: int = 50
     guidance: float = 1.0
+    classifier_scale: float = 0.0  # classifier guidance from the label head for class -> image (§3)
     t_read: int = 50
     num_draws: int = 4
     batch_size: int = 250

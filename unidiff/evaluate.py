@@ -53,7 +53,7 @@ def _label_modality(model) -> Optional[str]:
 
 @torch.no_grad()
 def _generate(model, schedule, task: str, n: int, batch_size: int, sampler: str, steps: int, guidance: float,
-              generator: torch.Generator, known_fn=None):
+              generator: torch.Generator, known_fn=None, classifier_scale: float = 0.0):
     """``n`` samples of ``task`` in batches: (images (n, C, H, W), {name: (n,) readouts})."""
     from .diffusion import sample
 
@@ -62,7 +62,8 @@ def _generate(model, schedule, task: str, n: int, batch_size: int, sampler: str,
         b = min(batch_size, n - start)
         known = known_fn(start, b) if known_fn is not None else None
         out = sample(model, schedule, task, batch_size=b, known=known, scheduler=sampler, num_steps=steps,
-                     guidance_scale=guidance if known else 1.0, generator=generator)
+                     guidance_scale=guidance if known else 1.0, classifier_scale=classifier_scale if known else 0.0,
+                     generator=generator)
         images.append(out.image.float().cpu())
         for k, v in out.aux.items():
             if torch.is_tensor(v):
@@ -132,7 +133,7 @@ def _model_metrics(model, schedule, cfg, train_set, val_set, clf, g, device) -> 
             return {label: cond[start:start + b].to(device)}
 
         images, _ = _generate(model, schedule, "class_to_image", ev.n_samples, bs, ev.sampler.value, ev.steps,
-                              ev.guidance, g, known_fn)
+                              ev.guidance, g, known_fn, classifier_scale=ev.classifier_scale)
         out["class_conditional_accuracy"] = float((_classify(clf, images, bs, device) == cond).float().mean())
 
     return out

@@ -1,0 +1,217 @@
+"""Backbone speed benchmark (issue 2): forward+backward time per step, side by side, in one run.
+
+    python benchmarks/bench_backbone.py                 # all sections, JSON to stdout
+    python benchmarks/bench_backbone.py --tokens 64 256 --dtype fp32 --out bench.json
+
+Sections, each at 64, 256, 1024 and 4096 tokens (patch-2 latents of 16², 32², 64², 128²):
+  backbone: the hybrid stack vs an attention-only stack of the same width and depth (every ``M``
+            replaced by ``*``) vs diffusers' ``DiTTransformer2DModel`` with a matched parameter count;
+  mixer:    our chunked-SSD Mamba-2 mixer vs transformers' ``NemotronHMamba2Mixer`` (torch path) with
+            the same weights (outputs compared, max abs difference reported);
+  moe:      MoE (8 experts, top-2, + shared expert) vs a dense FFN with the same active parameters;
+  peak:     the machine's own fp32 and bf16 matmul FLOP/s, measured in this run, against which the
+            achieved matmul FLOP/s of each backbone step (counted by ``torch.utils.flop_counter``)
+            is reported.
+
+Timings are medians over ``--repeats`` after a warm-up. Only ratios measured in the same run are
+meaningful (these machines are noisy); BENCHMARKS.md records the latest figures and this command.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import statistics
+import time
+from contextlib import nullcontext
+
+import torch
+from torch import nn
+from torch.utils.flop_counter import FlopCounterMode
+
+from unidiff.models.backbone import HybridBackbone
+from unidiff.models.mamba2 import Mamba2Mixer
+from unidiff.models.moe import MoE, DenseMLP
+
+
+def autocast(dtype: str):
+    return torch.autocast("cpu", dtype=torch.bfloat16) if dtype == "bf16" else nullcontext()
+
+
+def time_fwd_bwd(fn, params, repeats: int, dtype: str, warmup: int = 1) -> float:
+    """Median seconds of one forward+backward of ``fn()`` (a scalar loss)."""
+    times = []
+    for i in range(warmup + repeats):
+        for p in params:
+            p.grad = None
+        t0 = time.perf_counter()
+        with autocast(dtype):
+            loss = fn()
+        loss.backward()
+        dt = time.perf_counter() - t0
+        if i >= warmup:
+            times.append(dt)
+    return statistics.median(times)
+
+
+def matmul_flops(fn, dtype: str) -> int:
+    """Matmul FLOPs of one forward+backward (``torch.utils.flop_counter`` counts mm/bmm/conv/sdpa)."""
+    counter = FlopCounterMode(display=False)
+    with counter:
+        with autocast(dtype):
+            loss = fn()
+        loss.backward()
+    return counter.get_total_flops()
+
+
+def peak_matmul(dtype: torch.dtype, n: int = 1024, repeats: int = 3) -> float:
+    """Achieved FLOP/s of a large square matmul: the machine's practical peak for ``dtype``."""
+    a, b = torch.randn(n, n, dtype=dtype), torch.randn(n, n, dtype=dtype)
+    a @ b
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        a @ b
+        times.append(time.perf_counter() - t0)
+    return 2 * n**3 / min(times)
+
+
+def n_params(m: nn.Module) -> int:
+    return sum(p.numel() for p in m.parameters())
+
+
+def grid_for(tokens: int, patch: int = 2):
+    side = int(round(tokens**0.5)) * patch
+    return side, side
+
+
+def bench_backbones(tokens_list, width, pattern, dtype, repeats, batch):
+    rows = []
+    attn_pattern = pattern.replace("M", "*")
+    for L in tokens_list:
+        H, W = grid_for(L)
+        common = dict(in_channels=4, input_size=(H, W), patch_size=2, hidden_size=width, num_heads=width // 64,
+                      num_kv_heads=max(1, width // 128), d_state=64, headdim=64, chunk_size=64, num_experts=8, top_k=2)
+        torch.manual_seed(0)
+        hybrid = HybridBackbone(pattern=pattern, **common)
+        attn = HybridBackbone(pattern=attn_pattern, **common)
+        # DiT with the hybrid's width; depth chosen so its parameter count is closest to the hybrid's.
+        from diffusers import DiTTransformer2DModel
+
+        target = n_params(hybrid)
+        best = None
+        for depth in range(1, 4 * len(pattern)):
+            with torch.device("meta"):
+                dit = DiTTransformer2DModel(num_attention_heads=width // 64, attention_head_dim=64, in_channels=4,
+                                            num_layers=depth, sample_size=H, patch_size=2, num_embeds_ada_norm=1000)
+            gap = abs(n_params(dit) - target)
+            if best is None or gap < best[1]:
+                best = (depth, gap)
+        dit = DiTTransformer2DModel(num_attention_heads=width // 64, attention_head_dim=64, in_channels=4,
+                                    num_layers=best[0], sample_size=H, patch_size=2, num_embeds_ada_norm=1000)
+        z = torch.randn(batch, 4, H, W)
+        t = torch.randint(0, 1000, (batch,))
+        y = torch.zeros(batch, dtype=torch.long)
+        fns = {
+            "hybrid": (hybrid, lambda: hybrid(z, t).tokens.float().pow(2).mean()),
+            "attention_only": (attn, lambda: attn(z, t).tokens.float().pow(2).mean()),
+            "dit": (dit, lambda: dit(z, timestep=t, class_labels=y).sample.float().pow(2).mean()),
+        }
+        row = {"tokens": L, "batch": batch}
+        for name, (model, fn) in fns.items():
+            sec = time_fwd_bwd(fn, list(model.parameters()), repeats, dtype)
+            flops = matmul_flops(fn, dtype)
+            row[name] = {"params": n_params(model), "sec": sec, "matmul_flops": flops, "flops_per_sec": flops / sec}
+        row["dit"]["depth"] = best[0]
+        row["speedup_vs_attention_only"] = row["attention_only"]["sec"] / row["hybrid"]["sec"]
+        row["speedup_vs_dit"] = row["dit"]["sec"] / row["hybrid"]["sec"]
+        rows.append(row)
+        print(json.dumps({"backbone": row}), flush=True)
+    return rows
+
+
+def bench_mixer(tokens_list, width, dtype, repeats, batch):
+    from transformers import NemotronHConfig
+    from transformers.models.nemotron_h.modeling_nemotron_h import NemotronHMamba2Mixer
+
+    heads, headdim, d_state = 2 * width // 64, 64, 64
+    cfg = NemotronHConfig(hidden_size=width, mamba_num_heads=heads, mamba_head_dim=headdim, ssm_state_size=d_state,
+                          n_groups=1, chunk_size=64, conv_kernel=4, num_hidden_layers=1, layers_block_type=["mamba"],
+                          vocab_size=16)
+    rows = []
+    for L in tokens_list:
+        torch.manual_seed(0)
+        ref = NemotronHMamba2Mixer(cfg, layer_idx=0)
+        ours = Mamba2Mixer(width, d_state=d_state, headdim=headdim, n_groups=1, chunk_size=64, expand=2)
+        ours.load_state_dict(ref.state_dict())
+        x = torch.randn(batch, L, width)
+        with torch.no_grad():
+            diff = (ours(x) - ref(x)).abs().max().item()
+        row = {"tokens": L, "batch": batch, "max_abs_diff_fp32": diff}
+        row["ours_sec"] = time_fwd_bwd(lambda: ours(x).float().pow(2).mean(), list(ours.parameters()), repeats, dtype)
+        row["transformers_sec"] = time_fwd_bwd(lambda: ref(x).float().pow(2).mean(), list(ref.parameters()), repeats, dtype)
+        row["speedup"] = row["transformers_sec"] / row["ours_sec"]
+        rows.append(row)
+        print(json.dumps({"mixer": row}), flush=True)
+    return rows
+
+
+def bench_moe(tokens_list, width, dtype, repeats, batch):
+    rows = []
+    F = 2 * width  # each expert's width; active = shared + top-2 routed = 3F
+    for L in tokens_list:
+        torch.manual_seed(0)
+        moe = MoE(width, num_experts=8, top_k=2, intermediate_size=F, shared_intermediate_size=F)
+        dense = DenseMLP(width, 3 * F)
+        x = torch.randn(batch, L, width)
+        row = {"tokens": L, "batch": batch, "moe_params": n_params(moe), "dense_params": n_params(dense)}
+        row["moe_sec"] = time_fwd_bwd(lambda: moe(x)[0].float().pow(2).mean(), list(moe.parameters()), repeats, dtype)
+        row["dense_sec"] = time_fwd_bwd(lambda: dense(x).float().pow(2).mean(), list(dense.parameters()), repeats, dtype)
+        row["moe_over_dense"] = row["moe_sec"] / row["dense_sec"]
+        rows.append(row)
+        print(json.dumps({"moe": row}), flush=True)
+    return rows
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--tokens", type=int, nargs="+", default=[64, 256, 1024, 4096])
+    ap.add_argument("--sections", nargs="+", default=["peak", "backbone", "mixer", "moe"])
+    ap.add_argument("--width", type=int, default=256)
+    ap.add_argument("--pattern", default="MEMEM*E")
+    # fp32 by default: this project's CPU machines have no AMX / AVX512-BF16, so bf16 matmuls are
+    # emulated and several times slower than fp32 (the "peak" section measures both).
+    ap.add_argument("--dtype", choices=["fp32", "bf16"], default="fp32", help="autocast dtype of the timed steps")
+    ap.add_argument("--batch", type=int, default=1)
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--threads", type=int, default=None)
+    ap.add_argument("--out", default=None, help="also write the JSON here")
+    args = ap.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    result = {"machine": {"platform": platform.platform(), "torch": torch.__version__, "threads": torch.get_num_threads()},
+              "args": vars(args)}
+    if "peak" in args.sections:
+        result["peak_flops_per_sec"] = {"fp32": peak_matmul(torch.float32), "bf16": peak_matmul(torch.bfloat16)}
+        print(json.dumps({"peak": result["peak_flops_per_sec"]}), flush=True)
+    if "backbone" in args.sections:
+        result["backbone"] = bench_backbones(args.tokens, args.width, args.pattern, args.dtype, args.repeats, args.batch)
+        if "peak_flops_per_sec" in result:
+            peak = result["peak_flops_per_sec"]["bf16" if args.dtype == "bf16" else "fp32"]
+            for row in result["backbone"]:
+                for name in ("hybrid", "attention_only", "dit"):
+                    row[name]["fraction_of_peak"] = row[name]["flops_per_sec"] / peak
+    if "mixer" in args.sections:
+        result["mixer"] = bench_mixer(args.tokens, args.width, args.dtype, args.repeats, args.batch)
+    if "moe" in args.sections:
+        result["moe"] = bench_moe(args.tokens, args.width, args.dtype, args.repeats, args.batch)
+    text = json.dumps(result, indent=1)
+    print(text)
+    if args.out:
+        with open(args.out, "w") as f:
+            f.write(text)
+
+
+if __name__ == "__main__":
+    main()
