@@ -6,6 +6,7 @@
               image_to_label, image_to_representation, reverse_transition
     unidiff evaluate RUN_DIR [key=value ...]
     unidiff run CONFIG [key=value ...]          # train, sample, evaluate
+    unidiff experiment CONFIG [key=value ...]     # multi-task vs single-task (configs/experiments/)
     unidiff encoder train CONFIG [key=value ...]  # the multi-tower representation encoder
 
 Subcommands live in one table, :data:`COMMANDS` (name -> help, argument builder, handler): a new
@@ -428,6 +429,17 @@ def _run(args) -> int:
     if paths is not None:
         print(f"grid: {paths['grid']}")
     print(f"metrics: {out / 'metrics.json'}")
+    return 0
+
+
+# --- experiment ------------------------------------------------------------------------------
+@command("experiment", "train and compare the arms of a DESIGN.md §4 experiment (rerun to resume)", _add_config_args)
+def _experiment(args) -> int:
+    from .experiment import run_experiment
+
+    out = run_experiment(args.config, args.overrides)
+    print((out / "results.md").read_text(), end="")
+    print(f"results: {out}")
     return 0
 
 
