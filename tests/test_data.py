@@ -1,4 +1,5 @@
-"""Datasets: the digits split, folder datasets, error messages, deterministic batches."""
+"""Datasets: the digits split, folder datasets, error messages, deterministic batches, per-item
+extras (``data.extra_file``)."""
 
 import os
 
@@ -14,6 +15,7 @@ from unidiff.data import (
     build_datasets,
     infinite_batches,
     iter_batches,
+    save_extra_file,
 )
 from unidiff.errors import DataError
 
@@ -291,7 +293,136 @@ def test_iter_batches_covers_in_order():
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_in_memory_batches_on_the_gpu_match_the_cpu():
     ds = _toy(n=10, hflip=True)
+    ds = InMemoryDataset(ds.images, ds.labels, hflip=True, extras={"r": torch.randn(10, 3)})
     cpu, gpu = infinite_batches(ds, 4, seed=2), infinite_batches(ds.to("cuda"), 4, seed=2)
     for _ in range(4):
         x, y = next(cpu), next(gpu)
         assert y["image"].is_cuda and torch.equal(x["image"], y["image"].cpu())
+        assert y["r"].is_cuda and torch.equal(x["r"], y["r"].cpu())
+
+
+# ----------------------------------------------------------------------------------------------
+# per-item extras (data.extra_file)
+
+SMALL = dict(name="digits", max_items=30, hflip=True)
+SIGNS = torch.tensor([1.0, 2.0, -1.0])
+
+
+def _from_images(images: torch.Tensor) -> torch.Tensor:
+    """(N, C, H, W) -> (N, 3): a vector made from each item's own pixels, so a row that lands on
+    the wrong item shows (digits images have distinct means). Flip-invariant, like the extras."""
+    return images.mean((1, 2, 3))[:, None] * SIGNS
+
+
+def _write_extras(path, tensors, metadata=None):
+    """The file written by hand with safetensors (not through save_extra_file): the format itself."""
+    from safetensors.torch import save_file
+
+    save_file({k: v.contiguous() for k, v in tensors.items()}, str(path), metadata=metadata)
+    return str(path)
+
+
+@pytest.fixture(scope="module")
+def small():
+    return build_datasets(DataConfig(**SMALL))
+
+
+@pytest.fixture
+def extra_file(small, tmp_path):
+    train, val, _ = small
+    return _write_extras(tmp_path / "extras.safetensors", {
+        "train.vec": _from_images(train.images), "val.vec": _from_images(val.images),
+        "train.index": torch.arange(len(train)), "val.index": torch.arange(len(val)),
+    })
+
+
+def test_extra_file_rows_follow_their_items(small, extra_file):
+    plain_train, plain_val, _ = small
+    train, val, info = build_datasets(DataConfig(extra_file=extra_file, **SMALL))
+    assert info.image_shape == (1, 8, 8) and len(train) == len(plain_train) == 30
+    assert torch.equal(train.images, plain_train.images) and torch.equal(val.labels, plain_val.labels)
+    for ds in (train, val):
+        for i in range(len(ds)):
+            item = ds[i]
+            torch.testing.assert_close(item["vec"], _from_images(item["image"][None])[0])
+            assert int(item["index"]) == i and item["index"].dtype == torch.int64
+    # training batches: shuffled, several epochs, flipped images; the rows stay with their items
+    batches = infinite_batches(train, 8, seed=1)
+    for _ in range(6):
+        b = next(batches)
+        torch.testing.assert_close(b["vec"], _from_images(b["image"]))
+        flipped = b["image"].ne(train.images[b["index"]]).flatten(1).any(1)
+        assert torch.equal(b["label"], train.labels[b["index"]])
+        torch.testing.assert_close(b["image"][flipped], train.images[b["index"][flipped]].flip(-1))
+    b = torch.cat([b["index"] for b in iter_batches(val, 7)])
+    assert torch.equal(b, torch.arange(len(val)))
+
+
+def test_subset_and_to_keep_the_extras(extra_file):
+    train, _, _ = build_datasets(DataConfig(extra_file=extra_file, **SMALL))
+    sub = train.to("cpu").subset([7, 3, 0, 11]).subset(torch.tensor([1, 3]))  # items 3 and 11
+    assert sorted(sub.extras) == ["index", "vec"] and len(sub) == 2
+    assert torch.equal(sub.batch(torch.tensor([0, 1]))["index"], torch.tensor([3, 11]))
+    torch.testing.assert_close(sub[1]["vec"], _from_images(train.images[11:12])[0])
+    # the fingerprint keys caches of what depends on images and labels only (its docstring)
+    plain = InMemoryDataset(train.images, train.labels)
+    assert train.fingerprint() == plain.fingerprint()
+
+
+def test_save_extra_file_round_trip_and_fingerprint_guard(small, tmp_path):
+    train, val, _ = small
+    path = tmp_path / "made.safetensors"
+    save_extra_file(path, {s: {"vec": _from_images(ds.images)} for s, ds in (("train", train), ("val", val))},
+                    {"train": train.fingerprint(), "val": val.fingerprint()})
+    assert sorted(os.listdir(tmp_path)) == ["made.safetensors"]  # no temporary file left behind
+    t2, v2, _ = build_datasets(DataConfig(extra_file=str(path), **SMALL))
+    torch.testing.assert_close(v2.batch(torch.arange(len(v2)))["vec"], _from_images(val.images))
+    # same sizes, other items: only the fingerprint can tell
+    with pytest.raises(DataError) as e:
+        build_datasets(DataConfig(extra_file=str(path), **{**SMALL, "split_seed": 1}))
+    assert str(path) in str(e.value) and "vec" in str(e.value)
+
+
+def _bad_files(train, val):
+    n, m = len(train), len(val)
+    ok = {"train.r": torch.zeros(n, 2), "val.r": torch.zeros(m, 2)}
+    return {
+        "one-split": ({**ok, "train.extra_key": torch.zeros(n)}, "extra_key"),
+        "train-rows": ({**ok, "train.r": torch.zeros(n + 1, 2)}, "train.r"),
+        "val-rows": ({**ok, "val.r": torch.zeros(m - 1, 2)}, "val.r"),
+        "reserved": ({**ok, "train.label": torch.zeros(n), "val.label": torch.zeros(m)}, "'label'"),
+        "bad-name": ({**ok, "test.r": torch.zeros(m, 2)}, "test.r"),
+    }
+
+
+@pytest.mark.parametrize("case", ["one-split", "train-rows", "val-rows", "reserved", "bad-name"])
+def test_bad_extra_files_name_file_and_key(small, tmp_path, case):
+    tensors, needle = _bad_files(*small[:2])[case]
+    path = _write_extras(tmp_path / f"{case}.safetensors", tensors)
+    with pytest.raises(DataError) as e:
+        build_datasets(DataConfig(extra_file=path, **SMALL))
+    assert path in str(e.value) and needle in str(e.value)
+
+
+def test_extra_file_rows_are_counted_after_max_items(digits, tmp_path):
+    full_train, full_val, _ = digits  # no max_items: 1438 / 359 rows
+    path = _write_extras(tmp_path / "full.safetensors", {"train.r": _from_images(full_train.images),
+                                                         "val.r": _from_images(full_val.images)})
+    build_datasets(DataConfig(name="digits", extra_file=path))  # agreeing is fine
+    with pytest.raises(DataError) as e:
+        build_datasets(DataConfig(extra_file=path, **SMALL))
+    assert path in str(e.value) and "train.r" in str(e.value) and "max_items" in str(e.value)
+
+
+def test_missing_extra_file_and_lazy_data(tmp_path, image_folder):
+    missing = str(tmp_path / "nowhere.safetensors")
+    with pytest.raises(DataError, match="nowhere.safetensors"):
+        build_datasets(DataConfig(extra_file=missing, **SMALL))
+    common = dict(name="imagefolder", root=str(image_folder), image_size=8)
+    train, val, _ = build_datasets(DataConfig(in_memory=True, **common))
+    path = _write_extras(tmp_path / "f.safetensors", {"train.r": torch.zeros(len(train)),
+                                                      "val.r": torch.zeros(len(val))})
+    build_datasets(DataConfig(in_memory=True, extra_file=path, **common))
+    with pytest.raises(DataError) as e:
+        build_datasets(DataConfig(in_memory=False, extra_file=path, **common))
+    assert path in str(e.value) and "data.in_memory" in str(e.value)

@@ -13,6 +13,12 @@ Sources (``data.name``):
 - ``paired``: ``root/A/<name>`` (source) and ``root/B/<name>`` (target) with matching names; no
   classes, so every label is 0 and ``num_classes`` is 1.
 
+Per-item extras (``data.extra_file``): a safetensors file of tensors named ``train.<key>`` and
+``val.<key>``, row ``i`` belonging to item ``i`` of that split as :func:`build_datasets` returns it
+(after the seeded split and ``max_items``). Items and batches then also carry ``<key>``, e.g. the
+frozen-encoder vectors ``"representation"`` (N, K) of DESIGN.md §4, so a modality reads them like
+any dataset field; :func:`save_extra_file` writes such a file.
+
 Small datasets live in memory (:class:`InMemoryDataset`): a batch is one index operation, with no
 DataLoader per-item overhead. Folders too large for memory stay lazy (:class:`FolderDataset`) and go
 through a DataLoader. :func:`infinite_batches` serves both with the same deterministic order, a
@@ -41,6 +47,8 @@ DIGIT_NAMES = ["zero", "one", "two", "three", "four", "five", "six", "seven", "e
 # ``data.in_memory`` is left unset (1 GiB: e.g. 20k RGB images at 128x128).
 AUTO_MEMORY_BYTES = 1 << 30
 _GREY_MODES = {"1", "L", "LA", "I", "I;16", "I;16B", "I;16L", "F"}
+# The fields every item may carry itself; an extra of that name would silently replace them.
+RESERVED_KEYS = ("image", "label", "source")
 
 
 @dataclass
@@ -62,6 +70,8 @@ class DataConfig:
     source_dir, target_dir: sub-folders of ``root`` for paired data.
     in_memory:    load folder datasets into memory; None decides by size (``AUTO_MEMORY_BYTES``).
     num_workers:  DataLoader workers for lazy folder datasets.
+    extra_file:   safetensors file of per-item tensors ``train.<key>`` / ``val.<key>`` attached to
+                  the splits (module docstring); in-memory data only.
     """
 
     name: DatasetName = "digits"
@@ -77,6 +87,7 @@ class DataConfig:
     target_dir: str = "B"
     in_memory: Optional[bool] = None
     num_workers: int = 0
+    extra_file: Optional[str] = None
 
 
 @dataclass
@@ -106,6 +117,8 @@ def validate_data_config(cfg) -> None:
             raise ConfigError(f"data.{key}={value} must be a positive integer (or null)")
     if cfg.num_workers < 0:
         raise ConfigError(f"data.num_workers={cfg.num_workers} must be >= 0")
+    if cfg.extra_file is not None and not str(cfg.extra_file).strip():
+        raise ConfigError("data.extra_file='' must be a file path (or null)")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -119,6 +132,8 @@ class InMemoryDataset(Dataset):
     labels:  (N,) int64.
     sources: (N, C_src, H, W) float32 in [-1, 1] for paired data, else None.
     hflip:   whether :func:`infinite_batches` flips this dataset's batches at random (train only).
+    extras:  key -> (N, ...) per-item tensors carried into items and batches under their key
+             (``data.extra_file``). Flips leave them alone: they describe the item, not its pixels.
     """
 
     def __init__(
@@ -127,13 +142,21 @@ class InMemoryDataset(Dataset):
         labels: torch.Tensor,
         sources: Optional[torch.Tensor] = None,
         hflip: bool = False,
+        extras: Optional[Dict[str, torch.Tensor]] = None,
     ):
         if images.ndim != 4 or labels.shape != (images.shape[0],):
             shapes = f"{tuple(images.shape)}, {tuple(labels.shape)}"
             raise ValueError(f"images (N, C, H, W) and labels (N,) expected, got {shapes}")
         if sources is not None and sources.shape[0] != images.shape[0]:
             raise ValueError("sources and images must have the same length")
+        extras = dict(extras or {})
+        for key, value in extras.items():
+            if key in RESERVED_KEYS:
+                raise ValueError(f"extra {key!r} would shadow the dataset's own {key!r}")
+            if value.ndim == 0 or value.shape[0] != images.shape[0]:
+                raise ValueError(f"extra {key!r} has shape {tuple(value.shape)}; expected {images.shape[0]} rows")
         self.images, self.labels, self.sources, self.hflip = images, labels.long(), sources, hflip
+        self.extras: Dict[str, torch.Tensor] = extras
 
     def __len__(self) -> int:
         return self.images.shape[0]
@@ -142,6 +165,7 @@ class InMemoryDataset(Dataset):
         item = {"image": self.images[i], "label": self.labels[i]}
         if self.sources is not None:
             item["source"] = self.sources[i]
+        item.update({k: v[i] for k, v in self.extras.items()})
         return item
 
     def batch(self, index: torch.Tensor) -> Dict[str, torch.Tensor]:
@@ -149,20 +173,29 @@ class InMemoryDataset(Dataset):
         out = {"image": self.images[index], "label": self.labels[index]}
         if self.sources is not None:
             out["source"] = self.sources[index]
+        out.update({k: v[index] for k, v in self.extras.items()})
         return out
 
     def subset(self, index: Union[torch.Tensor, np.ndarray, Sequence[int]]) -> "InMemoryDataset":
         index = torch.as_tensor(np.asarray(index), dtype=torch.long, device=self.images.device)
         sources = None if self.sources is None else self.sources[index]
-        return InMemoryDataset(self.images[index], self.labels[index], sources, self.hflip)
+        extras = {k: v[index] for k, v in self.extras.items()}
+        return InMemoryDataset(self.images[index], self.labels[index], sources, self.hflip, extras)
 
     def to(self, device: Union[str, torch.device]) -> "InMemoryDataset":
         """A copy on ``device`` (small datasets can live on the GPU: no host-to-device copies)."""
         sources = None if self.sources is None else self.sources.to(device)
-        return InMemoryDataset(self.images.to(device), self.labels.to(device), sources, self.hflip)
+        extras = {k: v.to(device) for k, v in self.extras.items()}
+        return InMemoryDataset(self.images.to(device), self.labels.to(device), sources, self.hflip, extras)
 
     def fingerprint(self) -> str:
-        """A content hash (used as a cache key by the reference classifier)."""
+        """A content hash of images, labels and sources (a cache key: the reference classifier, the
+        representation encoder, the split an extra file was made for).
+
+        The extras are left out on purpose: everything keyed by it is a function of the images and
+        labels, so an arm with ``data.extra_file`` shares the reference classifier (the FID judge)
+        with an arm without, and an extra file can name the fingerprint of the split it belongs to.
+        """
         h = hashlib.sha256()
         for t in (self.images, self.labels, self.sources):
             if t is not None:
@@ -456,6 +489,76 @@ def _shape(ds: AnyDataset, key: str) -> Tuple[int, int, int]:
     return tuple(int(s) for s in ds[0][key].shape)  # type: ignore[return-value]
 
 
+def save_extra_file(
+    path: Union[str, os.PathLike],
+    extras: Dict[str, Dict[str, torch.Tensor]],
+    fingerprints: Optional[Dict[str, str]] = None,
+) -> None:
+    """Write a ``data.extra_file`` atomically: ``extras[split][key]`` (N_split, ...) as ``<split>.<key>``.
+
+    ``fingerprints[split]`` (:meth:`InMemoryDataset.fingerprint` of the split the rows belong to)
+    goes into the file's metadata; :func:`build_datasets` then refuses the file for other data.
+    """
+    from safetensors.torch import save_file
+
+    tensors = {f"{split}.{key}": v.detach().cpu().contiguous() for split, d in extras.items() for key, v in d.items()}
+    metadata = {f"fingerprint.{split}": fp for split, fp in (fingerprints or {}).items()}
+    path = os.fspath(path)
+    tmp = f"{path}.tmp{os.getpid()}"
+    save_file(tensors, tmp, metadata=metadata or None)
+    # A reader (another arm's evaluate) sees the old file or the new one, never half of one.
+    os.replace(tmp, path)
+
+
+def _attach_extras(cfg, train: AnyDataset, val: AnyDataset) -> Tuple[InMemoryDataset, InMemoryDataset]:
+    """The splits with the tensors of ``data.extra_file`` attached (module docstring); every way the
+    file can disagree with the data is a :class:`DataError` naming the file and the key."""
+    from safetensors import SafetensorError, safe_open
+
+    path = os.path.expanduser(str(cfg.extra_file))
+    where = f"data.extra_file={path}"
+    if not os.path.isfile(path):
+        raise DataError(f"{where} does not exist")
+    if not (isinstance(train, InMemoryDataset) and isinstance(val, InMemoryDataset)):
+        raise DataError(f"{where}: per-item extras need the data in memory; set data.in_memory=true")
+    try:
+        with safe_open(path, framework="pt") as f:
+            metadata = f.metadata() or {}
+            tensors = {name: f.get_tensor(name) for name in f.keys()}
+    except (SafetensorError, OSError) as e:
+        raise DataError(f"{where} is not a readable safetensors file: {e}") from e
+
+    splits: Dict[str, Dict[str, torch.Tensor]] = {"train": {}, "val": {}}
+    for name, value in tensors.items():
+        split, _, key = name.partition(".")
+        if split not in splits or not key:
+            raise DataError(f"{where}: tensor {name!r} is not named train.<key> or val.<key>")
+        if key in RESERVED_KEYS:
+            raise DataError(f"{where}: key {key!r} ({name}) would replace the dataset's own {key!r}")
+        splits[split][key] = value
+    if not tensors:
+        raise DataError(f"{where} holds no tensors (expected train.<key> and val.<key>)")
+    for key in sorted(set(splits["train"]) ^ set(splits["val"])):
+        have, lack = ("train", "val") if key in splits["train"] else ("val", "train")
+        raise DataError(f"{where}: key {key!r} is present for {have} ({have}.{key}) but not for {lack} ({lack}.{key})")
+
+    out = []
+    for split, ds in (("train", train), ("val", val)):
+        for key, value in sorted(splits[split].items()):
+            if value.ndim == 0 or value.shape[0] != len(ds):
+                raise DataError(f"{where}: {split}.{key} has shape {tuple(value.shape)} but the {split} split has "
+                                f"{len(ds)} items (after data.max_items); rows must match the split's items")
+        # The row count cannot tell a reshuffled split (another split_seed, say) from the right one.
+        expected = metadata.get(f"fingerprint.{split}")
+        if expected is not None and expected != ds.fingerprint():
+            raise DataError(f"{where}: keys {sorted(splits[split])} were written for another {split} split than "
+                            f"this data.* config gives (data fingerprint differs)")
+        device = ds.images.device
+        extras = {**ds.extras, **{k: v.to(device) for k, v in splits[split].items()}}
+        out.append(InMemoryDataset(ds.images, ds.labels, ds.sources, ds.hflip, extras))
+    return out[0], out[1]
+
+
 def build_datasets(cfg: DataConfig) -> Tuple[AnyDataset, AnyDataset, DataInfo]:
     """Build ``(train, val, info)`` from a :class:`DataConfig` (or its omegaconf node)."""
     validate_data_config(cfg)
@@ -470,6 +573,8 @@ def build_datasets(cfg: DataConfig) -> Tuple[AnyDataset, AnyDataset, DataInfo]:
     num_classes = len(class_names)
     if cfg.num_classes is not None and cfg.num_classes != num_classes:
         raise DataError(f"data.num_classes={cfg.num_classes} but the {cfg.name} data has {num_classes} classes")
+    if cfg.extra_file is not None:
+        train, val = _attach_extras(cfg, train, val)
     info = DataInfo(
         name=str(cfg.name),
         image_shape=_shape(train, "image"),
