@@ -1,0 +1,31 @@
+"""The benchmark scripts run end to end at toy sizes and print the JSON BENCHMARKS.md is built from.
+
+Speed targets are not asserted here (CI machines are noisy); only that every figure is produced,
+finite, and internally consistent (ratios equal the quotients of the times they come from).
+"""
+
+import json
+import math
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_backbone_benchmark_runs_and_reports_ratios(tmp_path):
+    out = tmp_path / "bench.json"
+    cmd = [sys.executable, str(ROOT / "benchmarks/bench_backbone.py"), "--tokens", "16", "--width", "64",
+           "--repeats", "1", "--peak-size", "64", "--threads", "1", "--out", str(out)]
+    subprocess.run(cmd, check=True, capture_output=True, timeout=600)
+    res = json.loads(out.read_text())
+    assert res["peak_flops_per_sec"]["fp32"] > 0 and res["peak_flops_per_sec"]["bf16"] > 0
+    (bb,) = res["backbone"]
+    assert bb["tokens"] == 16
+    assert math.isclose(bb["speedup_vs_attention_only"], bb["attention_only"]["sec"] / bb["hybrid"]["sec"])
+    for name in ("hybrid", "attention_only", "dit"):
+        assert bb[name]["sec"] > 0 and bb[name]["matmul_flops"] > 0 and 0 < bb[name]["fraction_of_peak"]
+    (mx,) = res["mixer"]
+    assert mx["max_abs_diff_fp32"] < 1e-4  # same weights, same outputs as transformers' torch path
+    (moe,) = res["moe"]
+    assert math.isclose(moe["moe_over_dense"], moe["moe_sec"] / moe["dense_sec"])
