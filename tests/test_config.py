@@ -70,7 +70,8 @@ def test_saved_yaml_round_trips(tmp_path):
     again = load_config(path)
     assert to_container(again) == to_container(cfg)
     # Enum fields are written as their plain string values.
-    assert OmegaConf.load(path).model.prediction == "epsilon"
+    assert OmegaConf.load(path).model.prediction == cfg.model.prediction.value
+    assert OmegaConf.load(path).train.mixed_precision == "no"  # a string, not YAML's false
 
 
 @pytest.mark.parametrize(
