@@ -14,6 +14,7 @@ import torch.nn.functional as F
 from scipy import ndimage
 
 import heads
+from head_fakes import make_feats
 from unidiff.errors import ConfigError, DataError
 from unidiff.modality import BackboneOutput
 
@@ -23,13 +24,7 @@ COMMON = dict(image_shape=(C, H, W), hidden_size=D, patch_size=P)
 
 
 def fake_feats(B=3, R=0, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    return BackboneOutput(
-        tokens=torch.randn(B, L, D, generator=g),
-        registers=torch.randn(B, R, D, generator=g),
-        c=torch.randn(B, D, generator=g),
-        aux_loss=torch.zeros(()),
-    )
+    return make_feats(L, D, B, R, seed)
 
 
 def rms(x):
