@@ -234,14 +234,10 @@ def write_npz(path: Path, **arrays) -> None:
     os.replace(tmp, path)
 
 
-def _modality_of_kind(model, kind: str) -> Optional[str]:
-    """Name of the model's first modality of ``kind``, or None."""
-    return next((name for name, mod in model.modalities.items() if getattr(mod, "kind", "") == kind), None)
-
-
 def _to_npz_value(kind: str, value) -> "np.ndarray":
     """A modality value as written into the output .npz under ``NPZ_KEYS[kind]``."""
     import numpy as np
+    import torch
 
     if kind == "label":
         return np.asarray(value.long().cpu().numpy(), dtype=np.int64)
@@ -251,7 +247,7 @@ def _to_npz_value(kind: str, value) -> "np.ndarray":
         return to_uint8(value)
     if kind == "masked_image":  # the mask, N×H×W uint8 (1 = visible)
         mask = value["mask"] if isinstance(value, dict) else value
-        return np.ascontiguousarray(mask[:, 0].round().to(dtype=__import__("torch").uint8).cpu().numpy())
+        return np.ascontiguousarray(mask[:, 0].round().to(torch.uint8).cpu().numpy())
     raise ConfigError(f"no .npz encoding for modality kind {kind!r}")
 
 
@@ -289,7 +285,7 @@ def sample_to_file(run_dir, task: str, n: Optional[int], steps: Optional[int], s
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     model = load_model(run_dir, device)
     schedule = build_schedule(cfg)
-    name = _modality_of_kind(model, kind) if kind else None
+    name = model.modality_of_kind(kind) if kind else None
     if kind and name is None:
         kinds = sorted({m.kind for m in model.modalities.values()})
         raise ConfigError(f"--task {task} needs a {kind} modality; run {str(run_dir)!r} has {kinds or 'none'}")

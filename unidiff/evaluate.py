@@ -43,14 +43,6 @@ def load_run_config(run_dir: str | os.PathLike, overrides: Sequence[str] = ()) -
     return load_config(run_dir / "config.yaml", overrides)
 
 
-def _label_modality(model) -> Optional[str]:
-    """Name of the model's (first) label modality, or None."""
-    for name, mod in model.modalities.items():
-        if getattr(mod, "kind", "") == "label":
-            return name
-    return None
-
-
 @torch.no_grad()
 def _generate(model, schedule, task: str, n: int, batch_size: int, sampler: str, steps: int, guidance: float,
               generator: torch.Generator, known_fn=None, classifier_scale: float = 0.0):
@@ -85,7 +77,7 @@ def _model_metrics(model, schedule, cfg, train_set, val_set, clf, g, device) -> 
 
     ev, bs, out = cfg.eval, cfg.eval.batch_size, {}
     has_image = model.image_head is not None
-    label = _label_modality(model)
+    label = model.modality_of_kind("label")
 
     # --- image quality and the bound ------------------------------------------------------------
     if has_image:

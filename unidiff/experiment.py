@@ -550,7 +550,7 @@ def setting_metrics(model, schedule, cfg: DictConfig, spec: DictConfig, ctx: Con
         return out, panels  # a label-only baseline: nothing to generate
     grid, n = int(spec.grid), ctx.val_images.shape[0]
     kind = SETTING_KIND[ctx.setting]
-    name = next((k for k, m in model.modalities.items() if m.kind == kind), None)
+    name = model.modality_of_kind(kind)
     gen = lambda k: torch.Generator(device=device).manual_seed(_metric_seed(cfg, k))  # noqa: E731
 
     # --- joint samples: the figure, and the pair-consistency metrics ------------------------------

@@ -85,6 +85,10 @@ class UnifiedModel(ModelMixin, ConfigMixin):
                 kind, name=name, image_shape=(C, H, W), hidden_size=D, patch_size=p, **spec
             )
 
+    def modality_of_kind(self, kind: str) -> Optional[str]:
+        """Name of the first auxiliary modality of ``kind`` (e.g. ``"label"``), or None."""
+        return next((name for name, mod in self.modalities.items() if mod.kind == kind), None)
+
     # --- drift --------------------------------------------------------------------------------
     def aggregate(
         self,
