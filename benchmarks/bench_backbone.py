@@ -6,6 +6,8 @@
 Sections, each at 64, 256, 1024 and 4096 tokens (patch-2 latents of 16², 32², 64², 128²):
   backbone: the hybrid stack vs an attention-only stack of the same width and depth (every ``M``
             replaced by ``*``) vs diffusers' ``DiTTransformer2DModel`` with a matched parameter count;
+  sublayers: one sublayer of each kind, and the speedup over attention-only they predict for the
+            pattern, with its ceiling (the speedup if the Mamba sublayers cost nothing);
   mixer:    our chunked-SSD Mamba-2 mixer vs transformers' ``NemotronHMamba2Mixer`` (torch path) with
             the same weights (outputs compared, max abs difference reported);
   moe:      MoE (8 experts, top-2, + shared expert) vs a dense FFN with the same active parameters;
@@ -13,8 +15,9 @@ Sections, each at 64, 256, 1024 and 4096 tokens (patch-2 latents of 16², 32², 
             achieved matmul FLOP/s of each backbone step (counted by ``torch.utils.flop_counter``)
             is reported.
 
-Timings are medians over ``--repeats`` after a warm-up. Only ratios measured in the same run are
-meaningful (these machines are noisy); BENCHMARKS.md records the latest figures and this command.
+Timings are medians over ``--repeats`` after a warm-up, the candidates of a comparison taking turns
+within each repeat. Only ratios measured in the same run are meaningful (these machines are noisy);
+BENCHMARKS.md records the latest figures and this command.
 """
 
 from __future__ import annotations
@@ -30,7 +33,7 @@ import torch
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
-from unidiff.models.backbone import HybridBackbone
+from unidiff.models.backbone import LAYER_KINDS, HybridBackbone
 from unidiff.models.mamba2 import Mamba2Mixer
 from unidiff.models.moe import MoE, DenseMLP
 
@@ -39,20 +42,23 @@ def autocast(dtype: str):
     return torch.autocast("cpu", dtype=torch.bfloat16) if dtype == "bf16" else nullcontext()
 
 
-def time_fwd_bwd(fn, params, repeats: int, dtype: str, warmup: int = 1) -> float:
-    """Median seconds of one forward+backward of ``fn()`` (a scalar loss)."""
-    times = []
+def time_side_by_side(fns, repeats: int, dtype: str, warmup: int = 1):
+    """Median seconds of one forward+backward of each ``fn()`` (a scalar loss), for ``fns`` a dict
+    name -> (parameters, fn). The candidates take turns within every repeat, so a slow spell of a
+    shared machine lands on all of them rather than on whichever ran during it."""
+    times = {name: [] for name in fns}
     for i in range(warmup + repeats):
-        for p in params:
-            p.grad = None
-        t0 = time.perf_counter()
-        with autocast(dtype):
-            loss = fn()
-        loss.backward()
-        dt = time.perf_counter() - t0
-        if i >= warmup:
-            times.append(dt)
-    return statistics.median(times)
+        for name, (params, fn) in fns.items():
+            for p in params:
+                p.grad = None
+            t0 = time.perf_counter()
+            with autocast(dtype):
+                loss = fn()
+            loss.backward()
+            dt = time.perf_counter() - t0
+            if i >= warmup:
+                times[name].append(dt)
+    return {name: statistics.median(ts) for name, ts in times.items()}
 
 
 def sdpa_flops(n_layers: int, batch: int, tokens: int, width: int) -> int:
@@ -94,13 +100,45 @@ def grid_for(tokens: int, patch: int = 2):
     return side, side
 
 
+def backbone_kwargs(tokens: int, width: int):
+    """The HybridBackbone settings every backbone row uses (4-channel latents at patch 2)."""
+    return dict(in_channels=4, input_size=grid_for(tokens), patch_size=2, hidden_size=width, num_heads=width // 64,
+                num_kv_heads=max(1, width // 128), d_state=64, headdim=64, chunk_size=64, num_experts=8, top_k=2)
+
+
+def bench_sublayers(tokens_list, width, pattern, dtype, repeats, batch):
+    """One sublayer of each kind (adaLN, norm and residual included), forward+backward on the same
+    input, side by side. From them: the pattern's speedup over attention-only as the sublayer times
+    predict it, and its ceiling, the speedup if every ``M`` sublayer cost nothing (at a given length
+    no Mamba mixer, however fast, can take the pattern past it)."""
+    rows = []
+    kinds = sorted(set(pattern) | {"*"})
+    for L in tokens_list:
+        torch.manual_seed(0)
+        model = HybridBackbone(pattern="".join(kinds), **backbone_kwargs(L, width))
+        x = torch.randn(batch, L, width, requires_grad=True)
+        c = torch.randn(batch, width)
+        fns = {LAYER_KINDS[layer.kind]: (list(layer.parameters()) + [x],
+                                         (lambda lay: lambda: lay(x, c)[0].float().pow(2).mean())(layer))
+               for layer in model.layers}
+        secs = time_side_by_side(fns, repeats, dtype)
+        count = {LAYER_KINDS[k]: pattern.count(k) for k in kinds}
+        hybrid = sum(count[k] * s for k, s in secs.items())
+        attention_only = hybrid + count["mamba"] * (secs["attention"] - secs["mamba"])
+        row = {"tokens": L, "batch": batch, "pattern": pattern, "sec": secs,
+               "predicted_speedup_vs_attention_only": attention_only / hybrid,
+               "ceiling_speedup_if_mamba_free": attention_only / (hybrid - count["mamba"] * secs["mamba"])}
+        rows.append(row)
+        print(json.dumps({"sublayers": row}), flush=True)
+    return rows
+
+
 def bench_backbones(tokens_list, width, pattern, dtype, repeats, batch):
     rows = []
     attn_pattern = pattern.replace("M", "*")
     for L in tokens_list:
         H, W = grid_for(L)
-        common = dict(in_channels=4, input_size=(H, W), patch_size=2, hidden_size=width, num_heads=width // 64,
-                      num_kv_heads=max(1, width // 128), d_state=64, headdim=64, chunk_size=64, num_experts=8, top_k=2)
+        common = backbone_kwargs(L, width)
         torch.manual_seed(0)
         hybrid = HybridBackbone(pattern=pattern, **common)
         attn = HybridBackbone(pattern=attn_pattern, **common)
@@ -128,8 +166,9 @@ def bench_backbones(tokens_list, width, pattern, dtype, repeats, batch):
         }
         row = {"tokens": L, "batch": batch}
         n_attn = {"hybrid": pattern.count("*"), "attention_only": attn_pattern.count("*"), "dit": best[0]}
+        secs = time_side_by_side({k: (list(m.parameters()), fn) for k, (m, fn) in fns.items()}, repeats, dtype)
         for name, (model, fn) in fns.items():
-            sec = time_fwd_bwd(fn, list(model.parameters()), repeats, dtype)
+            sec = secs[name]
             flops = matmul_flops(fn, dtype) + sdpa_flops(n_attn[name], batch, L, width)
             row[name] = {"params": n_params(model), "sec": sec, "matmul_flops": flops, "flops_per_sec": flops / sec}
         row["dit"]["depth"] = best[0]
@@ -151,15 +190,22 @@ def bench_mixer(tokens_list, width, dtype, repeats, batch):
     rows = []
     for L in tokens_list:
         torch.manual_seed(0)
+        # Both with the Mamba-2 initialisation (dt log-uniform in [1e-3, 0.1], A in [1, 16]), which
+        # is what transformers' own _init_weights gives a NemotronH model; the bare module keeps
+        # placeholder values (dt_bias = 1) that no model is built with. Ours takes Nemotron-H's dt
+        # clamp and eps so the two compute the same function.
+        ours = Mamba2Mixer(width, d_state=d_state, headdim=headdim, n_groups=1, chunk_size=64, expand=2,
+                           dt_limit=(cfg.time_step_min, float("inf")), norm_eps=cfg.layer_norm_epsilon)
         ref = NemotronHMamba2Mixer(cfg, layer_idx=0)
-        ours = Mamba2Mixer(width, d_state=d_state, headdim=headdim, n_groups=1, chunk_size=64, expand=2)
-        ours.load_state_dict(ref.state_dict())
+        ref.load_state_dict(ours.state_dict())
         x = torch.randn(batch, L, width)
         with torch.no_grad():
             diff = (ours(x) - ref(x)).abs().max().item()
         row = {"tokens": L, "batch": batch, "max_abs_diff_fp32": diff}
-        row["ours_sec"] = time_fwd_bwd(lambda: ours(x).float().pow(2).mean(), list(ours.parameters()), repeats, dtype)
-        row["transformers_sec"] = time_fwd_bwd(lambda: ref(x).float().pow(2).mean(), list(ref.parameters()), repeats, dtype)
+        secs = time_side_by_side({"ours": (list(ours.parameters()), lambda: ours(x).float().pow(2).mean()),
+                                  "transformers": (list(ref.parameters()), lambda: ref(x).float().pow(2).mean())},
+                                 repeats, dtype)
+        row["ours_sec"], row["transformers_sec"] = secs["ours"], secs["transformers"]
         row["speedup"] = row["transformers_sec"] / row["ours_sec"]
         rows.append(row)
         print(json.dumps({"mixer": row}), flush=True)
@@ -175,8 +221,10 @@ def bench_moe(tokens_list, width, dtype, repeats, batch):
         dense = DenseMLP(width, 3 * F)
         x = torch.randn(batch, L, width)
         row = {"tokens": L, "batch": batch, "moe_params": n_params(moe), "dense_params": n_params(dense)}
-        row["moe_sec"] = time_fwd_bwd(lambda: moe(x)[0].float().pow(2).mean(), list(moe.parameters()), repeats, dtype)
-        row["dense_sec"] = time_fwd_bwd(lambda: dense(x).float().pow(2).mean(), list(dense.parameters()), repeats, dtype)
+        secs = time_side_by_side({"moe": (list(moe.parameters()), lambda: moe(x)[0].float().pow(2).mean()),
+                                  "dense": (list(dense.parameters()), lambda: dense(x).float().pow(2).mean())},
+                                 repeats, dtype)
+        row["moe_sec"], row["dense_sec"] = secs["moe"], secs["dense"]
         row["moe_over_dense"] = row["moe_sec"] / row["dense_sec"]
         rows.append(row)
         print(json.dumps({"moe": row}), flush=True)
@@ -186,7 +234,7 @@ def bench_moe(tokens_list, width, dtype, repeats, batch):
 def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--tokens", type=int, nargs="+", default=[64, 256, 1024, 4096])
-    ap.add_argument("--sections", nargs="+", default=["peak", "backbone", "mixer", "moe"])
+    ap.add_argument("--sections", nargs="+", default=["peak", "backbone", "sublayers", "mixer", "moe"])
     ap.add_argument("--width", type=int, default=256)
     ap.add_argument("--pattern", default="MEMEM*E")
     # fp32 by default: this project's CPU machines have no AMX / AVX512-BF16, so bf16 matmuls are
@@ -213,6 +261,8 @@ def main():
             for row in result["backbone"]:
                 for name in ("hybrid", "attention_only", "dit"):
                     row[name]["fraction_of_peak"] = row[name]["flops_per_sec"] / peak
+    if "sublayers" in args.sections:
+        result["sublayers"] = bench_sublayers(args.tokens, args.width, args.pattern, args.dtype, args.repeats, args.batch)
     if "mixer" in args.sections:
         result["mixer"] = bench_mixer(args.tokens, args.width, args.dtype, args.repeats, args.batch)
     if "moe" in args.sections:

@@ -25,6 +25,14 @@ def test_backbone_benchmark_runs_and_reports_ratios(tmp_path):
     assert math.isclose(bb["speedup_vs_attention_only"], bb["attention_only"]["sec"] / bb["hybrid"]["sec"])
     for name in ("hybrid", "attention_only", "dit"):
         assert bb[name]["sec"] > 0 and bb[name]["matmul_flops"] > 0 and 0 < bb[name]["fraction_of_peak"]
+    (sub,) = res["sublayers"]
+    secs = sub["sec"]
+    assert set(secs) == {"mamba", "attention", "moe"} and all(s > 0 for s in secs.values())
+    # "MEMEM*E": 3 mamba, 1 attention, 3 moe; attention-only swaps each mamba for an attention.
+    hybrid = 3 * secs["mamba"] + secs["attention"] + 3 * secs["moe"]
+    attention_only = 4 * secs["attention"] + 3 * secs["moe"]
+    assert math.isclose(sub["predicted_speedup_vs_attention_only"], attention_only / hybrid)
+    assert math.isclose(sub["ceiling_speedup_if_mamba_free"], attention_only / (secs["attention"] + 3 * secs["moe"]))
     (mx,) = res["mixer"]
     assert mx["max_abs_diff_fp32"] < 1e-4  # same weights, same outputs as transformers' torch path
     (moe,) = res["moe"]
