@@ -106,11 +106,12 @@ def backbone_kwargs(tokens: int, width: int):
                 num_kv_heads=max(1, width // 128), d_state=64, headdim=64, chunk_size=64, num_experts=8, top_k=2)
 
 
-def bench_sublayers(tokens_list, width, pattern, dtype, repeats, batch):
+def bench_sublayers(tokens_list, width, pattern, dtype, repeats, batch, peak=None):
     """One sublayer of each kind (adaLN, norm and residual included), forward+backward on the same
     input, side by side. From them: the pattern's speedup over attention-only as the sublayer times
-    predict it, and its ceiling, the speedup if every ``M`` sublayer cost nothing (at a given length
-    no Mamba mixer, however fast, can take the pattern past it)."""
+    predict it, and two bounds on what a faster Mamba mixer could reach: the speedup if every ``M``
+    sublayer cost nothing, and (given the measured matmul ``peak``) if it cost only its matmul FLOPs
+    at that peak, with no other work at all."""
     rows = []
     kinds = sorted(set(pattern) | {"*"})
     for L in tokens_list:
@@ -128,6 +129,10 @@ def bench_sublayers(tokens_list, width, pattern, dtype, repeats, batch):
         row = {"tokens": L, "batch": batch, "pattern": pattern, "sec": secs,
                "predicted_speedup_vs_attention_only": attention_only / hybrid,
                "ceiling_speedup_if_mamba_free": attention_only / (hybrid - count["mamba"] * secs["mamba"])}
+        if peak and "mamba" in fns:
+            floor = matmul_flops(fns["mamba"][1], dtype) / peak
+            row["mamba_matmul_floor_sec"] = floor
+            row["speedup_if_mamba_at_matmul_floor"] = attention_only / (hybrid - count["mamba"] * (secs["mamba"] - floor))
         rows.append(row)
         print(json.dumps({"sublayers": row}), flush=True)
     return rows
@@ -246,6 +251,9 @@ def main():
     ap.add_argument("--peak-size", type=int, default=1024, help="matrix size of the peak matmul measurement")
     ap.add_argument("--out", default=None, help="also write the JSON here")
     args = ap.parse_args()
+    for t in args.tokens:
+        if t < 1 or round(t**0.5) ** 2 != t:
+            ap.error(f"--tokens {t}: every token count must be a square (a square grid of patches), e.g. 4096 = 64²")
     if args.threads:
         torch.set_num_threads(args.threads)
     result = {"machine": {"platform": platform.platform(), "torch": torch.__version__, "threads": torch.get_num_threads()},
@@ -262,7 +270,9 @@ def main():
                 for name in ("hybrid", "attention_only", "dit"):
                     row[name]["fraction_of_peak"] = row[name]["flops_per_sec"] / peak
     if "sublayers" in args.sections:
-        result["sublayers"] = bench_sublayers(args.tokens, args.width, args.pattern, args.dtype, args.repeats, args.batch)
+        peak = result.get("peak_flops_per_sec", {}).get("bf16" if args.dtype == "bf16" else "fp32")
+        result["sublayers"] = bench_sublayers(args.tokens, args.width, args.pattern, args.dtype, args.repeats, args.batch,
+                                              peak)
     if "mixer" in args.sections:
         result["mixer"] = bench_mixer(args.tokens, args.width, args.dtype, args.repeats, args.batch)
     if "moe" in args.sections:

@@ -33,7 +33,16 @@ def test_backbone_benchmark_runs_and_reports_ratios(tmp_path):
     attention_only = 4 * secs["attention"] + 3 * secs["moe"]
     assert math.isclose(sub["predicted_speedup_vs_attention_only"], attention_only / hybrid)
     assert math.isclose(sub["ceiling_speedup_if_mamba_free"], attention_only / (secs["attention"] + 3 * secs["moe"]))
+    floor = sub["mamba_matmul_floor_sec"]
+    assert 0 < floor and sub["speedup_if_mamba_at_matmul_floor"] <= sub["ceiling_speedup_if_mamba_free"]
+    assert math.isclose(sub["speedup_if_mamba_at_matmul_floor"], attention_only / (hybrid - 3 * (secs["mamba"] - floor)))
     (mx,) = res["mixer"]
     assert mx["max_abs_diff_fp32"] < 1e-4  # same weights, same outputs as transformers' torch path
     (moe,) = res["moe"]
     assert math.isclose(moe["moe_over_dense"], moe["moe_sec"] / moe["dense_sec"])
+
+
+def test_backbone_benchmark_rejects_a_token_count_that_is_not_a_square():
+    cmd = [sys.executable, str(ROOT / "benchmarks/bench_backbone.py"), "--tokens", "8192", "--sections", "peak"]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2 and "--tokens 8192" in proc.stderr and "square" in proc.stderr

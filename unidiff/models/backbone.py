@@ -117,8 +117,9 @@ class HybridBackbone(ModelMixin, ConfigMixin):
         d_state, d_conv, expand, headdim, n_groups, chunk_size: Mamba-2 mixer.
         num_experts, top_k, moe_intermediate_size, shared_intermediate_size, latent_size,
         routed_scaling_factor, n_group, topk_group, aux_loss_coef, bias_update_rate: MoE
-        (``moe_intermediate_size`` None = mlp_ratio * D / top_k, so active FFN width matches a dense
-        MLP; ``shared_intermediate_size`` None = moe_intermediate_size, 0 = no shared expert).
+        (``moe_intermediate_size`` None = mlp_ratio * D / top_k, so the routed experts a token uses
+        add up to a dense MLP's width; ``shared_intermediate_size`` None = moe_intermediate_size, so
+        the shared expert adds one more expert's width, 0 = no shared expert).
         num_registers: R learned register tokens appended after the patches.
         cond_dim: width of an optional extra condition vector added to the timestep embedding.
     """

@@ -253,14 +253,14 @@ class _SSDFactorised(torch.autograd.Function):
             y.addcmul_(x, D.float()[:, None] if D.dim() == 1 else D.float())  # y is ours: in place
         final = rearrange(states[:, -1], "b g n (r p) -> b (g r) p n", p=p)
 
-        ctx.save_for_backward(x, dt, A, D, Bc, Cc, CB, xs, y_in, cs, states)
+        ctx.save_for_backward(x, dt, A, D, Bc, Cc, CB, xs, y_in, cs, states, S_t)
         ctx.dims = (b, l, h, p, g, n, Q, pad, c, mm, B.dtype, C.dtype)
         ctx.has_initial_state = initial_state is not None
         return y.to(x.dtype), final
 
     @staticmethod
     def backward(ctx, grad_y, grad_final):
-        x, dt, A, D, Bc, Cc, CB, xs, y_in, cs, states = ctx.saved_tensors
+        x, dt, A, D, Bc, Cc, CB, xs, y_in, cs, states, S_t = ctx.saved_tensors
         b, l, h, p, g, n, Q, pad, c, mm, B_dtype, C_dtype = ctx.dims
         r = h // g
         dtf = dt.float()
@@ -284,7 +284,6 @@ class _SSDFactorised(torch.autograd.Function):
 
         # y_in = tril(C Bᵀ) xs + C S̃.
         dCB = torch.bmm(dy_in, xs.transpose(1, 2)).tril_()  # (bcg, q, s)
-        S_t = (states[:, :-1].reshape(b * c * g, n, r * p) * half_cols).to(mm)
         dC = torch.bmm(dCB, Bc).baddbmm_(dy_in, S_t.transpose(1, 2))  # (bcg, q, n)
         # dS̃ -> gradient of the entering state: exp(m) dS̃.
         dstart = torch.bmm(Cc.transpose(1, 2), dy_in).float().mul_(half_cols).view(b, c, g, n, r * p)
