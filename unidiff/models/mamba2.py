@@ -236,7 +236,8 @@ class Mamba2Mixer(nn.Module):
         return causal_depthwise_conv(xBC, w, self.conv1d.bias, activation="silu")
 
     def forward(self, u: torch.Tensor) -> torch.Tensor:
-        """u: (B, L, D) -> (B, L, D); output at position t depends on u[:, :t+1] only."""
+        """u: (B, L, D) -> (B, L, D); output at position t depends on u[:, :t+1] only (exactly in the
+        mathematics; the factorised SSD can move the last bits of earlier outputs, see ssd.py)."""
         Bsz, L, _ = u.shape
         g, n, h = self.n_groups, self.d_state, self.nheads
         ssd_kernel, conv_fn = _fast_kernels() if (self.use_fast_path and u.is_cuda) else (None, None)
