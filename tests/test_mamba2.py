@@ -59,6 +59,21 @@ def test_gated_rmsnorm_matches_its_formula_in_fp64(groups):
         torch.testing.assert_close(got.double(), want, atol=1e-4, rtol=1e-4)
 
 
+def test_gated_rmsnorm_takes_permuted_inputs_and_gradients():
+    torch.manual_seed(0)
+    norm = RMSNormGated(32, group_size=8)
+    y = torch.randn(5, 4, 32).transpose(0, 1).requires_grad_()  # not contiguous
+    z = torch.randn(4, 5, 32, requires_grad=True)
+    out = norm(y, z)
+    g = torch.randn(5, 4, 32)
+    (out.transpose(0, 1) * g).sum().backward()  # the incoming gradient is not contiguous either
+    y2, z2 = y.detach().contiguous().requires_grad_(), z.detach().clone().requires_grad_()
+    (norm(y2, z2) * g.transpose(0, 1)).sum().backward()
+    torch.testing.assert_close(out, norm(y2, z2))
+    torch.testing.assert_close(y.grad, y2.grad)
+    torch.testing.assert_close(z.grad, z2.grad)
+
+
 def test_gated_rmsnorm_rejects_a_ragged_group():
     with pytest.raises(ConfigError, match="group_size"):
         RMSNormGated(30, group_size=8)

@@ -58,7 +58,7 @@ class _CausalDepthwiseConv(torch.autograd.Function):
             for j in range(1, min(K, L)):
                 grad_x[:, :-j].addcmul_(dpre[:, j:], w[:, K - 1 - j])
         if ctx.needs_input_grad[1]:
-            grad_w = x.new_zeros(w.shape)
+            grad_w = torch.zeros_like(w)
             for j in range(min(K, L)):
                 grad_w[:, K - 1 - j] = (dpre[:, j:] * x[:, : L - j]).sum(1).sum(0)
         if ctx.has_bias and ctx.needs_input_grad[2]:
@@ -95,23 +95,23 @@ class _GatedRMSNorm(torch.autograd.Function):
         shape, G = y.shape, y.shape[-1] // group_size
         z32, w = z.float(), weight.float()
         s = F.silu(z32)
-        yg = (y.float() * s).view(-1, G, group_size)
+        yg = (y.float() * s).reshape(-1, G, group_size)
         # r = (|yg|² / gs + eps)^-1/2 from one reduction pass.
         r = torch.linalg.vector_norm(yg, dim=-1, keepdim=True).pow_(2).div_(group_size).add_(eps).rsqrt_()
         ctx.save_for_backward(y, z32, w, s, yg, r)
-        return (yg * r).view(shape).mul_(w)
+        return (yg * r).reshape(shape).mul_(w)
 
     @staticmethod
     def backward(ctx, dout):
         y, z32, w, s, yg, r = ctx.saved_tensors
         N, G, gs = yg.shape
         wg = w.view(G, gs)
-        d = dout.float().view(N, G, gs)
+        d = dout.float().reshape(N, G, gs)
         y_hat = yg * r
         P = d * y_hat
         dw = P.sum(0).view(-1)
         c = torch.einsum("ngd,gd->ng", P, wg).unsqueeze(-1).div_(gs)  # mean(w ⊙ dout ⊙ ŷ) per group
-        dyg = (d * wg).addcmul_(y_hat, c, value=-1).mul_(r).view(dout.shape)
+        dyg = (d * wg).addcmul_(y_hat, c, value=-1).mul_(r).reshape(dout.shape)
         dy = dyg * s
         dz = torch.ops.aten.silu_backward(dyg.mul_(y.float()), z32)
         return dy.to(y.dtype), dz, dw.to(w.dtype), None, None
@@ -236,8 +236,10 @@ class Mamba2Mixer(nn.Module):
         return causal_depthwise_conv(xBC, w, self.conv1d.bias, activation="silu")
 
     def forward(self, u: torch.Tensor) -> torch.Tensor:
-        """u: (B, L, D) -> (B, L, D); output at position t depends on u[:, :t+1] only (exactly in the
-        mathematics; the factorised SSD can move the last bits of earlier outputs, see ssd.py)."""
+        """u: (B, L, D) -> (B, L, D); output at position t depends on u[:, :t+1] only: exactly in the
+        mathematics, up to rounding in the numbers (the factorised SSD scales a chunk's rows by a
+        factor computed from the whole chunk, which can move the last fp32 bit of earlier outputs,
+        and so occasionally flip a bf16 rounding under autocast; see ssd.py)."""
         Bsz, L, _ = u.shape
         g, n, h = self.n_groups, self.d_state, self.nheads
         ssd_kernel, conv_fn = _fast_kernels() if (self.use_fast_path and u.is_cuda) else (None, None)

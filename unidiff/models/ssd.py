@@ -20,18 +20,20 @@ Three implementations that tests hold together (STYLE.md habit 12):
     built, every product is one ``(Q, .) x (., heads*p)`` matmul per chunk and group, and the
     backward is written by hand (below) so that it, too, is matmuls plus a handful of passes over
     ``(l, h, p)`` tensors, with no autograd temporaries. Exact while the factors are representable:
-    both stay within ``e^{±span/2}``, ``span = |Σ_chunk dt A|``.
+    both stay within ``e^{±span/2}``, ``span = |Σ_chunk dt A|``. It computes in fp32 whatever the
+    input dtype (bf16/fp16 inputs are upcast, the output cast back): its log-decay gradient is a
+    difference of two sums that cancel inside a chunk, and rounding the two sides to bf16
+    separately made the dA and dt gradients 5-30x less accurate than the segment-sum form's.
     A chunk whose span exceeds ``_FACTORISED_SPAN_MAX`` (one that forgets everything many times
     over) makes the call use shorter chunks, halving Q until every span fits (the result does not
     depend on Q).
   * **segment-sum** (:func:`_ssd_segsum`, differentiated by autograd): the decay as a difference of
     cumulative sums per ``(head, q, s)``, as mamba's kernels and ``transformers``' torch path do;
-    exact for any span. Taken for fp16 inputs (whose range is too small for the factors) and when
-    a single step's decay exceeds the limit.
+    exact for any span. Taken when a single step's decay exceeds the limit (a state reset). Its
+    matmuls run in the input dtype for bf16/fp16, fp32 otherwise.
 
-Matmuls run in the input dtype for bf16 (and fp16 in the segment-sum form), fp32 otherwise; every
-cumulative sum, ``exp`` and the inter-chunk state are fp32, also under autocast (which is switched
-off inside so the choice holds).
+Every cumulative sum, ``exp`` and the inter-chunk state are fp32 in both forms, also under autocast
+(which is switched off inside so these choices hold).
 
 Shape legend: b batch, l sequence, c chunks, q/s positions inside a chunk, h heads, p head dim,
 g groups (B and C are shared by the ``r = h/g`` heads of a group), n state size.
@@ -49,8 +51,9 @@ from einops import rearrange, repeat
 __all__ = ["ssd_naive", "ssd_chunked"]
 
 # Largest in-chunk decay span |Σ dt A| for which :func:`ssd_chunked` takes its factorised form: its
-# exp factors then stay within e^{±50} (~5e21), far from fp32/bf16 overflow (~3e38) even after the
-# matmuls' sums. A longer span takes the exact segment-sum form instead.
+# exp factors then stay within e^{±50} (~5e21), far from fp32 overflow (~3e38) even after the
+# matmuls' sums (all but one product's upper triangle, which overflows harmlessly and is discarded:
+# see the backward). Longer spans make the call use shorter chunks.
 _FACTORISED_SPAN_MAX = 100.0
 
 
@@ -126,14 +129,14 @@ def ssd_chunked(
     the tail is zero-padded with ``dt = 0`` (decay 1, no input, so the state is untouched) and
     cropped; a sequence shorter than Q is one chunk of its own length. Groups are never expanded
     to heads: ``C Bᵀ`` and the B/C products are computed once per group, with the group's heads
-    folded into the matmul's free dimension. Takes the factorised form unless x is fp16 or a single
-    step's decay is too large for it (module docstring), with Q halved until every chunk's span
-    fits; the choice costs a host sync.
+    folded into the matmul's free dimension. Takes the factorised form unless a single step's
+    decay is too large for it (module docstring), with Q halved until every chunk's span fits;
+    the choice costs a host sync. Not twice differentiable.
     """
     _check_ssd_shapes(x, dt, A, B, C)
     Q = max(1, min(int(chunk_size), x.shape[1]))
     with torch.autocast(device_type=x.device.type, enabled=False):
-        q = _factorised_chunk(dt, A, Q) if x.dtype != torch.float16 else None
+        q = _factorised_chunk(dt, A, Q)
         if q is not None:
             return _SSDFactorised.apply(x, dt, A, B, C, D, initial_state, q)
         return _ssd_segsum(x, dt, A, B, C, Q, D, initial_state)
@@ -216,7 +219,6 @@ class _SSDFactorised(torch.autograd.Function):
         b, l, h, p = x.shape
         g, n = B.shape[-2:]
         r = h // g
-        mm = torch.bfloat16 if x.dtype == torch.bfloat16 else torch.float32
         pad = (-l) % Q
         c = (l + pad) // Q
 
@@ -228,14 +230,14 @@ class _SSDFactorised(torch.autograd.Function):
         # xs = exp(m - cs) dt x in one pass over x (the padded tail stays 0: no input there).
         coef = (w_in.view(b, c * Q, h)[:, :l] * dtf)[..., None]  # (b, l, h, 1)
         xs = _mul_padded(x, coef, pad)  # (b, c*Q, h, p) fp32
-        xs = _heads_to_cols(xs.to(mm), Q, g)  # (bcg, q, r p)
-        Bc = _group_to_chunks(_pad_len(B, pad).to(mm), Q)  # (bcg, q, n)
-        Cc = _group_to_chunks(_pad_len(C, pad).to(mm), Q)
+        xs = _heads_to_cols(xs, Q, g)  # (bcg, q, r p)
+        Bc = _group_to_chunks(_pad_len(B, pad).float(), Q)  # (bcg, q, n)
+        Cc = _group_to_chunks(_pad_len(C, pad).float(), Q)
         CB = torch.bmm(Cc, Bc.transpose(1, 2)).tril_()  # (bcg, q, s) causal inside the chunk
         half_cols = _per_head_cols(half, g, p)  # (bcg, 1, r p)
 
         # The chunks' own contributions, then the fp32 recurrence S_{k+1} = exp(tot_k) S_k + U_k.
-        U = torch.bmm(Bc.transpose(1, 2), xs).float().mul_(half_cols).view(b, c, g, n, r * p)
+        U = torch.bmm(Bc.transpose(1, 2), xs).mul_(half_cols).view(b, c, g, n, r * p)
         decay = (half_cols * half_cols).view(b, c, g, 1, r * p)
         states = x.new_empty(b, c + 1, g, n, r * p, dtype=torch.float32)  # entering each chunk, + final
         if initial_state is None:
@@ -245,23 +247,24 @@ class _SSDFactorised(torch.autograd.Function):
         for k in range(c):
             torch.addcmul(U[:, k], decay[:, k], states[:, k], out=states[:, k + 1])
 
-        S_t = (states[:, :-1].reshape(b * c * g, n, r * p) * half_cols).to(mm)  # exp(m) S
+        S_t = states[:, :-1].reshape(b * c * g, n, r * p) * half_cols  # exp(m) S
         y_in = torch.bmm(CB, xs).baddbmm_(Cc, S_t)  # (bcg, q, r p)
         w_out = torch.exp(cs - 0.5 * cs[:, :, -1:])  # (b, c, q, h) exp(cs - m)
-        y = (_cols_to_heads(y_in, b, g, p).float() * w_out[..., None]).view(b, c * Q, h, p)[:, :l]
+        y = (_cols_to_heads(y_in, b, g, p) * w_out[..., None]).reshape(b, c * Q, h, p)[:, :l]
         if D is not None:
             y.addcmul_(x, D.float()[:, None] if D.dim() == 1 else D.float())  # y is ours: in place
-        final = rearrange(states[:, -1], "b g n (r p) -> b (g r) p n", p=p)
+        # A copy, not a view of the saved states, so that callers may modify it in place.
+        final = rearrange(states[:, -1], "b g n (r p) -> b (g r) p n", p=p).clone()
 
         ctx.save_for_backward(x, dt, A, D, Bc, Cc, CB, xs, y_in, cs, states, S_t)
-        ctx.dims = (b, l, h, p, g, n, Q, pad, c, mm, B.dtype, C.dtype)
+        ctx.dims = (b, l, h, p, g, n, Q, pad, c, B.dtype, C.dtype)
         ctx.has_initial_state = initial_state is not None
         return y.to(x.dtype), final
 
     @staticmethod
     def backward(ctx, grad_y, grad_final):
         x, dt, A, D, Bc, Cc, CB, xs, y_in, cs, states, S_t = ctx.saved_tensors
-        b, l, h, p, g, n, Q, pad, c, mm, B_dtype, C_dtype = ctx.dims
+        b, l, h, p, g, n, Q, pad, c, B_dtype, C_dtype = ctx.dims
         r = h // g
         dtf = dt.float()
         half = torch.exp(0.5 * cs[:, :, -1])
@@ -279,14 +282,15 @@ class _SSDFactorised(torch.autograd.Function):
         # Output side: y = exp(cs - m) ⊙ y_in (+ D x).
         w_out_l = w_out.view(b, c * Q, h)[:, :l, :, None]
         dy_in32 = _mul_padded(dy, w_out_l, pad).view(b, c, Q, h, p)
-        g_out = (dy_in32 * _cols_to_heads(y_in, b, g, p).float()).sum(-1)  # (b, c, q, h) = Σ_p dy ⊙ (y - Dx)
-        dy_in = _heads_to_cols(dy_in32.view(b, c * Q, h, p).to(mm), Q, g)  # (bcg, q, r p)
+        g_out = (dy_in32 * _cols_to_heads(y_in, b, g, p)).sum(-1)  # (b, c, q, h) = Σ_p dy ⊙ (y - Dx)
+        dy_in = _heads_to_cols(dy_in32.view(b, c * Q, h, p), Q, g)  # (bcg, q, r p)
 
-        # y_in = tril(C Bᵀ) xs + C S̃.
+        # y_in = tril(C Bᵀ) xs + C S̃. The product's upper triangle (s > q) pairs exp(cs_q - m) with
+        # exp(m - cs_s) the wrong way round, up to e^{span}: it may overflow, and tril_ discards it.
         dCB = torch.bmm(dy_in, xs.transpose(1, 2)).tril_()  # (bcg, q, s)
         dC = torch.bmm(dCB, Bc).baddbmm_(dy_in, S_t.transpose(1, 2))  # (bcg, q, n)
         # dS̃ -> gradient of the entering state: exp(m) dS̃.
-        dstart = torch.bmm(Cc.transpose(1, 2), dy_in).float().mul_(half_cols).view(b, c, g, n, r * p)
+        dstart = torch.bmm(Cc.transpose(1, 2), dy_in).mul_(half_cols).view(b, c, g, n, r * p)
 
         # Recurrence backward: dS_k = exp(m_k) dS̃_k + exp(tot_k) dS_{k+1}; dU_k = dS_{k+1}.
         decay = (half_cols * half_cols).view(b, c, g, 1, r * p)
@@ -302,13 +306,13 @@ class _SSDFactorised(torch.autograd.Function):
         d_tot = rearrange((dU * states[:, 1:]).sum(3), "b c g (r p) -> b c (g r) p", p=p).sum(-1)  # (b, c, h)
 
         # U = exp(tot - m) Bᵀ xs.
-        dU_mm = (dU.reshape(b * c * g, n, r * p) * half_cols).to(mm)
+        dU_mm = dU.reshape(b * c * g, n, r * p) * half_cols
         dxs = torch.bmm(CB.transpose(1, 2), dy_in).baddbmm_(Bc, dU_mm)  # (bcg, s, r p)
         dB = torch.bmm(dCB.transpose(1, 2), Cc).baddbmm_(xs, dU_mm.transpose(1, 2))  # (bcg, s, n)
 
         # Input side: xs = exp(m - cs) dt ⊙ x. With v = Σ_p dxs ⊙ x: ∂/∂dt (through xs) = exp(m - cs) v,
         # and Σ_p dxs ⊙ xs (the log-decay side) = exp(m - cs) dt v.
-        dxs_l = _cols_to_heads(dxs, b, g, p).reshape(b, c * Q, h, p)[:, :l].float()  # (b, l, h, p)
+        dxs_l = _cols_to_heads(dxs, b, g, p).reshape(b, c * Q, h, p)[:, :l]  # (b, l, h, p)
         w_in_l = w_in.view(b, c * Q, h)[:, :l]
         v = (dxs_l * x).sum(-1)  # (b, l, h)
         dx = dxs_l * (w_in_l * dtf)[..., None]
