@@ -34,13 +34,17 @@ class Attention(nn.Module):
         self.q_proj = nn.Linear(hidden_size, num_heads * self.head_dim, bias=bias)
         self.kv_proj = nn.Linear(hidden_size, 2 * num_kv_heads * self.head_dim, bias=bias)
         self.o_proj = nn.Linear(num_heads * self.head_dim, hidden_size, bias=bias)
+        self.qk_norm = qk_norm
         self.q_norm = nn.RMSNorm(self.head_dim, eps=1e-6) if qk_norm else nn.Identity()
         self.k_norm = nn.RMSNorm(self.head_dim, eps=1e-6) if qk_norm else nn.Identity()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         q = rearrange(self.q_proj(x), "b l (h d) -> b h l d", h=self.num_heads)  # (B, Hq, L, d)
         k, v = rearrange(self.kv_proj(x), "b l (two h d) -> two b h l d", two=2, h=self.num_kv_heads)  # (B, Hkv, L, d)
-        q, k = self.q_norm(q), self.k_norm(k)
+        # QK-norm in fp32, cast back: under bf16 autocast the projections are bf16 while the norm
+        # weights stay fp32, and nn.RMSNorm has no fused kernel for mixed dtypes (it warns).
+        if self.qk_norm:
+            q, k = self.q_norm(q.float()).to(v.dtype), self.k_norm(k.float()).to(v.dtype)
         # enable_gqa broadcasts the Hkv groups over the Hq heads inside the kernel (no repeat_interleave copy).
         y = F.scaled_dot_product_attention(q, k, v, is_causal=False, enable_gqa=self.num_kv_heads != self.num_heads)
         return self.o_proj(rearrange(y, "b h l d -> b l (h d)"))
