@@ -106,12 +106,13 @@ def backbone_kwargs(tokens: int, width: int):
                 num_kv_heads=max(1, width // 128), d_state=64, headdim=64, chunk_size=64, num_experts=8, top_k=2)
 
 
-def bench_sublayers(tokens_list, width, pattern, dtype, repeats, batch, peak=None):
+def bench_sublayers(tokens_list, width, pattern, dtype, repeats, batch, peak=None, compile=False):
     """One sublayer of each kind (adaLN, norm and residual included), forward+backward on the same
     input, side by side. From them: the pattern's speedup over attention-only as the sublayer times
     predict it, and two bounds on what a faster Mamba mixer could reach: the speedup if every ``M``
     sublayer cost nothing, and (given the measured matmul ``peak``) if it cost only its matmul FLOPs
-    at that peak, with no other work at all."""
+    at that peak, with no other work at all. ``compile``: time each sublayer under torch.compile
+    (compiled during the warm-up; the FLOPs are counted on the eager sublayer)."""
     rows = []
     kinds = sorted(set(pattern) | {"*"})
     for L in tokens_list:
@@ -119,14 +120,17 @@ def bench_sublayers(tokens_list, width, pattern, dtype, repeats, batch, peak=Non
         model = HybridBackbone(pattern="".join(kinds), **backbone_kwargs(L, width))
         x = torch.randn(batch, L, width, requires_grad=True)
         c = torch.randn(batch, width)
-        fns = {LAYER_KINDS[layer.kind]: (list(layer.parameters()) + [x],
-                                         (lambda lay: lambda: lay(x, c)[0].float().pow(2).mean())(layer))
-               for layer in model.layers}
-        secs = time_side_by_side(fns, repeats, dtype)
+        def loss_of(layer):
+            return lambda: layer(x, c)[0].float().pow(2).mean()
+
+        fns = {LAYER_KINDS[layer.kind]: (list(layer.parameters()) + [x], loss_of(layer)) for layer in model.layers}
+        timed = fns if not compile else {k: (ps, loss_of(torch.compile(layer)))
+                                         for (k, (ps, _)), layer in zip(fns.items(), model.layers)}
+        secs = time_side_by_side(timed, repeats, dtype)
         count = {LAYER_KINDS[k]: pattern.count(k) for k in kinds}
         hybrid = sum(count[k] * s for k, s in secs.items())
         attention_only = hybrid + count["mamba"] * (secs["attention"] - secs["mamba"])
-        row = {"tokens": L, "batch": batch, "pattern": pattern, "sec": secs,
+        row = {"tokens": L, "batch": batch, "pattern": pattern, "compiled": compile, "sec": secs,
                "predicted_speedup_vs_attention_only": attention_only / hybrid,
                "ceiling_speedup_if_mamba_free": attention_only / (hybrid - count["mamba"] * secs["mamba"])}
         if peak and "mamba" in fns:
@@ -248,6 +252,7 @@ def main():
     ap.add_argument("--batch", type=int, default=1)
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--threads", type=int, default=None)
+    ap.add_argument("--compile", action="store_true", help="time the sublayers section under torch.compile")
     ap.add_argument("--peak-size", type=int, default=1024, help="matrix size of the peak matmul measurement")
     ap.add_argument("--out", default=None, help="also write the JSON here")
     args = ap.parse_args()
@@ -272,7 +277,7 @@ def main():
     if "sublayers" in args.sections:
         peak = result.get("peak_flops_per_sec", {}).get("bf16" if args.dtype == "bf16" else "fp32")
         result["sublayers"] = bench_sublayers(args.tokens, args.width, args.pattern, args.dtype, args.repeats, args.batch,
-                                              peak)
+                                              peak, compile=args.compile)
     if "mixer" in args.sections:
         result["mixer"] = bench_mixer(args.tokens, args.width, args.dtype, args.repeats, args.batch)
     if "moe" in args.sections:
