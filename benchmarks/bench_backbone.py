@@ -31,7 +31,7 @@ from contextlib import nullcontext
 
 import torch
 from torch import nn
-from torch.utils.flop_counter import FlopCounterMode
+from torch.utils.flop_counter import FlopCounterMode, bmm_flop
 
 from unidiff.models.backbone import LAYER_KINDS, HybridBackbone
 from unidiff.models.mamba2 import Mamba2Mixer
@@ -61,6 +61,16 @@ def time_side_by_side(fns, repeats: int, dtype: str, warmup: int = 1):
     return {name: statistics.median(ts) for name, ts in times.items()}
 
 
+def time_modules(row, modules, x, repeats: int, dtype: str):
+    """Time ``name -> module`` side by side on input x (loss: mean square of the first output) and
+    record ``row[f"{name}_sec"]``."""
+    def loss_of(m):
+        return lambda: (m(x)[0] if isinstance(m, MoE) else m(x)).float().pow(2).mean()
+
+    secs = time_side_by_side({k: (list(m.parameters()), loss_of(m)) for k, m in modules.items()}, repeats, dtype)
+    row.update({f"{k}_sec": s for k, s in secs.items()})
+
+
 def sdpa_flops(n_layers: int, batch: int, tokens: int, width: int) -> int:
     """Forward+backward FLOPs of ``n_layers`` attention cores (QKᵀ and AV: 4·B·L²·D forward, twice
     that backward). Added by hand: ``torch.utils.flop_counter`` does not count the CPU flash-SDPA
@@ -68,15 +78,23 @@ def sdpa_flops(n_layers: int, batch: int, tokens: int, width: int) -> int:
     return 3 * 4 * batch * tokens * tokens * width * n_layers
 
 
-def matmul_flops(fn, dtype: str) -> int:
+def _baddbmm_flops(self_shape, a_shape, b_shape, *args, **kwargs) -> int:
+    """FLOPs of ``self.baddbmm_(a, b)``: those of ``a @ b`` (the counter's own rule for baddbmm)."""
+    return bmm_flop(a_shape, b_shape)
+
+
+def matmul_flops(fn, dtype: str, by_op: bool = False):
     """Matmul FLOPs of one forward+backward counted by ``torch.utils.flop_counter`` (mm/bmm/conv;
-    see :func:`sdpa_flops` for attention)."""
-    counter = FlopCounterMode(display=False)
+    see :func:`sdpa_flops` for attention): the total, or with ``by_op`` a dict op name -> FLOPs."""
+    # The counter knows baddbmm but not its in-place form, which the SSD uses to accumulate.
+    counter = FlopCounterMode(display=False, custom_mapping={torch.ops.aten.baddbmm_: _baddbmm_flops})
     with counter:
         with autocast(dtype):
             loss = fn()
         loss.backward()
-    return counter.get_total_flops()
+    if not by_op:
+        return counter.get_total_flops()
+    return {str(op).split(".")[-1]: n for op, n in counter.get_flop_counts()["Global"].items()}
 
 
 def peak_matmul(dtype: torch.dtype, n: int = 1024, repeats: int = 3) -> float:
@@ -123,9 +141,11 @@ def bench_sublayers(tokens_list, width, pattern, dtype, repeats, batch, peak=Non
         def loss_of(layer):
             return lambda: layer(x, c)[0].float().pow(2).mean()
 
-        fns = {LAYER_KINDS[layer.kind]: (list(layer.parameters()) + [x], loss_of(layer)) for layer in model.layers}
-        timed = fns if not compile else {k: (ps, loss_of(torch.compile(layer)))
-                                         for (k, (ps, _)), layer in zip(fns.items(), model.layers)}
+        fns, timed = {}, {}  # by kind name: (parameters, loss), eager and as timed
+        for layer in model.layers:
+            params = list(layer.parameters()) + [x]
+            fns[LAYER_KINDS[layer.kind]] = (params, loss_of(layer))
+            timed[LAYER_KINDS[layer.kind]] = (params, loss_of(torch.compile(layer) if compile else layer))
         secs = time_side_by_side(timed, repeats, dtype)
         count = {LAYER_KINDS[k]: pattern.count(k) for k in kinds}
         hybrid = sum(count[k] * s for k, s in secs.items())
@@ -211,10 +231,9 @@ def bench_mixer(tokens_list, width, dtype, repeats, batch):
         with torch.no_grad():
             diff = (ours(x) - ref(x)).abs().max().item()
         row = {"tokens": L, "batch": batch, "max_abs_diff_fp32": diff}
-        secs = time_side_by_side({"ours": (list(ours.parameters()), lambda: ours(x).float().pow(2).mean()),
-                                  "transformers": (list(ref.parameters()), lambda: ref(x).float().pow(2).mean())},
-                                 repeats, dtype)
-        row["ours_sec"], row["transformers_sec"] = secs["ours"], secs["transformers"]
+        # Ours, by kind: the projections are mm (the same matmuls in both), the SSD's products bmm.
+        row["ours_matmul_flops"] = matmul_flops(lambda: ours(x).float().pow(2).mean(), dtype, by_op=True)
+        time_modules(row, {"ours": ours, "transformers": ref}, x, repeats, dtype)
         row["speedup"] = row["transformers_sec"] / row["ours_sec"]
         rows.append(row)
         print(json.dumps({"mixer": row}), flush=True)
@@ -230,10 +249,7 @@ def bench_moe(tokens_list, width, dtype, repeats, batch):
         dense = DenseMLP(width, 3 * F)
         x = torch.randn(batch, L, width)
         row = {"tokens": L, "batch": batch, "moe_params": n_params(moe), "dense_params": n_params(dense)}
-        secs = time_side_by_side({"moe": (list(moe.parameters()), lambda: moe(x)[0].float().pow(2).mean()),
-                                  "dense": (list(dense.parameters()), lambda: dense(x).float().pow(2).mean())},
-                                 repeats, dtype)
-        row["moe_sec"], row["dense_sec"] = secs["moe"], secs["dense"]
+        time_modules(row, {"moe": moe, "dense": dense}, x, repeats, dtype)
         row["moe_over_dense"] = row["moe_sec"] / row["dense_sec"]
         rows.append(row)
         print(json.dumps({"moe": row}), flush=True)

@@ -37,6 +37,8 @@ def test_backbone_benchmark_runs_and_reports_ratios(tmp_path):
     assert 0 < floor and sub["speedup_if_mamba_at_matmul_floor"] <= sub["ceiling_speedup_if_mamba_free"]
     assert math.isclose(sub["speedup_if_mamba_at_matmul_floor"], attention_only / (hybrid - 3 * (secs["mamba"] - floor)))
     (mx,) = res["mixer"]
+    flops = mx["ours_matmul_flops"]
+    assert flops["mm"] > 0 and flops["bmm"] > 0  # the projections, and the SSD's batched products
     assert mx["max_abs_diff_fp32"] < 1e-4  # same weights, same outputs as transformers' torch path
     (moe,) = res["moe"]
     assert math.isclose(moe["moe_over_dense"], moe["moe_sec"] / moe["dense_sec"])
