@@ -29,6 +29,7 @@ import torch
 from torch import nn
 
 from .errors import CheckpointError
+from .io import atomic_dir
 
 DONE = "DONE"
 _STEP_RE = re.compile(r"^step_(\d{6,})$")
@@ -129,16 +130,8 @@ def load_checkpoint(accelerator, path: str | os.PathLike) -> None:
 def export_model(model: nn.Module, path: str | os.PathLike) -> Path:
     """``save_pretrained`` into ``path`` atomically (``path.tmp`` then rename); replaces ``path``."""
     path = Path(path)
-    tmp = path.with_name(path.name + ".tmp")
-    if tmp.exists():
-        shutil.rmtree(tmp)
-    model.save_pretrained(str(tmp))
-    old = path.with_name(path.name + ".old")
-    if path.exists():
-        os.replace(path, old)
-    os.replace(tmp, path)
-    if old.exists():
-        shutil.rmtree(old)
+    with atomic_dir(path) as tmp:
+        model.save_pretrained(str(tmp))
     return path
 
 

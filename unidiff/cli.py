@@ -224,16 +224,6 @@ def to_uint8(images: "torch.Tensor") -> "np.ndarray":
     return np.ascontiguousarray(x.permute(0, 2, 3, 1).numpy())
 
 
-def write_npz(path: Path, **arrays) -> None:
-    """np.savez to ``path`` atomically (tmp file + rename)."""
-    import numpy as np
-
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "wb") as f:
-        np.savez(f, **arrays)
-    os.replace(tmp, path)
-
-
 def _to_npz_value(kind: str, value) -> "np.ndarray":
     """A modality value as written into the output .npz under ``NPZ_KEYS[kind]``."""
     import numpy as np
@@ -267,7 +257,7 @@ def sample_to_file(run_dir, task: str, n: Optional[int], steps: Optional[int], s
     from .config import build_schedule
     from .diffusion import sample
     from .evaluate import load_run_config
-    from .train import save_grid
+    from .io import save_grid, write_npz
 
     if task not in TASKS:
         raise ConfigError(f"--task {task!r} is not one of {sorted(TASKS)}")

@@ -38,6 +38,7 @@ import torch.nn.functional as F
 from torch.utils.data import DataLoader, Dataset, Sampler
 
 from .errors import ConfigError, DataError
+from .io import atomic_write, seed_for
 
 DatasetName = Literal["digits", "imagefolder", "mnist", "cifar10", "paired"]
 DATASET_NAMES: Tuple[str, ...] = get_args(DatasetName)
@@ -504,10 +505,8 @@ def save_extra_file(
     tensors = {f"{split}.{key}": v.detach().cpu().contiguous() for split, d in extras.items() for key, v in d.items()}
     metadata = {f"fingerprint.{split}": fp for split, fp in (fingerprints or {}).items()}
     path = os.fspath(path)
-    tmp = f"{path}.tmp{os.getpid()}"
-    save_file(tensors, tmp, metadata=metadata or None)
     # A reader (another arm's evaluate) sees the old file or the new one, never half of one.
-    os.replace(tmp, path)
+    atomic_write(path, lambda p: save_file(tensors, p, metadata=metadata or None))
 
 
 def _attach_extras(cfg, train: AnyDataset, val: AnyDataset) -> Tuple[InMemoryDataset, InMemoryDataset]:
@@ -589,12 +588,6 @@ def build_datasets(cfg: DataConfig) -> Tuple[AnyDataset, AnyDataset, DataInfo]:
 # Batches
 
 
-def _seed_from(*keys: int) -> int:
-    """A well-mixed 63-bit seed from a tuple of integers (numpy's SeedSequence hashing)."""
-    state = np.random.SeedSequence([k % (1 << 32) for k in keys]).generate_state(2, dtype=np.uint32)
-    return int(state[0]) << 31 ^ int(state[1])
-
-
 class BatchOrder:
     """The deterministic order of :func:`infinite_batches`.
 
@@ -617,7 +610,7 @@ class BatchOrder:
         if epoch not in self._perms:
             if len(self._perms) > 2:  # steps move forward: keep only the recent epochs
                 self._perms.pop(min(self._perms))
-            g = torch.Generator().manual_seed(_seed_from(self.seed, 0, epoch))
+            g = torch.Generator().manual_seed(seed_for(self.seed, 0, epoch))
             self._perms[epoch] = torch.randperm(self.n, generator=g)
         return self._perms[epoch]
 
@@ -633,7 +626,7 @@ class BatchOrder:
 
     def flips(self, step: int) -> torch.Tensor:
         """(B,) bool: which items of the batch at ``step`` are flipped horizontally."""
-        g = torch.Generator().manual_seed(_seed_from(self.seed, 1, step))
+        g = torch.Generator().manual_seed(seed_for(self.seed, 1, step))
         return torch.rand(self.batch_size, generator=g) < 0.5
 
 

@@ -19,7 +19,6 @@ measures):
 
 from __future__ import annotations
 
-import json
 import math
 import os
 from pathlib import Path
@@ -29,6 +28,7 @@ import torch
 from omegaconf import DictConfig
 
 from .errors import CheckpointError
+from .io import write_json
 
 
 def load_run_config(run_dir: str | os.PathLike, overrides: Sequence[str] = ()) -> DictConfig:
@@ -138,7 +138,6 @@ def evaluate(run_dir: str | os.PathLike, overrides: Sequence[str] = (), device: 
     from .checkpoint import latest, load_model, step_of
     from .config import build_schedule
     from .data import build_datasets
-    from .train import write_text_atomic
 
     run_dir = Path(run_dir)
     cfg = load_run_config(run_dir, overrides)
@@ -163,5 +162,5 @@ def evaluate(run_dir: str | os.PathLike, overrides: Sequence[str] = (), device: 
     bad = [k for k, v in out.items() if isinstance(v, float) and not math.isfinite(v)]
     if bad:
         out["non_finite"] = bad
-    write_text_atomic(run_dir / "metrics.json", json.dumps(out, indent=1))
+    write_json(run_dir / "metrics.json", out)
     return out

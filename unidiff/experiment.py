@@ -77,6 +77,7 @@ from omegaconf.errors import OmegaConfBaseException
 from .config import Config, _check_override, _omegaconf_error, read_yaml, to_container
 from .data import InMemoryDataset
 from .errors import ConfigError, DataError
+from .io import image_grid, save_figure, write_text
 
 _SAFE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
 # What must be equal in every arm: "same backbone, steps and seed" (DESIGN.md §4 baselines).
@@ -371,7 +372,6 @@ def prepare_representation(spec: DictConfig, cfg: DictConfig, train_set, val_set
     names), stamped with the splits' fingerprints so it is refused for other data."""
     from .data import save_extra_file
     from .encoders import EncoderConfig, PCAWhitener, encode_images, train_encoder
-    from .train import write_text_atomic
 
     train_set, val_set = _in_memory(train_set, "train"), _in_memory(val_set, "val")
     if info.num_classes < 2:
@@ -403,7 +403,7 @@ def prepare_representation(spec: DictConfig, cfg: DictConfig, train_set, val_set
         "pca_explained_variance_ratio": (float(pca.explained_variance.sum() / emb["train"].double().var(0).sum())
                                          if pca is not None else None),
     }
-    write_text_atomic(out_dir / "encoder.json", json.dumps(summary, indent=1))
+    write_text(out_dir / "encoder.json", json.dumps(summary, indent=1))
     return RepresentationData(encoder, pca, vectors, emb, fp, summary)
 
 
@@ -674,12 +674,6 @@ def results_markdown(results: Dict[str, Any]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def _savefig(fig, path: Path) -> None:
-    tmp = path.with_name(path.stem + ".tmp.png")
-    fig.savefig(tmp, dpi=120, bbox_inches="tight")
-    os.replace(tmp, path)
-
-
 def plot_samples(data_panels, arm_panels: Dict[str, List[Tuple[str, torch.Tensor]]], path: Path) -> None:
     """``samples.png``: one row for the data, then one row per arm, one column per panel."""
     import matplotlib
@@ -687,7 +681,6 @@ def plot_samples(data_panels, arm_panels: Dict[str, List[Tuple[str, torch.Tensor
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from .train import image_grid
 
     rows = [("data", data_panels)] + list(arm_panels.items())
     ncols = max(1, max(len(p) for _, p in rows))
@@ -709,7 +702,7 @@ def plot_samples(data_panels, arm_panels: Dict[str, List[Tuple[str, torch.Tensor
             if c == 0:
                 ax.set_ylabel(row_name, fontsize=11)
     fig.tight_layout()
-    _savefig(fig, path)
+    save_figure(fig, path)
     plt.close(fig)
 
 
@@ -740,7 +733,7 @@ def plot_metrics(results: Dict[str, Any], path: Path) -> None:
         ax.set_xticks(range(len(arms)), arms, fontsize=8)
         ax.set_title(f"{row['label']} {'↓' if row['better'] == 'lower' else '↑'}", fontsize=8)
     fig.tight_layout()
-    _savefig(fig, path)
+    save_figure(fig, path)
     plt.close(fig)
 
 
@@ -785,13 +778,13 @@ def run_experiment(config_path: str | os.PathLike, overrides: Sequence[str] = ()
     from .checkpoint import load_model
     from .config import build_schedule
     from .evaluate import evaluate
-    from .train import train, write_text_atomic
+    from .train import train
 
     exp = load_experiment(config_path, overrides)
     spec = exp.spec
     device = torch.device(spec.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     exp.out_dir.mkdir(parents=True, exist_ok=True)
-    write_text_atomic(exp.out_dir / "base.yaml", yaml.safe_dump(exp.base, sort_keys=False))
+    write_text(exp.out_dir / "base.yaml", yaml.safe_dump(exp.base, sort_keys=False))
 
     ctx = build_context(exp, device)
     if ctx.rep is not None:  # the vectors are written now: the representation arms read them as data
@@ -835,8 +828,8 @@ def run_experiment(config_path: str | os.PathLike, overrides: Sequence[str] = ()
         results["context"].update({f"encoder_{k}": v for k, v in ctx.rep.info["encoder_val_recall"].items()})
         results["context"]["representation_dim"] = ctx.rep.info["dim"]
 
-    write_text_atomic(exp.out_dir / "results.json", json.dumps(results, indent=1))
-    write_text_atomic(exp.out_dir / "results.md", results_markdown(results))
+    write_text(exp.out_dir / "results.json", json.dumps(results, indent=1))
+    write_text(exp.out_dir / "results.md", results_markdown(results))
     plot_samples(ctx.data_panels, arm_panels, exp.out_dir / "samples.png")
     plot_metrics(results, exp.out_dir / "metrics.png")
     return exp.out_dir

@@ -26,6 +26,7 @@ from torch import nn
 
 from .data import AnyDataset, DataInfo, infinite_batches, iter_batches
 from .errors import CheckpointError
+from .io import atomic_write
 
 Images = Union[torch.Tensor, AnyDataset, Iterable[torch.Tensor]]
 
@@ -148,12 +149,6 @@ def _cache_key(train: AnyDataset, val: AnyDataset, info: DataInfo, hparams: Dict
     return hashlib.sha256(json.dumps(desc, sort_keys=True).encode()).hexdigest()[:16]
 
 
-def _atomic_write(path: str, write) -> None:
-    tmp = f"{path}.tmp{os.getpid()}"
-    write(tmp)
-    os.replace(tmp, path)
-
-
 def get_reference_classifier(
     train: AnyDataset,
     val: AnyDataset,
@@ -191,14 +186,14 @@ def get_reference_classifier(
     model, acc = train_reference_classifier(train, val, info, device=device, **hp)
     os.makedirs(cache_dir, exist_ok=True)
     state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
-    _atomic_write(weights, lambda p: save_file(state, p))
+    atomic_write(weights, lambda p: save_file(state, p))
     record = {"arch": model.arch(), "val_accuracy": acc, "hparams": hp, "data": info.name}
 
     def dump(p: str) -> None:
         with open(p, "w") as f:
             json.dump(record, f, indent=2)
 
-    _atomic_write(meta, dump)
+    atomic_write(meta, dump)
     return model, acc
 
 

@@ -19,12 +19,10 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import time
 from pathlib import Path
 from typing import Any, Dict, Optional
 
-import numpy as np
 import torch
 from omegaconf import DictConfig
 from torch import nn
@@ -32,16 +30,11 @@ from torch import nn
 from . import checkpoint as ckpt
 from .config import ConfigError, build_model, build_schedule, resolve_with_data, run_dir, to_container, to_yaml
 from .errors import CheckpointError
+from .io import save_grid, seed_for, write_text
 
 # Config sections a resumed run must share with the run that wrote the checkpoint (the rest,
 # e.g. train.steps or the logging periods, may change between invocations).
 _FIXED_ON_RESUME = ("data", "model", "diffusion", "modalities", "image_head")
-
-
-def seed_for(*keys: int) -> int:
-    """A well-mixed 63-bit seed from integers (numpy SeedSequence), for per-step generators."""
-    state = np.random.SeedSequence([int(k) % (1 << 32) for k in keys]).generate_state(2, dtype=np.uint32)
-    return (int(state[0]) << 31) ^ int(state[1])
 
 
 def param_groups(model: nn.Module, weight_decay: float) -> list:
@@ -64,34 +57,6 @@ def param_groups(model: nn.Module, weight_decay: float) -> list:
     return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
 
 
-def image_grid(images: torch.Tensor, nrow: Optional[int] = None) -> torch.Tensor:
-    """(N, C, H, W) in [-1, 1] -> (3 or 1, H', W') grid in [0, 1] (torchvision ``make_grid``).
-    More than 3 channels (e.g. latents) show the first 3."""
-    from torchvision.utils import make_grid
-
-    x = images.detach().float().cpu()
-    x = x[:, :3] if x.shape[1] > 3 else (x[:, :1] if x.shape[1] == 2 else x)
-    nrow = nrow or max(1, int(math.ceil(math.sqrt(x.shape[0]))))
-    return make_grid((x + 1) / 2, nrow=nrow, padding=1, pad_value=1.0).clamp(0, 1)
-
-
-def save_grid(images: torch.Tensor, path: str | os.PathLike, nrow: Optional[int] = None) -> None:
-    """Write a PNG grid atomically (tmp file + rename)."""
-    from torchvision.utils import save_image
-
-    path = Path(path)
-    tmp = path.with_name(path.stem + ".tmp.png")
-    save_image(image_grid(images, nrow), str(tmp))
-    os.replace(tmp, path)
-
-
-def write_text_atomic(path: str | os.PathLike, text: str) -> None:
-    path = Path(path)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
-
-
 @torch.no_grad()
 def sample_grid(model, schedule, cfg: DictConfig, path: Path, seed: int) -> Dict[str, Any]:
     """Joint samples (§3) from ``model`` as a PNG grid at ``path`` plus ``<path>.json`` with the
@@ -103,7 +68,7 @@ def sample_grid(model, schedule, cfg: DictConfig, path: Path, seed: int) -> Dict
                  num_steps=cfg.sample.steps, generator=g)
     save_grid(out.image, path)
     caption = {name: v.tolist() for name, v in out.aux.items() if torch.is_tensor(v) and v.ndim == 1}
-    write_text_atomic(path.with_suffix(".json"), json.dumps(caption))
+    write_text(path.with_suffix(".json"), json.dumps(caption))
     return caption
 
 
@@ -178,7 +143,7 @@ def train(cfg: DictConfig, stop_at: Optional[int] = None) -> Path:
 
     if accelerator.is_main_process:  # validated: now the run folder may be written
         (out_dir / "samples").mkdir(parents=True, exist_ok=True)
-        write_text_atomic(out_dir / "config.yaml", to_yaml(cfg))
+        write_text(out_dir / "config.yaml", to_yaml(cfg))
     accelerator.wait_for_everyone()
 
     # --- optimisation state ---------------------------------------------------------------------

@@ -35,6 +35,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from ..errors import CheckpointError, ConfigError, DataError
+from ..io import atomic_write, write_json
 from .text import CharTokenizer, TextTower, title_table
 
 WEIGHTS_NAME = "encoder.safetensors"
@@ -404,21 +405,15 @@ def _fingerprint(*arrays: torch.Tensor, class_names: Sequence[str]) -> str:
     return h.hexdigest()
 
 
-def _atomic_write(path: Path, write) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    write(tmp)
-    os.replace(tmp, path)
-
-
 def save_encoder(model: MultiTowerEncoder, out_dir: str | os.PathLike, extra: Optional[Dict[str, Any]] = None) -> None:
     """Write ``encoder.safetensors`` then ``encoder_config.json`` (the config last: its presence
     marks a complete save). ``extra`` (the training config, data fingerprint) goes into the JSON."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
-    _atomic_write(out / WEIGHTS_NAME, lambda p: save_file(state, str(p)))
+    atomic_write(out / WEIGHTS_NAME, lambda p: save_file(state, p))
     meta = {"model": model.config, **(extra or {})}
-    _atomic_write(out / CONFIG_NAME, lambda p: p.write_text(json.dumps(meta, indent=2)))
+    write_json(out / CONFIG_NAME, meta, indent=2)
 
 
 def load_encoder(out_dir: str | os.PathLike, device: str | torch.device = "cpu") -> MultiTowerEncoder:
@@ -623,5 +618,5 @@ def train_encoder(cfg: EncoderConfig, train_images: torch.Tensor, train_labels: 
             save_encoder(model, cfg.out_dir, extra={"encoder": cfg.cache_key(), "data": fingerprint})
         out = Path(cfg.out_dir)
         stored = {k: v for k, v in metrics.items() if k != "cached"}
-        _atomic_write(out / METRICS_NAME, lambda p: p.write_text(json.dumps(stored, indent=2)))
+        write_json(out / METRICS_NAME, stored, indent=2)
     return model, metrics

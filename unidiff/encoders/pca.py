@@ -22,6 +22,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from ..errors import CheckpointError, ConfigError
+from ..io import atomic_write
 
 
 class PCAWhitener:
@@ -105,9 +106,7 @@ class PCAWhitener:
 
     def save(self, path: str | os.PathLike) -> None:
         """Write the state to a ``.safetensors`` file (atomically)."""
-        tmp = f"{path}.tmp"
-        save_file(self.state_dict(), tmp)
-        os.replace(tmp, path)
+        atomic_write(path, lambda p: save_file(self.state_dict(), p))
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> "PCAWhitener":
