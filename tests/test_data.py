@@ -17,7 +17,7 @@ from unidiff.data import (
     iter_batches,
     save_extra_file,
 )
-from unidiff.errors import DataError
+from unidiff.errors import ConfigError, DataError
 
 
 @pytest.fixture(scope="module")
@@ -281,6 +281,81 @@ def test_hflip_flips_whole_items():
     flipped = batch["image"].eq(original.flip(-1)).flatten(1).all(1)
     kept = batch["image"].eq(original).flatten(1).all(1)
     assert torch.all(flipped | kept) and flipped.any() and kept.any()
+
+
+# ----------------------------------------------------------------------------------------------
+# each process's share of a batch (data parallelism)
+
+
+def _take(it, n):
+    return [next(it) for _ in range(n)]
+
+
+def _assert_batches_equal(a, b):
+    assert sorted(a) == sorted(b)
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+
+
+@pytest.fixture(params=["in_memory", "folder"])
+def sharded_data(request, image_folder):
+    """A flipped training split with something per item to compare: in memory with an extra that
+    identifies the item, or lazy files read by 2 DataLoader workers."""
+    if request.param == "in_memory":
+        ds = _toy(n=10, hflip=True)
+        return InMemoryDataset(ds.images, ds.labels, hflip=True, extras={"id": torch.arange(10) * 7}), 0
+    lazy, _, _ = build_datasets(DataConfig(name="imagefolder", root=str(image_folder), image_size=8, hflip=True,
+                                           in_memory=False))
+    assert isinstance(lazy, FolderDataset)
+    return lazy, 2
+
+
+@pytest.mark.parametrize("world", [2, 3])
+def test_rank_batches_concatenate_to_the_one_process_batch(sharded_data, world):
+    ds, workers = sharded_data
+    steps, batch = 5, 6  # 30 draws: several epochs of the 8 or 10 items, epoch boundaries inside batches
+    whole = _take(infinite_batches(ds, batch, seed=4, num_workers=workers), steps)
+    shards = [_take(infinite_batches(ds, batch, seed=4, num_workers=workers, rank=r, world_size=world), steps)
+              for r in range(world)]
+    for step in range(steps):
+        assert all(len(s[step]["label"]) == batch // world for s in shards)
+        union = {k: torch.cat([s[step][k] for s in shards]) for k in whole[step]}
+        _assert_batches_equal(union, whole[step])
+    # A resumed rank sees what the uninterrupted rank saw from that step on.
+    for r in range(world):
+        resumed = _take(infinite_batches(ds, batch, seed=4, start_step=2, num_workers=workers, rank=r, world_size=world), 3)
+        for x, y in zip(resumed, shards[r][2:]):
+            _assert_batches_equal(x, y)
+
+
+class _CountingFolder(FolderDataset):
+    """Records which items were decoded (num_workers=0: the main process decodes)."""
+
+    def __getitem__(self, i):
+        self.read.append(i)
+        return super().__getitem__(i)
+
+
+def test_each_rank_decodes_only_its_rows(image_folder):
+    lazy, _, _ = build_datasets(DataConfig(name="imagefolder", root=str(image_folder), image_size=8, in_memory=False))
+    reads = []
+    for rank in range(-1, 3):  # -1: one process
+        ds = _CountingFolder(lazy.samples, lazy.image_size, lazy.mode)
+        ds.read = []
+        it = infinite_batches(ds, 6, seed=1) if rank < 0 else infinite_batches(ds, 6, seed=1, rank=rank, world_size=3)
+        _take(it, 4)
+        reads.append(ds.read)
+    whole, per_rank = reads[0], reads[1:]
+    assert len(whole) == 24 and all(len(r) == 8 for r in per_rank)  # 2 of the 6 items per step each
+    assert sorted(sum(per_rank, [])) == sorted(whole)
+
+
+def test_rank_split_rejects_what_does_not_divide():
+    ds = _toy()
+    with pytest.raises(ConfigError, match=r"7.*3 processes"):
+        next(infinite_batches(ds, 7, seed=0, rank=0, world_size=3))
+    with pytest.raises(ConfigError, match="rank 3"):
+        next(infinite_batches(ds, 6, seed=0, rank=3, world_size=3))
 
 
 def test_iter_batches_covers_in_order():

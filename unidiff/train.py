@@ -186,7 +186,7 @@ def train(cfg: DictConfig, stop_at: Optional[int] = None) -> Path:
     loss_model = _LossModel()
     train_data = train_set.to(device) if hasattr(train_set, "to") else train_set
     batches = infinite_batches(train_data, micro_global, cfg.run.seed, start_step=step * tc.grad_accum,
-                               num_workers=cfg.data.num_workers)
+                               num_workers=cfg.data.num_workers, rank=rank, world_size=world)  # this rank's rows
     micro = step * tc.grad_accum
 
     log_path, writer = out_dir / "log.jsonl", None
@@ -206,8 +206,7 @@ def train(cfg: DictConfig, stop_at: Optional[int] = None) -> Path:
     ddp_model.train()
     while step < end:
         # --- one micro-step (an optimiser step every grad_accum of them) -------------------------
-        batch = next(batches)
-        batch = {k: v[rank * micro_local:(rank + 1) * micro_local].to(device) for k, v in batch.items()}
+        batch = {k: v.to(device) for k, v in next(batches).items()}  # (micro_local, ...) each
         g = torch.Generator(device=device).manual_seed(seed_for(cfg.run.seed, micro, rank))
         with accelerator.accumulate(ddp_model):
             out = training_losses(loss_model, schedule, batch, weighting=cfg.diffusion.weighting.value,
