@@ -25,7 +25,7 @@ from unidiff.encoders import (
     symmetric_info_nce,
     train_encoder,
 )
-from unidiff.encoders.multitower import PairSampler, augment
+from unidiff.encoders.training import PairSampler, augment
 from unidiff.encoders.text import CharTokenizer, TextTower, class_queries, class_titles
 from unidiff.errors import CheckpointError, ConfigError, DataError
 
@@ -127,12 +127,30 @@ def test_cache_reuse_and_ablation(digits, tmp_path):
     assert met4["cached"] is False
 
 
+def test_learning_rate_follows_warmup_then_cosine(digits):
+    """The loop's rate is diffusers' cosine schedule: lr * t / W during warm-up, then
+    lr * (1 + cos(pi (t - W) / (S - W))) / 2 (closed form, written out here)."""
+    xt, yt = digits[0][:200], digits[1][:200]
+    W, S, lr = 3, 12, 1e-3
+    cfg = EncoderConfig(steps=S, lr=lr, **{**TINY, "warmup_steps": W, "log_every": 1})
+    curve = train_encoder(cfg, xt, yt, CLASSES)[1]["loss_curve"]
+    assert [c["step"] for c in curve] == list(range(S))
+    for c in curve:
+        t = c["step"]
+        want = lr * t / W if t < W else lr * 0.5 * (1 + math.cos(math.pi * (t - W) / (S - W)))
+        assert c["lr"] == pytest.approx(want, rel=1e-12, abs=1e-15), t
+    constant = EncoderConfig(steps=4, lr=lr, lr_schedule="constant", **{**TINY, "log_every": 1})
+    assert {c["lr"] for c in train_encoder(constant, xt, yt, CLASSES)[1]["loss_curve"]} == {lr}
+
+
 def test_bad_inputs_raise_named_errors(digits, tmp_path):
     xt, yt = digits[0][:50], digits[1][:50]
     with pytest.raises(ConfigError, match="towers"):
         train_encoder(EncoderConfig(towers=5), xt, yt, CLASSES)
     with pytest.raises(ConfigError, match="positives"):
         EncoderConfig(positives="item").validate()
+    with pytest.raises(ConfigError, match="lr_schedule"):
+        EncoderConfig(lr_schedule="cosine_to_ten_percent").validate()
     with pytest.raises(DataError, match="labels"):
         train_encoder(EncoderConfig(steps=1, **TINY), xt, yt, CLASSES[:5])
     with pytest.raises(DataError, match="images"):
