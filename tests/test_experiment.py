@@ -1,4 +1,4 @@
-"""The experiment runner (unidiff/experiment.py): every setting of DESIGN.md §4 end to end on the
+"""The experiments package (experiments/): every setting of DESIGN.md §4 end to end on the
 debug preset, resume, the replacement inpainting baseline, and config errors.
 
 The four experiments run once per module (a shared tmp folder and reference-classifier cache);
@@ -18,14 +18,10 @@ import torch
 import yaml
 from PIL import Image
 
+from experiments import load_experiment, results_markdown, run_experiment
+from experiments.joint_image_representation import with_representation_file
+from unidiff.diffusion import replacement_inpaint
 from unidiff.errors import ConfigError
-from unidiff.experiment import (
-    load_experiment,
-    replacement_inpaint,
-    results_markdown,
-    run_experiment,
-    with_representation_file,
-)
 
 ROOT = Path(__file__).resolve().parents[1]
 SETTINGS = ("joint_image_label", "joint_image_representation", "masked_image", "image_transition")
