@@ -282,3 +282,12 @@ def test_representation_arms_get_the_vectors_as_an_absolute_extra_file(tmp_path,
 def test_missing_experiment_file_is_a_config_error(tmp_path):
     with pytest.raises(ConfigError, match="nope.yaml"):
         load_experiment(tmp_path / "nope.yaml")
+
+
+def test_the_core_does_not_import_the_experiments_package():
+    import subprocess
+    import sys
+
+    code = ("import sys, unidiff.cli, unidiff.config, unidiff.evaluate, unidiff.train, unidiff.metrics, unidiff.diffusion; "
+            "unidiff.cli.build_parser(); assert 'experiments' not in sys.modules, 'the core imported experiments'")
+    subprocess.run([sys.executable, "-c", code], check=True, cwd=ROOT)
