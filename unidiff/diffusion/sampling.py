@@ -89,7 +89,8 @@ def make_scheduler(name: Union[str, SchedulerName], schedule: DriftSchedule, pre
     try:
         name = SchedulerName(name)
     except ValueError:
-        raise ConfigError(f"sampler (sample.sampler, eval.sampler) must be one of {values(Sampler)}, got {name!r}") from None
+        raise ConfigError(f"sample.sampler / eval.sampler (the diffusers scheduler) must be one of {values(Sampler)}, "
+                          f"got {name!r}") from None
     kwargs: Dict[str, Any] = dict(
         num_train_timesteps=schedule.num_train_timesteps,
         trained_betas=schedule.betas.numpy(),
