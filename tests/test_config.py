@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+import torch
 from omegaconf import OmegaConf
 
 from unidiff.config import ConfigError, build_model, load_config, resolve_with_data, to_container, to_yaml
@@ -25,7 +26,7 @@ def _run_configs(path):
         return {}
     if "experiment" not in OmegaConf.load(path):
         return {"run": load_config(path, ["model.preset=debug"])}
-    from unidiff.experiment import load_experiment
+    from experiments import load_experiment
 
     return load_experiment(path, ["model.preset=debug"]).arms
 
@@ -165,3 +166,68 @@ def test_mixed_precision_no_is_a_string_not_yaml_false(tmp_path):
     path = tmp_path / "c.yaml"
     path.write_text(Path("configs/debug.yaml").read_text().replace("train:\n", "train:\n  mixed_precision: no\n", 1))
     assert load_config(path).train.mixed_precision.value == "no"
+
+
+# --- configs as mappings ---------------------------------------------------------------------
+def test_a_mapping_or_a_loaded_config_loads_like_its_yaml_file():
+    path = ROOT / "configs/joint_image_label.yaml"
+    from_file = load_config(path, ["train.steps=7"])
+    from_dict = load_config(OmegaConf.to_container(OmegaConf.load(path)), ["train.steps=7"])
+    assert to_container(from_dict) == to_container(from_file)
+    again = load_config(from_file, ["train.lr=1e-4"])  # a DictConfig source is validated again
+    assert again.train.steps == 7 and again.train.lr == 1e-4 and from_file.train.lr != 1e-4
+    sections = {"train": {"steps": 3, "mixed_precision": False}}  # YAML's false for `no`, as in a file
+    assert load_config(sections).train.mixed_precision.value == "no"
+    assert sections == {"train": {"steps": 3, "mixed_precision": False}}  # the caller's mapping is left alone
+
+
+@pytest.mark.parametrize("sections, key", [
+    ({"trian": {"steps": 3}}, "trian"),
+    ({"train": {"stepz": 3}}, "train.stepz"),
+    ({"modalities": [{"name": "label", "kind": "label", "weigth": 2}]}, r"modalities\[0\]\.weigth"),
+    ({"diffusion": {"p_drop": 2.0}}, "diffusion.p_drop"),
+])
+def test_a_bad_mapping_names_the_key(sections, key):
+    with pytest.raises(ConfigError, match=key):
+        load_config(sections)
+
+
+# --- the option lists: one definition, accepted by the code behind it --------------------------
+def test_every_beta_schedule_the_config_accepts_builds_a_schedule():
+    from diffusers import DDPMScheduler
+
+    from unidiff.config import BetaSchedule, build_schedule
+
+    for name in BetaSchedule:  # sigmoid included: the schedule accepted it, the config did not
+        cfg = load_config(ROOT / "configs/debug.yaml", [f"diffusion.beta_schedule={name.value}"])
+        betas = build_schedule(cfg).betas
+        ref = DDPMScheduler(num_train_timesteps=cfg.diffusion.num_train_timesteps, beta_schedule=name.value,
+                            beta_start=cfg.diffusion.beta_start, beta_end=cfg.diffusion.beta_end).betas
+        torch.testing.assert_close(betas.to(ref.dtype), ref)
+
+
+def test_every_lr_schedule_and_sampler_the_config_accepts_runs():
+    from diffusers.optimization import SchedulerType, get_scheduler
+
+    from unidiff.config import LRSchedule, Sampler
+    from unidiff.diffusion import DriftSchedule, make_scheduler
+
+    assert {s.value for s in LRSchedule} <= {s.value for s in SchedulerType}
+    opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1.0)
+    for name in LRSchedule:
+        get_scheduler(name.value, opt, num_warmup_steps=1, num_training_steps=4)
+    schedule = DriftSchedule.from_config("linear", 10)
+    for name in Sampler:
+        assert make_scheduler(name.value, schedule, "epsilon").config.num_train_timesteps == 10
+    with pytest.raises(ConfigError, match="sample.sampler"):
+        make_scheduler("euler", schedule, "epsilon")
+
+
+def test_loss_errors_name_the_config_keys():
+    from unidiff.diffusion import DriftSchedule, training_losses
+
+    schedule, batch = DriftSchedule.from_config("linear", 10), {"image": torch.zeros(2, 1, 4, 4)}
+    with pytest.raises(ConfigError, match=r"diffusion\.weighting"):
+        training_losses(None, schedule, batch, weighting="elbo")
+    with pytest.raises(ConfigError, match=r"diffusion\.p_drop"):
+        training_losses(None, schedule, batch, p_drop=1.5)

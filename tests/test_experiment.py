@@ -1,4 +1,4 @@
-"""The experiment runner (unidiff/experiment.py): every setting of DESIGN.md §4 end to end on the
+"""The experiments package (experiments/): every setting of DESIGN.md §4 end to end on the
 debug preset, resume, the replacement inpainting baseline, and config errors.
 
 The four experiments run once per module (a shared tmp folder and reference-classifier cache);
@@ -18,14 +18,10 @@ import torch
 import yaml
 from PIL import Image
 
+from experiments import load_experiment, results_markdown, run_experiment
+from experiments.joint_image_representation import with_representation_file
+from unidiff.diffusion import replacement_inpaint
 from unidiff.errors import ConfigError
-from unidiff.experiment import (
-    load_experiment,
-    replacement_inpaint,
-    results_markdown,
-    run_experiment,
-    with_representation_file,
-)
 
 ROOT = Path(__file__).resolve().parents[1]
 SETTINGS = ("joint_image_label", "joint_image_representation", "masked_image", "image_transition")
@@ -286,3 +282,12 @@ def test_representation_arms_get_the_vectors_as_an_absolute_extra_file(tmp_path,
 def test_missing_experiment_file_is_a_config_error(tmp_path):
     with pytest.raises(ConfigError, match="nope.yaml"):
         load_experiment(tmp_path / "nope.yaml")
+
+
+def test_the_core_does_not_import_the_experiments_package():
+    import subprocess
+    import sys
+
+    code = ("import sys, unidiff.cli, unidiff.config, unidiff.evaluate, unidiff.train, unidiff.metrics, unidiff.diffusion; "
+            "unidiff.cli.build_parser(); assert 'experiments' not in sys.modules, 'the core imported experiments'")
+    subprocess.run([sys.executable, "-c", code], check=True, cwd=ROOT)

@@ -24,7 +24,7 @@ from unidiff.metrics import (
     masked_mse,
     masked_psnr,
     psnr,
-    retrieval_recall_at_k,
+    recall_at_k,
 )
 
 
@@ -181,17 +181,40 @@ def test_cosine():
     assert cosine(a, b) == pytest.approx((0.0 + 1.0) / 2)
 
 
-def test_retrieval_recall_at_k():
+def _brute_force_recall(q, ql, gal, gl, k, exclude_self=False):
+    """Recall@K from its definition, one query at a time in plain Python."""
+    hits = 0
+    for i in range(len(q)):
+        cands = [j for j in range(len(gal)) if not (exclude_self and j == i)]
+        sims = {j: float(torch.dot(q[i], gal[j]) / (q[i].norm() * gal[j].norm())) for j in cands}
+        top = sorted(cands, key=lambda j: -sims[j])[:k]
+        hits += any(int(gl[j]) == int(ql[i]) for j in top)
+    return hits / len(q)
+
+
+@pytest.mark.parametrize("exclude_self", [False, True])
+def test_recall_at_k_matches_its_definition(exclude_self):
     g = torch.Generator().manual_seed(0)
-    q, gal = torch.randn(20, 5, generator=g), torch.randn(30, 5, generator=g)
-    ql, gl = torch.randint(0, 3, (20,), generator=g), torch.randint(0, 3, (30,), generator=g)
-    for k in (1, 3):
-        hits = 0
-        for i in range(20):
-            sims = [float(torch.dot(q[i], gal[j]) / (q[i].norm() * gal[j].norm())) for j in range(30)]
-            top = sorted(range(30), key=lambda j: -sims[j])[:k]
-            hits += any(int(gl[j]) == int(ql[i]) for j in top)
-        assert retrieval_recall_at_k(q, ql, gal, gl, k=k) == pytest.approx(hits / 20)
+    q, ql = torch.randn(20, 5, generator=g), torch.randint(0, 3, (20,), generator=g)
+    gal, gl = (q, ql) if exclude_self else (torch.randn(30, 5, generator=g), torch.randint(0, 3, (30,), generator=g))
+    got = recall_at_k(q, ql, gal, gl, ks=(1, 3, 50), exclude_self=exclude_self, chunk=7)  # chunks split the queries
+    assert list(got) == ["recall@1", "recall@3", "recall@50"]
+    for k in (1, 3, 50):  # K = 50 exceeds the gallery: every candidate counts
+        assert got[f"recall@{k}"] == pytest.approx(_brute_force_recall(q, ql, gal, gl, k, exclude_self))
+
+
+def test_recall_at_k_by_hand():
+    # Query 0 is nearest to gallery item 0 (other class), then 1 (its class); query 1 is the
+    # gallery's item 2 exactly (its class). Recall@1 = 1/2, Recall@2 = 2/2.
+    q = torch.tensor([[1.0, 0.1], [0.0, 1.0]])
+    gal = torch.tensor([[1.0, 0.0], [1.0, 0.5], [0.0, 2.0]])
+    got = recall_at_k(q, torch.tensor([0, 1]), gal, torch.tensor([1, 0, 1]), ks=(1, 2))
+    assert got == {"recall@1": 0.5, "recall@2": 1.0}
+    # Against itself, the self match is left out: each of two same-class items finds the other.
+    same = recall_at_k(gal[:2], torch.tensor([0, 0]), gal[:2], torch.tensor([0, 0]), exclude_self=True)
+    assert same == {"recall@1": 1.0}
+    with pytest.raises(ValueError, match="exclude_self"):
+        recall_at_k(q, torch.tensor([0, 1]), gal, torch.tensor([1, 0, 1]), exclude_self=True)
 
 
 @pytest.mark.gpu

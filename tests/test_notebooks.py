@@ -4,7 +4,7 @@
 temporary folder (``UNIDIFF_NB_OUT``): the ``smoke`` budget in the default suite, the real one
 (about two minutes) under ``-m slow``. Its reported numbers are recomputed here with numpy from the
 arrays it saves, so a notebook that printed one thing and measured another would fail.
-``results.ipynb`` runs against a fake experiment folder in the layout ``unidiff.experiment`` writes
+``results.ipynb`` runs against a fake experiment folder in the layout ``experiments`` writes
 (``results.md`` comes from that module's own writer, so a layout change shows up here), and
 against an empty root, where it must explain how to produce results instead of failing.
 """
@@ -176,7 +176,7 @@ def test_quickstart_full_budget(tmp_path, monkeypatch):
 
 # --- results -------------------------------------------------------------------------------------
 def fake_results() -> dict:
-    """A results.json in the layout of ``unidiff.experiment.run_experiment``."""
+    """A results.json in the layout of ``experiments.run_experiment``."""
     arms = {
         "multitask": {"fid": 12.5, "bits_per_dim": 3.1, "label_accuracy": 0.91, "class_conditional_accuracy": 0.8},
         "image_only": {"fid": 14.0, "bits_per_dim": 3.3},
@@ -198,7 +198,7 @@ def fake_results() -> dict:
 
 
 def test_results_notebook_on_a_fake_experiment(tmp_path, monkeypatch):
-    from unidiff.experiment import results_markdown
+    from experiments import results_markdown
 
     root, out, cwd = tmp_path / "experiments", tmp_path / "plots", tmp_path / "cwd"
     cwd.mkdir()

@@ -24,6 +24,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Callable, Dict, List, Optional, Sequence
 
+from .choices import Sampler, values
 from .errors import ConfigError, DataError, UnidiffError
 
 if TYPE_CHECKING:  # heavy imports stay inside the commands: `unidiff --help` is instant
@@ -100,8 +101,8 @@ def _npz_path(text: str) -> Path:
     return path
 
 
-def _add_config_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("config", help="YAML run config (configs/*.yaml)")
+def _add_config_args(p: argparse.ArgumentParser, what: str = "YAML run config (configs/*.yaml)") -> None:
+    p.add_argument("config", help=what)
     p.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides, e.g. train.steps=2000")
 
 
@@ -155,7 +156,7 @@ TASKS = {
     "image_to_representation": ("read", "representation"),
     "reverse_transition": ("read", "source_image"),
 }
-SAMPLERS = ("ddpm", "ddim", "dpm")
+SAMPLERS = tuple(values(Sampler))
 # npz key under which each modality kind's values are written / read.
 NPZ_KEYS = {"label": "labels", "representation": "representations", "source_image": "sources", "masked_image": "masks"}
 
@@ -419,9 +420,15 @@ def _run(args) -> int:
 
 
 # --- experiment ------------------------------------------------------------------------------
-@command("experiment", "train and compare the arms of a DESIGN.md §4 experiment (rerun to resume)", _add_config_args)
+def _experiment_args(p: argparse.ArgumentParser) -> None:
+    _add_config_args(p, "YAML experiment file (configs/experiments/*.yaml)")
+    p.epilog = ("overrides: run-config keys (train.steps=100) go to every arm; experiment.* keys "
+                "(experiment.n_cond=50) change the experiment itself")
+
+
+@command("experiment", "train and compare the arms of a DESIGN.md §4 experiment (rerun to resume)", _experiment_args)
 def _experiment(args) -> int:
-    from .experiment import run_experiment
+    from experiments import run_experiment  # the experiments package; the core never imports it
 
     out = run_experiment(args.config, args.overrides)
     print((out / "results.md").read_text(), end="")
@@ -440,7 +447,7 @@ def load_encoder_config(path, overrides: Sequence[str] = ()):
     from omegaconf import OmegaConf
     from omegaconf.errors import OmegaConfBaseException
 
-    from .config import _check_override, _omegaconf_error, read_yaml
+    from .config import apply_overrides, config_error, read_yaml
     from .data import DataConfig
     from .encoders import EncoderConfig
 
@@ -452,11 +459,9 @@ def load_encoder_config(path, overrides: Sequence[str] = ()):
         raise ConfigError(f"{unknown[0]}: unknown section in {str(path)!r}; an encoder config has data and encoder")
     try:
         cfg = OmegaConf.merge(schema, data)
-        for item in overrides:
-            _check_override(item)
-            cfg.merge_with_dotlist([item])
     except OmegaConfBaseException as err:
-        raise _omegaconf_error(err) from None
+        raise config_error(err) from None
+    apply_overrides(cfg, overrides)
     enc = OmegaConf.to_object(cfg.encoder)
     enc.validate()
     return OmegaConf.to_object(cfg.data), enc

@@ -4,9 +4,9 @@ A run is described by one YAML file and optional ``key=value`` overrides::
 
     unidiff train configs/joint_image_label.yaml train.steps=2000 model.preset=debug
 
-:func:`load_config` merges ``schema defaults <- YAML <- overrides`` and returns a read-only
-``DictConfig``. Unknown keys, wrong types and bad choices raise :class:`ConfigError` naming the
-full dotted key (``train.stepz``, ``modalities[0].weight``); a missing or malformed YAML file
+:func:`load_config` merges ``schema defaults <- YAML (or a mapping of sections) <- overrides`` and
+returns a read-only ``DictConfig``. Unknown keys, wrong types and bad choices raise
+:class:`ConfigError` naming the full dotted key (``train.stepz``, ``modalities[0].weight``); a missing or malformed YAML file
 names the file (and the line when YAML reports one). String options are Enums, so a typo in
 ``model.prediction`` fails at load, not an hour into training.
 
@@ -16,8 +16,10 @@ filled by :func:`resolve_with_data`; the resolved config is what ``train`` write
 :class:`unidiff.model.UnifiedModel`, checking everything the constructors would otherwise reject
 with a traceback.
 
-Enum-valued fields read back as Enum members; use ``.value`` (or :func:`to_container`) where a
-plain string is needed.
+Enum-valued fields read back as Enum members of :mod:`unidiff.choices` (re-exported here); use
+``.value`` (or :func:`to_container`) where a plain string is needed. :func:`apply_overrides` and
+:func:`config_error` are the dotlist merge and the one-line error of every config-like file (run
+configs, experiment specs, encoder configs).
 """
 
 from __future__ import annotations
@@ -25,67 +27,19 @@ from __future__ import annotations
 import copy
 import os
 from dataclasses import dataclass, field
-from enum import Enum
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Sequence
+from typing import Any, Dict, List, Mapping, Optional, Sequence, Union
 
 import yaml
 from omegaconf import DictConfig, ListConfig, OmegaConf, read_write
 from omegaconf.errors import OmegaConfBaseException
 
+from .choices import BetaSchedule, LRSchedule, MixedPrecision, Prediction, Sampler, Weighting
 from .data import DataConfig
 from .errors import ConfigError
 
-
-# --- choices ---------------------------------------------------------------------------------
-class BetaSchedule(str, Enum):
-    """diffusers' ``beta_schedule`` names (DESIGN.md §1: any of them gives ``ᾱ_t``)."""
-
-    linear = "linear"
-    scaled_linear = "scaled_linear"
-    squaredcos_cap_v2 = "squaredcos_cap_v2"
-
-
-class Prediction(str, Enum):
-    """What the image head predicts; diffusers' ``prediction_type`` names (DESIGN.md §2)."""
-
-    epsilon = "epsilon"
-    v_prediction = "v_prediction"
-    sample = "sample"
-
-
-class Weighting(str, Enum):
-    """Head-loss weighting over t (DESIGN.md §2): constant ``λ_m`` or the bound's own weights."""
-
-    simple = "simple"
-    vlb = "vlb"
-
-
-class MixedPrecision(str, Enum):
-    """accelerate's ``mixed_precision`` values."""
-
-    no = "no"
-    bf16 = "bf16"
-    fp16 = "fp16"
-
-
-class LRSchedule(str, Enum):
-    """diffusers ``get_scheduler`` names (``piecewise_constant`` left out: it needs step rules)."""
-
-    constant = "constant"
-    constant_with_warmup = "constant_with_warmup"
-    linear = "linear"
-    cosine = "cosine"
-    cosine_with_restarts = "cosine_with_restarts"
-    polynomial = "polynomial"
-
-
-class Sampler(str, Enum):
-    """Reverse-process solvers (DESIGN.md §3): diffusers DDPM, DDIM, DPM-Solver++."""
-
-    ddpm = "ddpm"
-    ddim = "ddim"
-    dpm = "dpm"
+# The string options (BetaSchedule, Prediction, Weighting, Sampler, LRSchedule, MixedPrecision)
+# are defined once in unidiff/choices.py, beside nothing heavy, and re-exported here.
 
 
 # --- schemas ---------------------------------------------------------------------------------
@@ -205,8 +159,8 @@ class Config:
 
 
 # --- loading ---------------------------------------------------------------------------------
-def _omegaconf_error(err: OmegaConfBaseException, prefix: str = "") -> ConfigError:
-    """One line naming the full dotted key of an omegaconf error."""
+def config_error(err: OmegaConfBaseException, prefix: str = "") -> ConfigError:
+    """One line naming the full dotted key of an omegaconf error (``prefix`` goes in front of it)."""
     key = getattr(err, "full_key", None) or ""
     key = f"{prefix}{key}" if prefix and key else (key or prefix.rstrip("."))
     msg = (getattr(err, "msg", None) or str(err)).splitlines()[0].strip()
@@ -234,12 +188,27 @@ def read_yaml(path: str | os.PathLike) -> Dict[str, Any]:
     return OmegaConf.to_container(node, resolve=False)
 
 
-def _check_override(item: str) -> str:
+def override_key(item: str) -> str:
     """The key of a ``key=value`` override (its value is parsed as YAML by omegaconf, so ``1e-4``
-    is a float and ``[0.9,0.95]`` a list)."""
+    is a float and ``[0.9,0.95]`` a list); ConfigError when ``item`` is not of that form."""
     if not isinstance(item, str) or "=" not in item or item.startswith("="):
         raise ConfigError(f"override {item!r} is not of the form key=value")
     return item.split("=", 1)[0].strip()
+
+
+def apply_overrides(node: DictConfig, overrides: Sequence[str], prefix: str = "") -> None:
+    """Merge ``key=value`` overrides into ``node`` in order (in place); the first bad one raises a
+    ConfigError naming ``<prefix><key>`` (``prefix``: where ``node`` sits, e.g. ``experiment.``)."""
+    for item in overrides:
+        key = override_key(item)
+        try:
+            node.merge_with_dotlist([item])
+        except OmegaConfBaseException as err:
+            # Errors inside a list entry lose their path (``bad`` for ``modalities[0].bad``).
+            inside = (getattr(err, "full_key", "") or "").startswith(key.split(".")[0].split("[")[0])
+            raise config_error(err, prefix=prefix if inside else f"{prefix}{key}: ") from None
+        except (TypeError, ValueError, IndexError, yaml.YAMLError) as err:  # e.g. a scalar merged into a section
+            raise ConfigError(f"{prefix}{key}: cannot apply override {item!r} ({str(err).splitlines()[0]})") from None
 
 
 def _merge_modalities(entries: Any) -> List[Dict[str, Any]]:
@@ -253,22 +222,32 @@ def _merge_modalities(entries: Any) -> List[Dict[str, Any]]:
         try:
             node = OmegaConf.merge(OmegaConf.structured(ModalityConfig), entry)
         except OmegaConfBaseException as err:
-            raise _omegaconf_error(err, prefix=f"modalities[{i}].") from None
+            raise config_error(err, prefix=f"modalities[{i}].") from None
         out.append(OmegaConf.to_container(node))
     return out
 
 
-def load_config(path: Optional[str | os.PathLike] = None, overrides: Sequence[str] = ()) -> DictConfig:
-    """Schema defaults <- YAML file at ``path`` <- ``key=value`` overrides; validated, read-only.
+ConfigSource = Union[str, os.PathLike, Mapping[str, Any], DictConfig, None]
 
-    Raises :class:`ConfigError` naming the file, key or value that is wrong.
+
+def load_config(source: ConfigSource = None, overrides: Sequence[str] = ()) -> DictConfig:
+    """Schema defaults <- ``source`` <- ``key=value`` overrides; validated, read-only.
+
+    ``source``: a YAML file's path, or the sections themselves as a mapping (a plain dict, or a
+    ``DictConfig`` such as another :func:`load_config` result, checked all over again), or None for
+    the defaults. Raises :class:`ConfigError` naming the file, key or value that is wrong.
     """
     cfg = OmegaConf.structured(Config)
-    if path is not None:
-        data = read_yaml(path)
+    if source is not None:
+        if isinstance(source, DictConfig):
+            where, data = "the given config", to_container(source)
+        elif isinstance(source, Mapping):
+            where, data = "the given config", copy.deepcopy(dict(source))
+        else:
+            where, data = repr(str(source)), read_yaml(source)
         unknown = sorted(set(data) - set(cfg.keys()))
         if unknown:
-            raise ConfigError(f"{unknown[0]}: unknown config section in {str(path)!r}; sections are {list(cfg.keys())}")
+            raise ConfigError(f"{unknown[0]}: unknown config section in {where}; sections are {list(cfg.keys())}")
         if "modalities" in data and data["modalities"] is not None:
             data["modalities"] = _merge_modalities(data["modalities"])
         if isinstance(data.get("train"), dict) and data["train"].get("mixed_precision") is False:
@@ -276,19 +255,11 @@ def load_config(path: Optional[str | os.PathLike] = None, overrides: Sequence[st
         try:
             cfg = OmegaConf.merge(cfg, data)
         except OmegaConfBaseException as err:
-            raise _omegaconf_error(err) from None
-    for item in overrides:
-        key = _check_override(item)
-        if key == "train.mixed_precision" and item.split("=", 1)[1].strip() == "no":
-            item = "train.mixed_precision='no'"  # keep accelerate's `no` a string, not YAML's false
-        try:
-            cfg.merge_with_dotlist([item])
-        except OmegaConfBaseException as err:
-            # Errors inside a list entry lose their path (``bad`` for ``modalities[0].bad``).
-            inside = (getattr(err, "full_key", "") or "").startswith(key.split(".")[0].split("[")[0])
-            raise _omegaconf_error(err, prefix="" if inside else f"{key}: ") from None
-        except (TypeError, ValueError, IndexError, yaml.YAMLError) as err:  # e.g. a scalar merged into a section
-            raise ConfigError(f"{key}: cannot apply override {item!r} ({str(err).splitlines()[0]})") from None
+            raise config_error(err) from None
+    # keep accelerate's `no` a string, not YAML's false
+    overrides = ["train.mixed_precision='no'" if override_key(item) == "train.mixed_precision"
+                 and item.split("=", 1)[1].strip() == "no" else item for item in overrides]
+    apply_overrides(cfg, overrides)
     validate(cfg)
     OmegaConf.set_readonly(cfg, True)
     return cfg

@@ -1,5 +1,8 @@
 """``unidiff evaluate RUN_DIR``: the numbers of a trained run, written to ``RUN_DIR/metrics.json``.
 
+:func:`evaluate` takes the run folder or the run's config object (no temporary files, no config
+turned back into override strings) and, optionally, the datasets already built from it.
+
 Metrics (each only where it applies to the run; none is faked for a run without the part it
 measures):
 
@@ -22,7 +25,7 @@ from __future__ import annotations
 import math
 import os
 from pathlib import Path
-from typing import Any, Dict, Optional, Sequence
+from typing import Any, Dict, Optional, Sequence, Tuple
 
 import torch
 from omegaconf import DictConfig
@@ -131,21 +134,33 @@ def _model_metrics(model, schedule, cfg, train_set, val_set, clf, g, device) -> 
     return out
 
 
-def evaluate(run_dir: str | os.PathLike, overrides: Sequence[str] = (), device: Optional[str] = None,
-             seed: int = 0) -> Dict[str, Any]:
-    """Compute the metrics of a run, write ``RUN_DIR/metrics.json`` atomically and return them."""
+def evaluate(run: str | os.PathLike | DictConfig, overrides: Sequence[str] = (), device: Optional[str] = None,
+             seed: int = 0, datasets: Optional[Tuple[Any, Any, Any]] = None) -> Dict[str, Any]:
+    """Compute the metrics of a run, write ``RUN_DIR/metrics.json`` atomically and return them.
+
+    ``run``: the run folder (its ``config.yaml`` is read), or the run's config itself (a
+    :func:`unidiff.config.load_config` result; the folder is its ``run.dir``), as a caller that
+    holds the config passes it (the experiment runner: its ``eval`` section wins over the saved one).
+    ``overrides``: ``key=value`` items on top (``eval.n_samples=100``). ``datasets``: the
+    ``(train, val, info)`` of the config's ``data`` section when the caller has built them already.
+    """
     from . import metrics as M
     from .checkpoint import latest, load_model, step_of
-    from .config import build_schedule
+    from .config import build_schedule, load_config
+    from .config import run_dir as folder_of
     from .data import build_datasets
 
-    run_dir = Path(run_dir)
-    cfg = load_run_config(run_dir, overrides)
+    if isinstance(run, DictConfig):
+        cfg = load_config(run, overrides) if overrides else run
+        run_dir = folder_of(cfg)
+    else:
+        run_dir = Path(run)
+        cfg = load_run_config(run_dir, overrides)
     ev = cfg.eval
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     model = load_model(run_dir, device)
     schedule = build_schedule(cfg)
-    train_set, val_set, info = build_datasets(cfg.data)
+    train_set, val_set, info = datasets if datasets is not None else build_datasets(cfg.data)
     g = torch.Generator(device=device).manual_seed(seed)
     out: Dict[str, Any] = {"step": None, "n_samples": int(ev.n_samples)}
     meta = run_dir / "model" / "config.json"

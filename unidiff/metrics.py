@@ -123,6 +123,10 @@ def train_reference_classifier(
         model = ReferenceClassifier(info.image_shape, max(info.num_classes, 2), width, feature_dim)
     model.to(device).train()
     opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=1e-4)
+    # Not diffusers' get_scheduler("cosine"): the same curve, but it computes the angle as
+    # π·2·½·(s/steps), which differs from π·s/steps in the last bit at ~20% of the steps, and the
+    # cached judges (the cache key holds the recipe, not this code) and every recorded FID were
+    # trained with this one.
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 0.5 * (1 + math.cos(math.pi * min(s, steps) / steps)))
     batches = infinite_batches(train, batch_size, seed)
     for _ in range(steps):
@@ -375,20 +379,43 @@ def cosine(pred: torch.Tensor, target: torch.Tensor) -> float:
     return float(cosine_similarity(pred.float(), target.float(), reduction="mean"))
 
 
-def retrieval_recall_at_k(
+def recall_at_k(
     query_features: torch.Tensor,
     query_labels: torch.Tensor,
     gallery_features: torch.Tensor,
     gallery_labels: torch.Tensor,
-    k: int = 1,
-) -> float:
-    """Share of queries with at least one same-class item among their ``k`` nearest gallery items.
+    ks: Sequence[int] = (1,),
+    exclude_self: bool = False,
+    chunk: int = 1024,
+) -> Dict[str, float]:
+    """Retrieval Recall@K: the share of queries with at least one same-class item among their K
+    nearest gallery items, by cosine similarity. Returns ``{"recall@K": float}`` for every K.
 
-    Nearest by cosine similarity. Queries: (Nq, F) features of generated images with the labels they
-    were conditioned on; gallery: (Ng, F) features of real images with their labels.
+    The image-retrieval Recall@K is torchmetrics' *hit rate* (its ``retrieval_recall`` is the share
+    of all relevant items retrieved, another number), scored here per query by
+    ``retrieval_hit_rate``. query_features: (Nq, F) with labels (Nq,); gallery_features: (Ng, F)
+    with labels (Ng,). ``exclude_self``: the queries are the gallery (val against itself), so query
+    ``i`` is not its own neighbour. A K above the number of candidates counts them all. ``chunk``
+    bounds the similarity block in memory to (chunk, Ng).
     """
-    q = F.normalize(query_features.float(), dim=-1)
-    g = F.normalize(gallery_features.float(), dim=-1)
-    top = (q @ g.T).topk(min(k, g.shape[0]), dim=-1).indices  # (Nq, k)
-    hit = (gallery_labels.to(top.device)[top] == query_labels.to(top.device)[:, None]).any(-1)
-    return float(hit.float().mean())
+    from torchmetrics.functional.retrieval import retrieval_hit_rate
+
+    q = F.normalize(torch.as_tensor(query_features).float(), dim=-1)
+    g = F.normalize(torch.as_tensor(gallery_features).float(), dim=-1)
+    ql, gl = torch.as_tensor(query_labels).long().cpu(), torch.as_tensor(gallery_labels).long().cpu()
+    if exclude_self and len(q) != len(g):
+        raise ValueError(f"recall_at_k(exclude_self=True) needs the queries to be the gallery; got {len(q)} queries "
+                         f"and {len(g)} gallery items")
+    candidates = len(g) - int(exclude_self)
+    if candidates < 1 or len(q) == 0 or not all(int(k) >= 1 for k in ks):
+        raise ValueError(f"recall_at_k needs queries, a gallery and K >= 1; got {len(q)} queries, {candidates} "
+                         f"candidates, K = {list(ks)}")
+    hits = {int(k): 0.0 for k in ks}
+    for start in range(0, len(q), chunk):
+        sim = (q[start:start + chunk] @ g.T).cpu()  # (c, Ng)
+        relevant = gl[None, :] == ql[start:start + chunk, None]  # (c, Ng) bool
+        for i in range(len(sim)):
+            keep = torch.arange(len(g)) != start + i if exclude_self else slice(None)
+            for k in hits:
+                hits[k] += float(retrieval_hit_rate(sim[i, keep], relevant[i, keep], top_k=min(k, candidates)))
+    return {f"recall@{k}": h / len(q) for k, h in hits.items()}

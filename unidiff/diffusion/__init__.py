@@ -12,7 +12,7 @@ from .losses import (
     kl_upper_bound,
     training_losses,
 )
-from .sampling import SampleOutput, SchedulerName, Task, image_to_aux, make_scheduler, sample
+from .sampling import SampleOutput, SchedulerName, Task, image_to_aux, make_scheduler, replacement_inpaint, sample
 from .schedule import DriftSchedule
 
 __all__ = [
@@ -30,4 +30,5 @@ __all__ = [
     "make_scheduler",
     "sample",
     "image_to_aux",
+    "replacement_inpaint",
 ]

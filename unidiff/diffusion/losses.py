@@ -20,10 +20,9 @@ from typing import Any, Dict, Optional, Sequence, Tuple
 import torch
 from diffusers.utils.torch_utils import randn_tensor
 
+from ..choices import Weighting, values
 from ..errors import ConfigError
 from .schedule import DriftSchedule
-
-WEIGHTINGS = ("simple", "vlb")
 
 
 # --- random draws on the data's device from a (possibly CPU) generator -------------------------
@@ -76,10 +75,10 @@ def training_losses(
         ``head/<name>`` (B,) the unweighted head loss ``ℓ_m``; ``aux_loss`` scalar;
         ``drop/<name>`` (B,) bool dropout masks; ``t`` (B,).
     """
-    if weighting not in WEIGHTINGS:
-        raise ConfigError(f"training.weighting must be one of {WEIGHTINGS}, got {weighting!r}")
+    if weighting not in values(Weighting):
+        raise ConfigError(f"diffusion.weighting must be one of {values(Weighting)}, got {weighting!r}")
     if not 0.0 <= p_drop <= 1.0:
-        raise ConfigError(f"training.p_drop must be in [0, 1], got {p_drop}")
+        raise ConfigError(f"diffusion.p_drop must be in [0, 1], got {p_drop}")
     x0 = batch["image"]  # (B, C, H, W)
     B, device = x0.shape[0], x0.device
     if t is None:

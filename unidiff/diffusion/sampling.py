@@ -31,6 +31,7 @@ from diffusers import DDIMScheduler, DDPMScheduler, DPMSolverMultistepScheduler
 from diffusers.utils.torch_utils import randn_tensor
 from einops import repeat
 
+from ..choices import Sampler, values
 from ..errors import ConfigError
 from .schedule import DriftSchedule
 
@@ -64,10 +65,7 @@ TASK_KINDS: Dict[Task, Tuple[str, Optional[str]]] = {
 }
 
 
-class SchedulerName(str, Enum):
-    ddpm = "ddpm"
-    ddim = "ddim"
-    dpm = "dpm"
+SchedulerName = Sampler  # the one list of solvers: unidiff/choices.py
 
 
 @dataclass
@@ -91,7 +89,8 @@ def make_scheduler(name: Union[str, SchedulerName], schedule: DriftSchedule, pre
     try:
         name = SchedulerName(name)
     except ValueError:
-        raise ConfigError(f"sampling.scheduler must be one of {[s.value for s in SchedulerName]}, got {name!r}") from None
+        raise ConfigError(f"sample.sampler / eval.sampler (the diffusers scheduler) must be one of {values(Sampler)}, "
+                          f"got {name!r}") from None
     kwargs: Dict[str, Any] = dict(
         num_train_timesteps=schedule.num_train_timesteps,
         trained_betas=schedule.betas.numpy(),
@@ -368,3 +367,33 @@ def sample(
     x = y_next.clamp(-1.0, 1.0) if clamp else y_next
     readouts = {n: (known[n] if n in known else m.readout(aux[n])) for n, m in model.modalities.items()}
     return SampleOutput(image=x, aux=readouts, aux_pred=aux)
+
+
+# --- the replacement baseline ------------------------------------------------------------------------
+@torch.no_grad()
+def replacement_inpaint(model, schedule: DriftSchedule, x0: torch.Tensor, mask: torch.Tensor,
+                        sampler: Union[str, SchedulerName], steps: int, generator: Optional[torch.Generator] = None
+                        ) -> torch.Tensor:
+    """Inpaint with a model that has no auxiliary modality, by replacement (Song et al. 2021;
+    RePaint without resampling): before every denoiser call the visible pixels of ``y_t`` are
+    overwritten by a fresh forward draw ``a_t x0 + σ_t ε`` of the known image. The standard way an
+    unconditional model inpaints: the image-only baseline of DESIGN.md §4's masked-image setting.
+
+    x0: (B, C, H, W) the known image (masked pixels ignored); mask: (B, 1, H, W), 1 = visible.
+    Returns (B, C, H, W) in [-1, 1], the visible pixels pasted back.
+    """
+    if len(model.modalities):
+        raise ConfigError("replacement inpainting is for image-only models (no drift); this one has modalities "
+                          f"{list(model.modalities)}")
+    x0, mask = x0.float(), mask.float()
+    B = x0.shape[0]
+    sched = make_scheduler(sampler, schedule, model.prediction)
+    sched.set_timesteps(steps)
+    # Without modalities A = 0, so z_t = y_t: the plain DDPM chain of §1.
+    y = randn_tensor(x0.shape, generator=generator, device=x0.device, dtype=torch.float32) * sched.init_noise_sigma
+    for t in sched.timesteps.tolist():
+        noise = randn_tensor(x0.shape, generator=generator, device=x0.device, dtype=torch.float32)
+        y = mask * schedule.q_sample(x0, None, t, noise) + (1 - mask) * y  # (B, C, H, W)
+        pred = model(y, torch.full((B,), t, dtype=torch.long, device=x0.device)).image.float()
+        y = sched.step(pred, t, y, generator=generator).prev_sample
+    return (mask * x0 + (1 - mask) * y).clamp(-1, 1)

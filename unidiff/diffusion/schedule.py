@@ -28,10 +28,8 @@ from typing import Dict, Optional, Union
 import torch
 from diffusers import DDPMScheduler
 
+from ..choices import BetaSchedule, Prediction, values
 from ..errors import ConfigError
-
-BETA_SCHEDULES = ("linear", "scaled_linear", "squaredcos_cap_v2", "sigmoid")
-PREDICTIONS = ("epsilon", "v_prediction", "sample")
 
 Timestep = Union[int, torch.Tensor]
 
@@ -103,8 +101,8 @@ class DriftSchedule:
         gamma: float = 1.0,
     ) -> "DriftSchedule":
         """Betas from diffusers' ``DDPMScheduler`` (so every diffusers beta schedule works)."""
-        if beta_schedule not in BETA_SCHEDULES:
-            raise ConfigError(f"diffusion.beta_schedule must be one of {BETA_SCHEDULES}, got {beta_schedule!r}")
+        if beta_schedule not in values(BetaSchedule):
+            raise ConfigError(f"diffusion.beta_schedule must be one of {values(BetaSchedule)}, got {beta_schedule!r}")
         if int(num_train_timesteps) < 2:
             raise ConfigError(f"diffusion.num_train_timesteps must be >= 2, got {num_train_timesteps}")
         if not 0 < beta_start < beta_end < 1:
@@ -190,7 +188,7 @@ class DriftSchedule:
             return self.v_target(x0, eps, t)
         if prediction == "sample":
             return x0
-        raise ConfigError(f"model.prediction must be one of {PREDICTIONS}, got {prediction!r}")
+        raise ConfigError(f"model.prediction must be one of {values(Prediction)}, got {prediction!r}")
 
     def to_eps(self, pred: torch.Tensor, y: torch.Tensor, t: Timestep, prediction: str) -> torch.Tensor:
         """ε implied by a raw prediction at the de-drifted ``y_t`` (y = a x0 + σ ε)."""
@@ -201,7 +199,7 @@ class DriftSchedule:
             return a * pred + s * y  # a v + σ y = a²ε - aσx0 + σa x0 + σ²ε = ε
         if prediction == "sample":
             return (y - a * pred) / s
-        raise ConfigError(f"model.prediction must be one of {PREDICTIONS}, got {prediction!r}")
+        raise ConfigError(f"model.prediction must be one of {values(Prediction)}, got {prediction!r}")
 
     def to_x0(self, pred: torch.Tensor, y: torch.Tensor, t: Timestep, prediction: str) -> torch.Tensor:
         """x0 implied by a raw prediction at the de-drifted ``y_t``."""
@@ -212,7 +210,7 @@ class DriftSchedule:
             return a * y - s * pred
         if prediction == "sample":
             return pred
-        raise ConfigError(f"model.prediction must be one of {PREDICTIONS}, got {prediction!r}")
+        raise ConfigError(f"model.prediction must be one of {values(Prediction)}, got {prediction!r}")
 
     def from_eps(self, eps: torch.Tensor, y: torch.Tensor, t: Timestep, prediction: str) -> torch.Tensor:
         """The raw prediction of type ``prediction`` equivalent to ``eps`` at ``y_t``."""

@@ -1,0 +1,70 @@
+"""Every string option of a run, defined once (STYLE.md habit 3: string options are enums).
+
+A leaf module with no heavy imports: the config schemas (:mod:`unidiff.config`), the diffusion
+code (:mod:`unidiff.diffusion`, which must not import the config) and the CLI's argument choices
+all read their lists from here, so what a config accepts is what the code behind it runs.
+
+The members are ``str`` subclasses: ``Sampler.ddim == "ddim"``, and ``Sampler("ddim")`` validates a
+plain string.
+"""
+
+from __future__ import annotations
+
+from enum import Enum
+from typing import List, Type
+
+
+class BetaSchedule(str, Enum):
+    """diffusers' ``beta_schedule`` names (DESIGN.md §1: any of them gives ``ᾱ_t``)."""
+
+    linear = "linear"
+    scaled_linear = "scaled_linear"
+    squaredcos_cap_v2 = "squaredcos_cap_v2"
+    sigmoid = "sigmoid"
+
+
+class Prediction(str, Enum):
+    """What the image head predicts; diffusers' ``prediction_type`` names (DESIGN.md §2)."""
+
+    epsilon = "epsilon"
+    v_prediction = "v_prediction"
+    sample = "sample"
+
+
+class Weighting(str, Enum):
+    """Head-loss weighting over t (DESIGN.md §2): constant ``λ_m`` or the bound's own weights."""
+
+    simple = "simple"
+    vlb = "vlb"
+
+
+class Sampler(str, Enum):
+    """Reverse-process solvers (DESIGN.md §3): diffusers DDPM, DDIM, DPM-Solver++ (2M)."""
+
+    ddpm = "ddpm"
+    ddim = "ddim"
+    dpm = "dpm"
+
+
+class LRSchedule(str, Enum):
+    """diffusers ``get_scheduler`` names (``piecewise_constant`` left out: it needs step rules)."""
+
+    constant = "constant"
+    constant_with_warmup = "constant_with_warmup"
+    linear = "linear"
+    cosine = "cosine"
+    cosine_with_restarts = "cosine_with_restarts"
+    polynomial = "polynomial"
+
+
+class MixedPrecision(str, Enum):
+    """accelerate's ``mixed_precision`` values."""
+
+    no = "no"
+    bf16 = "bf16"
+    fp16 = "fp16"
+
+
+def values(choice: Type[Enum]) -> List[str]:
+    """The accepted strings of an option, in definition order (for messages and argparse choices)."""
+    return [member.value for member in choice]
