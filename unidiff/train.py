@@ -124,7 +124,7 @@ def train(cfg: DictConfig, stop_at: Optional[int] = None) -> Path:
     if micro_global % world:
         raise ConfigError(f"train.batch_size={tc.batch_size} / train.grad_accum={tc.grad_accum} = {micro_global} "
                           f"is not divisible by the {world} processes")
-    micro_local = micro_global // world
+
     out_dir = run_dir(cfg)
     ckpt_root = out_dir / "checkpoints"
     resume_from = ckpt.latest(ckpt_root)

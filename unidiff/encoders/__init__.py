@@ -1,8 +1,8 @@
 """Representation encoders for the joint image-representation setting (DESIGN.md §4).
 
 - ``multitower``: the 3-/4-tower image-text metric-learning encoder (Zhu et al., KDD 2024) and
-  its losses, its files (``save_encoder`` / ``load_encoder``), ``encode_images`` and
-  ``recall_at_k``;
+  its losses, its files (``save_encoder`` / ``load_encoder``) and ``encode_images``
+  (retrieval is scored by ``unidiff.metrics.recall_at_k``);
 - ``training``: its training (``EncoderConfig``, ``train_encoder``, cached in ``out_dir``; pair
   sampling and views);
 - ``text``: titles / query phrases from class names, the character tokenizer, the text tower;
@@ -17,7 +17,6 @@ from .multitower import (
     info_nce,
     load_encoder,
     multitower_losses,
-    recall_at_k,
     save_encoder,
     symmetric_info_nce,
 )
@@ -26,6 +25,6 @@ from .training import EncoderConfig, train_encoder
 
 __all__ = [
     "EncoderConfig", "MultiTowerEncoder", "train_encoder", "load_encoder", "save_encoder", "encode_images",
-    "recall_at_k", "info_nce", "symmetric_info_nce", "multitower_losses", "PCAWhitener", "ExternalEncoder",
+    "info_nce", "symmetric_info_nce", "multitower_losses", "PCAWhitener", "ExternalEncoder",
     "load_external_encoder",
 ]

@@ -11,7 +11,7 @@ embedding learns *concepts* rather than local visual patterns:
 This module owns the model (:class:`MultiTowerEncoder`), its losses (:func:`multitower_losses`),
 its files (:func:`save_encoder` / :func:`load_encoder`) and what the rest of unidiff uses it for:
 the frozen image tower gives the representation modality ``r`` of §4 (:func:`encode_images`),
-optionally PCA-reduced (``pca.py``), and :func:`recall_at_k` scores it. How it is trained (pairs,
+optionally PCA-reduced (``pca.py``), and :func:`unidiff.metrics.recall_at_k` scores it. How it is trained (pairs,
 views, the loop, the cache) is ``training.py``.
 
 Legend for shapes: ``B`` batch, ``C, H, W`` image, ``E`` embedding size, ``K`` classes,
@@ -32,7 +32,7 @@ from einops import rearrange
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from ..errors import CheckpointError, ConfigError
+from ..errors import CheckpointError
 from ..io import atomic_write, write_json
 from .text import CharTokenizer, TextTower, title_table
 
@@ -289,32 +289,3 @@ def encode_images(model: nn.Module, images: torch.Tensor, batch_size: int = 512)
     return torch.cat(chunks) if chunks else torch.zeros(0, 0)
 
 
-# TODO(lead): use unidiff.metrics.retrieval_recall_at_k
-def recall_at_k(query_emb: torch.Tensor, gallery_emb: torch.Tensor, query_labels: torch.Tensor, gallery_labels: torch.Tensor,
-                ks: Sequence[int] = (1, 5), exclude_self: bool = True, chunk: int = 1024) -> Dict[str, float]:
-    """Image-to-image Recall@K by cosine similarity: the fraction of queries with at least one
-    same-class item among their K nearest gallery items.
-
-    ``exclude_self``: query ``i`` *is* gallery item ``i`` (val against itself), so it is not its
-    own neighbour. query_emb: (Nq, E), gallery_emb: (Ng, E), labels (Nq,), (Ng,).
-    Returns ``{"recall@K": float}`` per K.
-    """
-    q = F.normalize(torch.as_tensor(query_emb).float(), dim=-1)
-    g = F.normalize(torch.as_tensor(gallery_emb).float(), dim=-1)
-    ql, gl = torch.as_tensor(query_labels).long(), torch.as_tensor(gallery_labels).long()
-    if exclude_self and len(q) != len(g):
-        raise ConfigError(f"recall_at_k(exclude_self=True) needs the query set to be the gallery; got {len(q)} queries and {len(g)} gallery items")
-    kmax = max(ks)
-    if kmax > len(g) - int(exclude_self):
-        raise ConfigError(f"recall_at_k: K={kmax} exceeds the {len(g) - int(exclude_self)} candidate gallery items")
-    hits = {k: 0 for k in ks}
-    for s in range(0, len(q), chunk):
-        sim = q[s : s + chunk] @ g.T  # (c, Ng)
-        if exclude_self:
-            r = torch.arange(len(sim))
-            sim[r, s + r] = -float("inf")
-        top = sim.topk(kmax, dim=1).indices  # (c, kmax), most similar first
-        match = gl[top] == ql[s : s + chunk, None]  # (c, kmax)
-        for k in ks:
-            hits[k] += int(match[:, :k].any(dim=1).sum())
-    return {f"recall@{k}": hits[k] / max(len(q), 1) for k in ks}

@@ -30,6 +30,7 @@ from einops import rearrange
 
 from ..errors import ConfigError, DataError
 from ..io import write_json
+from ..metrics import recall_at_k
 from .multitower import (
     CONFIG_NAME,
     TAU_MAX,
@@ -38,7 +39,6 @@ from .multitower import (
     encode_images,
     load_encoder,
     multitower_losses,
-    recall_at_k,
     save_encoder,
 )
 
@@ -242,7 +242,7 @@ def _evaluate(model: MultiTowerEncoder, images, labels, cfg: EncoderConfig) -> D
     if images is None or len(images) < 6:
         return {}
     emb = encode_images(model, images, cfg.eval_batch_size)
-    return recall_at_k(emb, emb, labels, labels, ks=(1, 5), exclude_self=True)
+    return recall_at_k(emb, labels, emb, labels, ks=(1, 5), exclude_self=True)
 
 
 def fit_encoder(cfg: EncoderConfig, images: torch.Tensor, labels: torch.Tensor, class_names: Sequence[str],
