@@ -291,7 +291,7 @@ def test_inpaint_default_inputs_use_random_masks_of_the_run_ratio(multimodal_run
     assert np.allclose(masks.mean(axis=(1, 2)), 0.5)  # mask_ratio 0.5 of the patches hidden
 
 
-def test_transition_and_reverse_transition(multimodal_run, tmp_path, capsys):
+def test_transition_and_target_to_source(multimodal_run, tmp_path, capsys):
     rc, _, err = _sample(capsys, multimodal_run, "transition", tmp_path / "t.npz", "-n", "3")
     assert rc == 0, err
     with np.load(tmp_path / "t.npz") as f:
@@ -299,7 +299,7 @@ def test_transition_and_reverse_transition(multimodal_run, tmp_path, capsys):
         assert f["labels"].shape == (3,)  # the generated labels ride along
     images = np.full((2, 8, 8, 1), 255, np.uint8)  # white images: their inverted source is black
     np.savez(tmp_path / "in.npz", images=images)
-    rc, _, err = _sample(capsys, multimodal_run, "reverse_transition", tmp_path / "r.npz", "--inputs", str(tmp_path / "in.npz"))
+    rc, _, err = _sample(capsys, multimodal_run, "target_to_source", tmp_path / "r.npz", "--inputs", str(tmp_path / "in.npz"))
     assert rc == 0, err
     with np.load(tmp_path / "r.npz") as f:
         assert (f["images"] == images).all() and f["sources"].shape == (2, 8, 8, 1)

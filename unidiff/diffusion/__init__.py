@@ -12,7 +12,7 @@ from .losses import (
     kl_upper_bound,
     training_losses,
 )
-from .sampling import SampleOutput, SchedulerName, Task, image_to_aux, make_scheduler, sample
+from .sampling import SampleOutput, SchedulerName, Task, image_to_aux, make_scheduler, resolve_task, sample
 from .schedule import DriftSchedule
 
 __all__ = [
@@ -29,5 +29,6 @@ __all__ = [
     "SampleOutput",
     "make_scheduler",
     "sample",
+    "resolve_task",
     "image_to_aux",
 ]
