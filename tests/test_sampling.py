@@ -232,8 +232,8 @@ def test_named_tasks_resolve_by_kind_not_by_name():
 
 def test_one_task_table_with_the_documented_names():
     assert {t.value for t in Task} == set(GENERIC_TASKS)
-    table = heads.modality_tasks()
-    assert {name: (t.kind, t.action) for name, t in table.items()} == {
+    table = heads.modality_tasks()  # (other tests may have registered kinds of their own)
+    assert {name: (t.kind, t.action) for name, t in table.items() if t.kind in heads.MODALITY_KINDS} == {
         "class_to_image": ("label", "generate"),
         "image_to_label": ("label", "read"),
         "representation_to_image": ("representation", "generate"),
