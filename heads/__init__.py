@@ -75,6 +75,8 @@ def _check_class(kind: str, cls: Any) -> type:
             raise ConfigError(f"modality kind {kind!r}: tasks must be ModalityTask(name, action in {list(TASK_ACTIONS)}), got {task!r}")
         if task.name in GENERIC_TASKS:
             raise ConfigError(f"modality kind {kind!r}: task name {task.name!r} is reserved for the sampler")
+    if cls.npz_key == "images":  # every sample .npz holds the images under that key
+        raise ConfigError(f"modality kind {kind!r}: npz_key 'images' is reserved for the images")
     return cls
 
 

@@ -20,7 +20,7 @@ channels/height/width, ``L`` patch tokens, ``R`` register tokens, ``D`` backbone
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Callable, ClassVar, Dict, List, Mapping, Optional, Sequence, Tuple
+from typing import Any, Callable, ClassVar, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
