@@ -9,14 +9,15 @@
 
 from __future__ import annotations
 
-from typing import Dict, List, Tuple
+from typing import Any, Callable, Dict, List, Optional, Tuple
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from unidiff.errors import DataError
-from unidiff.modality import BackboneOutput, Modality
+from unidiff.errors import ConfigError, DataError
+from unidiff.modality import BackboneOutput, GenerationEval, Modality, ModalityTask, check_array
 
 from .common import NullEncoding, PooledHead, VectorToImage, check_int
 
@@ -30,6 +31,13 @@ class LabelModality(Modality):
     """
 
     kind = "label"
+    tasks = (
+        ModalityTask("class_to_image", "generate", "images of given classes (drift and classifier guidance)"),
+        ModalityTask("image_to_label", "read", "the label head read from images alone"),
+    )
+    npz_key = "labels"
+    npz_doc = "int64 N"
+    metric_aliases = {"accuracy": "label_accuracy"}
 
     def __init__(
         self,
@@ -50,6 +58,22 @@ class LabelModality(Modality):
         self.to_image = VectorToImage(embed_dim, self.image_shape)
         self.null = NullEncoding(self.image_shape)
         self.classifier = PooledHead(self.hidden_size, self.num_classes)
+
+    @classmethod
+    def resolve_options(cls, options: Dict[str, Any], info: Any) -> Dict[str, Any]:
+        """``num_classes`` from the dataset (``info.num_classes``) when not set; a value that
+        disagrees with the data is an error (a head with the wrong K would train silently on
+        clipped labels)."""
+        options = dict(options)
+        k_data = getattr(info, "num_classes", None)
+        name = getattr(info, "name", "?")
+        if options.get("num_classes") is None:
+            if not k_data:
+                raise ConfigError(f"num_classes: dataset {name!r} has no class labels; set it or drop the label modality")
+            options["num_classes"] = int(k_data)
+        elif k_data and int(options["num_classes"]) != int(k_data):
+            raise ConfigError(f"num_classes: {options['num_classes']} disagrees with the {k_data} classes of dataset {name!r}")
+        return options
 
     # --- encoder ---------------------------------------------------------------------------------
     def _check_labels(self, y: torch.Tensor) -> torch.Tensor:
@@ -107,6 +131,37 @@ class LabelModality(Modality):
         """The most probable class (B,) int64."""
         return pred.argmax(dim=-1)
 
+    # --- sample files ----------------------------------------------------------------------------
+    def to_array(self, value: torch.Tensor) -> np.ndarray:
+        """(N,) labels -> int64 N."""
+        return np.asarray(value.long().cpu().numpy(), dtype=np.int64)
+
+    def from_array(self, array: np.ndarray, where: str) -> Dict[str, torch.Tensor]:
+        """int N class indices in [0, K) -> ``{name: (N,) int64}``."""
+        arr = check_array(array, where, ("N",), "int")
+        bad = arr[(arr < 0) | (arr >= self.num_classes)]
+        if bad.size:
+            raise DataError(f"{where}: class {int(bad[0])} is out of range [0, {self.num_classes})")
+        return {self.name: torch.from_numpy(arr.astype(np.int64))}
+
+    def default_inputs(self, n: int, rows: Callable[[], Dict[str, torch.Tensor]],
+                       generator: Optional[torch.Generator] = None) -> torch.Tensor:
+        """class_to_image without given labels: cycle over the K classes, ``n`` labels (balanced)."""
+        return torch.arange(n) % self.num_classes
+
+    # --- metrics ---------------------------------------------------------------------------------
     def metrics(self, pred_labels: torch.Tensor, x_m: torch.Tensor) -> Dict[str, torch.Tensor]:
         """``{"accuracy"}`` of read-out labels (B,) against the truth (B,): a 0-dim tensor (batch mean)."""
         return {"accuracy": (pred_labels == x_m).float().mean()}
+
+    def generation_metrics(self, ev: GenerationEval) -> Dict[str, float]:
+        """With a reference classifier of the dataset's classes (DESIGN.md §3):
+        ``joint_consistency``: the generated label equals the classifier's reading of its image;
+        ``class_conditional_accuracy``: the classifier recovers the conditioning class of
+        class→image samples (classes cycled, ``ev.n`` samples)."""
+        if ev.classify is None:
+            return {}
+        out = {"joint_consistency": float((ev.classify(ev.images) == ev.values.long()).float().mean())}
+        cond = torch.arange(ev.n) % self.num_classes  # cycle over the classes: balanced
+        out["class_conditional_accuracy"] = float((ev.classify(ev.generate(cond)) == cond).float().mean())
+        return out

@@ -13,13 +13,14 @@ Sampling with a known masked image (§3 conditional) is inpainting.
 
 from __future__ import annotations
 
-from typing import Any, Dict, Optional, Tuple
+from typing import Any, Callable, Dict, Optional, Tuple
 
+import numpy as np
 import torch
 from einops import repeat
 
 from unidiff.errors import DataError
-from unidiff.modality import BackboneOutput, Modality
+from unidiff.modality import BackboneOutput, Modality, ModalityTask, check_array
 
 from .common import (
     ConvEncoder,
@@ -44,6 +45,10 @@ class MaskedImageModality(Modality):
     """
 
     kind = "masked_image"
+    tasks = (ModalityTask("inpaint", "generate", "full images from given images and masks"),)
+    npz_key = "masks"
+    npz_doc = "uint8 N×H×W, 1 = visible"
+    needs_image = True  # the npz holds the mask; the masked image comes from the task's images
 
     def __init__(
         self,
@@ -152,6 +157,29 @@ class MaskedImageModality(Modality):
         """The predicted full image, clipped to the data range [-1, 1]."""
         return pred.clamp(-1, 1)
 
+    # --- sample files ----------------------------------------------------------------------------
+    def to_array(self, value: Any) -> Optional[np.ndarray]:
+        """A known value's mask as uint8 N×H×W (1 = visible); None for a read-out (a generated
+        full image has no mask to report)."""
+        if not isinstance(value, dict):
+            return None
+        return np.ascontiguousarray(value["mask"][:, 0].round().to(torch.uint8).cpu().numpy())
+
+    def from_array(self, array: np.ndarray, where: str) -> Dict[str, torch.Tensor]:
+        """N×H×W masks of 0 (masked) and 1 (visible) -> ``{"mask": (N, 1, H, W) float}``, the
+        override that :meth:`from_batch` applies to the task's images."""
+        _, H, W = self.image_shape
+        arr = check_array(array, where, ("N", H, W), "float")
+        if not np.isin(arr, (0, 1)).all():
+            raise DataError(f"{where}: masks must hold only 0 (masked) and 1 (visible)")
+        return {"mask": torch.as_tensor(arr, dtype=torch.float32)[:, None]}
+
+    def default_inputs(self, n: int, rows: Callable[[], Dict[str, torch.Tensor]],
+                       generator: Optional[torch.Generator] = None) -> Dict[str, torch.Tensor]:
+        """inpaint without given masks: random masks of the run's ratio on the rows' images."""
+        return self.from_batch({"image": rows()["image"]}, generator)
+
+    # --- metrics ---------------------------------------------------------------------------------
     def metrics(self, pred: torch.Tensor, x_m: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
         """``{"masked_mse", "masked_psnr"}`` batch means (0-dim tensors) over the masked region."""
         mse = masked_mse(pred, self._target(x_m), 1 - x_m["mask"])  # (B,)

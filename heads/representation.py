@@ -12,12 +12,13 @@ from __future__ import annotations
 
 from typing import Dict, Tuple
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from unidiff.errors import DataError
-from unidiff.modality import BackboneOutput, Modality
+from unidiff.modality import BackboneOutput, Modality, ModalityTask, check_array
 
 from .common import NullEncoding, PooledHead, VectorToImage, check_int, gaussian_log_likelihood
 
@@ -31,6 +32,12 @@ class RepresentationModality(Modality):
     """
 
     kind = "representation"
+    tasks = (
+        ModalityTask("representation_to_image", "generate", "images from given representation vectors"),
+        ModalityTask("image_to_representation", "read", "the representation head read from images alone"),
+    )
+    npz_key = "representations"
+    npz_doc = "float32 N×dim"
 
     def __init__(
         self,
@@ -89,6 +96,18 @@ class RepresentationModality(Modality):
     def readout(self, pred: torch.Tensor) -> torch.Tensor:
         return pred
 
+    # --- sample files ----------------------------------------------------------------------------
+    def to_array(self, value: torch.Tensor) -> np.ndarray:
+        """(N, dim) -> float32 N×dim."""
+        return np.asarray(value.float().cpu().numpy(), dtype=np.float32)
+
+    def from_array(self, array: np.ndarray, where: str) -> Dict[str, torch.Tensor]:
+        """N×dim real numbers -> ``{name: (N, dim) float32}``. (The default inputs of
+        representation_to_image are the validation rows' vectors, when the data has them.)"""
+        arr = check_array(array, where, ("N", self.dim), "float")
+        return {self.name: torch.as_tensor(arr, dtype=torch.float32)}
+
+    # --- metrics ---------------------------------------------------------------------------------
     def metrics(self, pred: torch.Tensor, x_m: torch.Tensor) -> Dict[str, torch.Tensor]:
         """``{"cosine", "mse"}`` batch means (0-dim tensors) of read-out vectors vs the truth."""
         pred, x_m = pred.float(), x_m.float()

@@ -21,13 +21,14 @@ included) offers transition tasks. Built-in views (``transform``):
 from __future__ import annotations
 
 import math
-from typing import Any, Dict, Optional, Tuple
+from typing import Any, Callable, Dict, Optional, Tuple
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
 from unidiff.errors import ConfigError, DataError
-from unidiff.modality import BackboneOutput, Modality
+from unidiff.modality import BackboneOutput, Modality, ModalityTask, images_from_array, images_to_uint8
 
 from .common import (
     ConvEncoder,
@@ -89,6 +90,12 @@ class SourceImageModality(Modality):
     """
 
     kind = "source_image"
+    tasks = (
+        ModalityTask("transition", "generate", "target images from given source images"),
+        ModalityTask("target_to_source", "read", "the source head read from target images alone"),
+    )
+    npz_key = "sources"
+    npz_doc = "uint8 N×H×W×C_src"
 
     def __init__(
         self,
@@ -175,6 +182,22 @@ class SourceImageModality(Modality):
         """The predicted source image clipped to [-1, 1]."""
         return pred.clamp(-1, 1)
 
+    # --- sample files ----------------------------------------------------------------------------
+    def to_array(self, value: torch.Tensor) -> np.ndarray:
+        """(N, C_src, H, W) in [-1, 1] -> uint8 N×H×W×C_src."""
+        return images_to_uint8(value)
+
+    def from_array(self, array: np.ndarray, where: str) -> Dict[str, torch.Tensor]:
+        """N×H×W×C_src uint8 (or float in [-1, 1]) -> ``{name: (N, C_src, H, W)}`` in [-1, 1]."""
+        return {self.name: images_from_array(array, where, (self.source_channels, *self.image_shape[1:]))}
+
+    def default_inputs(self, n: int, rows: Callable[[], Dict[str, torch.Tensor]],
+                       generator: Optional[torch.Generator] = None) -> torch.Tensor:
+        """transition without given sources: the rows' own sources (paired data), else the
+        built-in view of their images."""
+        return self.from_batch(rows(), generator)
+
+    # --- metrics ---------------------------------------------------------------------------------
     def metrics(self, pred: torch.Tensor, x_m: torch.Tensor) -> Dict[str, torch.Tensor]:
         """``{"mse", "psnr"}`` batch means (0-dim tensors)."""
         mse = masked_mse(pred, x_m)  # (B,)

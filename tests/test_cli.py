@@ -291,7 +291,7 @@ def test_inpaint_default_inputs_use_random_masks_of_the_run_ratio(multimodal_run
     assert np.allclose(masks.mean(axis=(1, 2)), 0.5)  # mask_ratio 0.5 of the patches hidden
 
 
-def test_transition_and_reverse_transition(multimodal_run, tmp_path, capsys):
+def test_transition_and_target_to_source(multimodal_run, tmp_path, capsys):
     rc, _, err = _sample(capsys, multimodal_run, "transition", tmp_path / "t.npz", "-n", "3")
     assert rc == 0, err
     with np.load(tmp_path / "t.npz") as f:
@@ -299,7 +299,7 @@ def test_transition_and_reverse_transition(multimodal_run, tmp_path, capsys):
         assert f["labels"].shape == (3,)  # the generated labels ride along
     images = np.full((2, 8, 8, 1), 255, np.uint8)  # white images: their inverted source is black
     np.savez(tmp_path / "in.npz", images=images)
-    rc, _, err = _sample(capsys, multimodal_run, "reverse_transition", tmp_path / "r.npz", "--inputs", str(tmp_path / "in.npz"))
+    rc, _, err = _sample(capsys, multimodal_run, "target_to_source", tmp_path / "r.npz", "--inputs", str(tmp_path / "in.npz"))
     assert rc == 0, err
     with np.load(tmp_path / "r.npz") as f:
         assert (f["images"] == images).all() and f["sources"].shape == (2, 8, 8, 1)
@@ -341,3 +341,47 @@ def test_class_to_image_with_classifier_guidance(trained_run, tmp_path, capsys):
         assert f["labels"].tolist() == [2, 2, 2] and f["images"].shape == (3, 8, 8, 1)
     rc, _, err = _sample(capsys, trained_run, "joint", tmp_path / "j.npz", "--classifier-scale", "1")
     _assert_one_line_error(rc, err, "--classifier-scale")
+
+
+def test_readme_sampling_table_is_the_task_table():
+    """README.md's sampling-task rows are exactly ``joint`` + the built-in kinds' tasks, each with its kind."""
+    import re
+
+    import heads
+
+    text = (ROOT / "README.md").read_text()
+    table = text[text.index("| task | needs (modality kind) |"):].split("\n\n")[0]
+    rows = dict(re.findall(r"^\| `(\w+)` \| ([\w–]+) \|", table, flags=re.M))
+    builtin = {name: t.kind for name, t in heads.modality_tasks().items() if t.kind in heads.MODALITY_KINDS}
+    assert rows == {"joint": "–", **builtin}
+    assert "reverse_transition" not in text
+
+
+def test_class_to_image_labels_from_inputs_and_their_errors(trained_run, tmp_path, capsys):
+    np.savez(tmp_path / "l.npz", labels=np.array([4, 4, 7]))
+    rc, _, err = _sample(capsys, trained_run, "class_to_image", tmp_path / "o.npz", "--inputs", str(tmp_path / "l.npz"))
+    assert rc == 0, err
+    with np.load(tmp_path / "o.npz") as f:
+        assert f["labels"].tolist() == [4, 4, 7] and f["images"].shape == (3, 8, 8, 1)
+    rc, _, err = _sample(capsys, trained_run, "class_to_image", tmp_path / "a.npz", "--labels", "3,12")
+    _assert_one_line_error(rc, err, "--labels", "12", "[0, 10)")
+    np.savez(tmp_path / "f.npz", labels=np.array([0.5, 1.0]))
+    rc, _, err = _sample(capsys, trained_run, "class_to_image", tmp_path / "b.npz", "--inputs", str(tmp_path / "f.npz"))
+    _assert_one_line_error(rc, err, "f.npz", "'labels'", "integer")
+    rc, _, err = _sample(capsys, trained_run, "class_to_image", tmp_path / "c.npz", "--inputs", str(tmp_path / "l.npz"),
+                         "--labels", "1")
+    _assert_one_line_error(rc, err, "--labels")
+    rc, _, err = _sample(capsys, trained_run, "image_to_label", tmp_path / "d.npz", "--labels", "1")
+    _assert_one_line_error(rc, err, "--labels")
+    assert not list(tmp_path.glob("[a-d].npz"))
+
+
+def test_inpaint_rejects_masks_that_are_not_binary(multimodal_run, tmp_path, capsys):
+    images = np.zeros((2, 8, 8, 1), np.uint8)
+    np.savez(tmp_path / "in.npz", images=images, masks=np.full((2, 8, 8), 2, np.uint8))
+    rc, _, err = _sample(capsys, multimodal_run, "inpaint", tmp_path / "o.npz", "--inputs", str(tmp_path / "in.npz"))
+    _assert_one_line_error(rc, err, "in.npz", "'masks'", "0 (masked) and 1 (visible)")
+    np.savez(tmp_path / "in2.npz", images=images, masks=np.ones((2, 4, 4), np.uint8))
+    rc, _, err = _sample(capsys, multimodal_run, "inpaint", tmp_path / "o.npz", "--inputs", str(tmp_path / "in2.npz"))
+    _assert_one_line_error(rc, err, "in2.npz", "'masks'", "N×8×8")
+    assert not (tmp_path / "o.npz").exists()

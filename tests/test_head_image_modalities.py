@@ -16,7 +16,6 @@ from scipy import ndimage
 import heads
 from head_fakes import make_feats
 from unidiff.errors import ConfigError, DataError
-from unidiff.modality import BackboneOutput
 
 C, H, W, D, P = 3, 8, 8, 32, 2
 L = (H // P) * (W // P)

@@ -7,10 +7,8 @@ encodings, and one loss reaches the backbone, the heads and the encoders.
 import pytest
 import torch
 
-pytest.importorskip("unidiff.models.backbone", reason="the backbone is not written yet")
-
-import heads  # noqa: E402
-from unidiff.model import UnifiedModel  # noqa: E402
+import heads
+from unidiff.model import UnifiedModel
 
 C, H, W, B = 1, 8, 8, 2
 SPECS = {

@@ -42,13 +42,142 @@ def layer_norm_ref(x, eps=1e-6):
     return (x - mu) / torch.sqrt(var + eps)
 
 
-# --- registry ------------------------------------------------------------------------------------
-def test_kinds_and_classes():
-    assert set(heads.MODALITY_KINDS) == {"label", "representation", "masked_image", "source_image"}
-    opts = {"label": dict(num_classes=3), "representation": dict(dim=5), "masked_image": {}, "source_image": dict(transform="invert")}
-    for kind in heads.MODALITY_KINDS:
-        m = heads.build_modality(kind, name=kind, **COMMON, **opts[kind])
-        assert isinstance(m, Modality) and m.kind == kind and m.name == kind
+# --- registry: every built-in kind keeps the contract ------------------------------------------------
+B = 4
+
+
+def _label_case():
+    m = heads.build_modality("label", name="y", **COMMON, num_classes=3)
+    x = torch.tensor([0, 2, 1, 2])
+    pred = torch.tensor([[1.0, 2.0, 1.0]]).log().expand(B, 3)  # p = (1/4, 1/2, 1/4)
+    return m, x, pred, -torch.tensor([0.25, 0.25, 0.5, 0.25]).log()  # cross-entropy -log p_y
+
+
+def _representation_case():
+    m = heads.build_modality("representation", name="r", **COMMON, dim=2)
+    x = torch.tensor([[1.0, 3.0], [0.0, 0.0], [2.0, -2.0], [1.0, 1.0]])
+    return m, x, torch.zeros(B, 2), torch.tensor([5.0, 0.0, 4.0, 1.0])  # mean of squares over the 2 dims
+
+
+def _masked_case():
+    m = heads.build_modality("masked_image", name="m", **COMMON, mask_ratio=0.5)
+    target = torch.full((B, C, H, W), 0.5)
+    mask = torch.zeros(B, 1, H, W)
+    mask[:, :, : H // 2] = 1  # top half visible
+    target[:, :, : H // 2] = 9.0  # visible pixels: not part of the loss
+    x = m.from_batch({"image": target, "mask": mask})
+    return m, x, torch.zeros(B, C, H, W), torch.full((B,), 0.25)  # 0.5² on the masked pixels only
+
+
+def _source_case():
+    m = heads.build_modality("source_image", name="s", **COMMON, transform="invert")
+    scale = torch.tensor([0.0, 0.5, 1.0, 2.0]).view(B, 1, 1, 1)
+    return m, scale * torch.ones(B, C, H, W), torch.zeros(B, C, H, W), torch.tensor([0.0, 0.25, 1.0, 4.0])
+
+
+CASES = {"label": _label_case, "representation": _representation_case, "masked_image": _masked_case,
+         "source_image": _source_case}
+
+
+@pytest.mark.parametrize("kind", heads.MODALITY_KINDS)
+def test_every_builtin_kind_keeps_the_contract(kind):
+    m, x, pred, want_loss = CASES[kind]()
+    assert isinstance(m, Modality) and m.kind == kind and heads.modality_class(kind) is type(m)
+    e = m.encode(x)
+    assert e.shape == (B, C, H, W)
+    torch.testing.assert_close(rms(e), torch.ones(B), rtol=1e-4, atol=1e-4)
+    null = m.null_encoding(B)
+    assert null.shape == (B, C, H, W) and torch.equal(null[0], null[-1])
+    torch.testing.assert_close(rms(null), torch.ones(B), rtol=1e-4, atol=1e-4)
+    # the null encoding is learned: a gradient reaches it and one step moves it
+    (null * torch.randn(B, C, H, W, generator=torch.Generator().manual_seed(0))).sum().backward()
+    moved = [p for p in m.parameters() if p.grad is not None and p.grad.abs().sum() > 0]
+    assert moved
+    with torch.no_grad():
+        for p in moved:
+            p -= 0.1 * p.grad
+    assert not torch.allclose(m.null_encoding(B), null.detach())
+    torch.testing.assert_close(m.loss(pred, x), want_loss)
+    out = m.head(fake_feats(B=B))
+    assert m.expected_encoding(out).shape == (B, C, H, W)
+    keep = torch.tensor([2, 0])
+    torch.testing.assert_close(m.encode(m.select(x, keep)), e[keep])
+    with pytest.raises(ConfigError, match=rf"'{kind}'.*'colour'"):
+        heads.build_modality(kind, name="m", **COMMON, colour=1)
+
+
+def _rank(x):
+    return int(torch.linalg.matrix_rank(x.detach().flatten(1).double(), rtol=1e-4))  # float32 noise is not rank
+
+
+F_B = fake_feats(B=B)
+X_B = torch.rand(B, C, H, W, generator=torch.Generator().manual_seed(5)) * 2 - 1
+BASE = {"label": dict(num_classes=10), "representation": dict(dim=5), "masked_image": {}, "source_image": {}}
+
+
+def _blockwise(x, size):
+    """x (B, C', H, W) is constant on size×size blocks."""
+    return torch.equal(x, x[:, :, ::size, ::size].repeat_interleave(size, 2).repeat_interleave(size, 3))
+
+
+# kind -> option -> (a non-default value, what it must do). An E-wide embedding maps its inputs into
+# an affine E-dim subspace, so the encodings (before the per-row unit-RMS scale) have rank <= E + 1.
+EFFECTS = {
+    "label": {
+        "num_classes": (3, lambda m: m.head(F_B).shape == (B, 3)),
+        "embed_dim": (2, lambda m: _rank(m.class_encodings()) <= 3),
+    },
+    "representation": {
+        "dim": (3, lambda m: m.head(F_B).shape == (B, 3)),
+        "embed_dim": (2, lambda m: _rank(m.encode(torch.randn(8, 5))) <= 3),
+    },
+    "masked_image": {
+        "mask_ratio": (0.25, lambda m: float(1 - m.random_mask(B, torch.device("cpu")).mean()) == 0.25),
+        "mask_patch": (4, lambda m: _blockwise(m.random_mask(B, torch.device("cpu")), 4)
+                       and not _blockwise(heads.build_modality("masked_image", name="m", **COMMON).random_mask(
+                           B, torch.device("cpu"), torch.Generator().manual_seed(0)), 4)),
+    },
+    "source_image": {
+        "transform": ("invert", lambda m: torch.equal(m.from_batch({"image": X_B}), -X_B)),
+        "source_channels": (1, lambda m: m.head(F_B).shape == (B, 1, H, W)),
+        "downsample_factor": (4, lambda m: _blockwise(m.from_batch({"image": X_B}), 4)),
+    },
+}
+
+
+@pytest.mark.parametrize("kind", heads.MODALITY_KINDS)
+def test_each_listed_option_is_accepted_and_takes_effect(kind):
+    listed = heads.modality_options(kind)
+    assert set(listed) == set(EFFECTS[kind])  # exactly the documented options, none of the common ones
+    for option, (value, check) in EFFECTS[kind].items():
+        opts = {**BASE[kind], option: value}
+        if kind == "source_image" and option != "transform":
+            opts["transform"] = "edges" if option == "source_channels" else "downsample"
+        assert check(heads.build_modality(kind, name="m", **COMMON, **opts)), (kind, option)
+
+
+def test_downsample_factor_sets_the_block_size_of_the_view():
+    x = torch.rand(2, C, H, W, generator=torch.Generator().manual_seed(0))
+    for f in (2, 4):
+        m = heads.build_modality("source_image", name="s", **COMMON, transform="downsample", downsample_factor=f)
+        blocks = x.reshape(2, C, H // f, f, W // f, f).mean(dim=(3, 5))  # block means, written out
+        torch.testing.assert_close(m.from_batch({"image": x}), blocks.repeat_interleave(f, 2).repeat_interleave(f, 3))
+
+
+def test_base_modality_defaults():
+    m = Modality("v", (C, H, W), D, P)
+    a, b = torch.tensor([[1.0, 2.0]]), torch.tensor([[3.0, 6.0]])
+    torch.testing.assert_close(m.average_predictions([a, b]), torch.tensor([[2.0, 4.0]]))
+    avg = m.average_predictions([{"u": a, "w": b}, {"u": b, "w": a}])
+    torch.testing.assert_close(avg["u"], torch.tensor([[2.0, 4.0]]))
+    assert m.metrics(a, a) == {} and m.npz_key is None and m.tasks == ()
+    assert m.to_array(torch.tensor([1, 2])).dtype.name == "int64" and m.to_array(a).dtype.name == "float32"
+    assert m.to_array({"u": a}) is None
+    with pytest.raises(DataError, match="where"):
+        m.from_array(a.numpy(), "where")
+    assert m.resolve_options({"x": 1}, None) == {"x": 1}
+    assert m.default_inputs(3, lambda: {"image": torch.zeros(3, C, H, W)}) is None  # no batch["v"]
+    torch.testing.assert_close(m.default_inputs(2, lambda: {"v": a}), a)
 
 
 def test_unknown_kind_names_it_and_the_allowed_set():
@@ -74,11 +203,6 @@ def test_unknown_kind_names_it_and_the_allowed_set():
 def test_bad_options_raise_config_error_naming_option_and_kind(kind, opts, pattern):
     with pytest.raises(ConfigError, match=pattern):
         heads.build_modality(kind, name="m", **COMMON, **opts)
-
-
-def test_modality_options_lists_only_the_kind_options():
-    assert set(heads.modality_options("label")) == {"num_classes", "embed_dim"}
-    assert set(heads.modality_options("masked_image")) == {"mask_ratio", "mask_patch"}
 
 
 # --- image head ----------------------------------------------------------------------------------

@@ -8,8 +8,10 @@ from diffusers import DDIMScheduler, DDPMScheduler, DPMSolverMultistepScheduler
 from diffusers.utils.torch_utils import randn_tensor
 
 from diffusion_fakes import FakeLabel, FakeModel, TinyDenoiser, onehot_logits, tile_rows
-from unidiff.diffusion import DriftSchedule, Task, image_to_aux, make_scheduler, sample
+import heads
+from unidiff.diffusion import DriftSchedule, Task, image_to_aux, make_scheduler, resolve_task, sample
 from unidiff.errors import ConfigError
+from unidiff.modality import GENERIC_TASKS
 
 SHAPE = (1, 4, 4)
 T = 100
@@ -44,9 +46,16 @@ def _oracle_loop(name, prediction, steps, seed, A, eps_fn):
     return path
 
 
-def _setup(K=3, weight=0.7, B=3):
+class LabelKindFake(FakeLabel):
+    """The fake label under the built-in ``label`` kind, so the label's named tasks
+    (``class_to_image``, ``image_to_label``) find it by kind."""
+
+    kind = "label"
+
+
+def _setup(K=3, weight=0.7, B=3, name="label"):
     s = DriftSchedule.from_config("linear", T, **BETAS)
-    mod = FakeLabel("label", SHAPE, K, weight=weight)
+    mod = LabelKindFake(name, SHAPE, K, weight=weight)
     labels = torch.tensor([2, 0, 1])[:B]
     return s, mod, labels
 
@@ -97,7 +106,7 @@ def test_drift_guidance_matches_oracle():
         return eps_u + w * (eps_c - eps_u)
 
     path = []
-    sample(model, s, Task.class_to_image, known={"label": labels}, scheduler="ddim", num_steps=6,
+    sample(model, s, "class_to_image", known={"label": labels}, scheduler="ddim", num_steps=6,
            guidance_scale=w, generator=torch.Generator().manual_seed(3), callback=lambda i, t, y, a: path.append(y))
     ref = _oracle_loop("ddim", "epsilon", 6, 3, A, guided)
     for got, want in zip(path, ref):
@@ -159,7 +168,7 @@ def test_image_to_aux_averages_over_noise_draws():
     assert torch.equal(readout, avg.argmax(-1))
     assert all(float(tt[0]) == t_read for _, tt in model.calls)
     # dispatch through the task enum
-    out = sample(model, s, Task.image_to_label, image=x0, num_draws=2, generator=torch.Generator().manual_seed(1))
+    out = sample(model, s, "image_to_label", image=x0, num_draws=2, generator=torch.Generator().manual_seed(1))
     assert out.aux["label"].shape == (3,) and out.image is x0
 
 
@@ -191,6 +200,52 @@ def test_bad_inputs_raise():
         sample(model, s, "joint", batch_size=2, classifier_scale=1.0)
     with pytest.raises(ConfigError, match="not a modality"):
         sample(model, s, "conditional", known={"representation": torch.zeros(2, 4)})
+
+
+def test_named_tasks_resolve_by_kind_not_by_name():
+    """A label-kind modality named ``digit``: image_to_label reads it, class_to_image conditions on it,
+    each exactly like the generic task on that name."""
+    s, mod, labels = _setup(name="digit")
+    c = 0.5
+
+    def logits_of(z):
+        return c * torch.einsum("bchw,kchw->bk", z, mod.table)
+
+    net = TinyDenoiser(1, T, seed=3)
+    model = FakeModel({"digit": mod}, lambda z, t: net(z, t), lambda z, t: {"digit": logits_of(z)}, SHAPE)
+    x0 = torch.rand(3, *SHAPE, generator=torch.Generator().manual_seed(0)) * 2 - 1
+    named = sample(model, s, "image_to_label", image=x0, num_draws=3, generator=torch.Generator().manual_seed(1))
+    generic = sample(model, s, "image_to_aux", image=x0, name="digit", num_draws=3, generator=torch.Generator().manual_seed(1))
+    assert set(named.aux) == {"digit"} and torch.equal(named.aux["digit"], generic.aux["digit"])
+    kw = dict(known={"digit": labels}, num_steps=3, classifier_scale=1.0)
+    a = sample(model, s, "class_to_image", generator=torch.Generator().manual_seed(2), **kw)
+    b = sample(model, s, "conditional", classifier_modality="digit", generator=torch.Generator().manual_seed(2), **kw)
+    torch.testing.assert_close(a.image, b.image, rtol=0, atol=0)
+    assert resolve_task("image_to_label", model) == (Task.image_to_aux, "digit")
+    assert resolve_task("inpaint", model) == (Task.conditional, None)
+    # a task of a kind the model lacks names that kind
+    with pytest.raises(ConfigError, match="masked_image"):
+        sample(model, s, "inpaint", known={"digit": labels})
+    with pytest.raises(ConfigError, match=r"known\['digit'\]"):
+        sample(model, s, "class_to_image", batch_size=3)
+
+
+def test_one_task_table_with_the_documented_names():
+    assert {t.value for t in Task} == set(GENERIC_TASKS)
+    table = heads.modality_tasks()  # (other tests may have registered kinds of their own)
+    assert {name: (t.kind, t.action) for name, t in table.items() if t.kind in heads.MODALITY_KINDS} == {
+        "class_to_image": ("label", "generate"),
+        "image_to_label": ("label", "read"),
+        "representation_to_image": ("representation", "generate"),
+        "image_to_representation": ("representation", "read"),
+        "inpaint": ("masked_image", "generate"),
+        "transition": ("source_image", "generate"),
+        "target_to_source": ("source_image", "read"),
+    }
+    s, mod, _ = _setup()
+    model = FakeModel({"label": mod}, None, lambda z, t: {}, SHAPE)
+    with pytest.raises(ConfigError, match="target_to_source"):  # the error lists the table
+        sample(model, s, "reverse_transition", image=torch.zeros(1, *SHAPE))
 
 
 @pytest.mark.gpu

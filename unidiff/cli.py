@@ -2,8 +2,9 @@
 
     unidiff train CONFIG [key=value ...] [--dry-run]
     unidiff sample RUN_DIR --task TASK -n N --out FILE.npz [--inputs FILE.npz] [...]
-        TASK: joint, class_to_image, representation_to_image, inpaint, transition,
-              image_to_label, image_to_representation, reverse_transition
+        TASK: joint, or a task of the run's modality kinds (heads.modality_tasks()): class_to_image,
+              image_to_label, representation_to_image, image_to_representation, inpaint,
+              transition, target_to_source, ...
     unidiff evaluate RUN_DIR [key=value ...]
     unidiff run CONFIG [key=value ...]          # train, sample, evaluate
     unidiff experiment CONFIG [key=value ...]     # multi-task vs single-task (configs/experiments/)
@@ -144,38 +145,34 @@ def _train(args) -> int:
 
 
 # --- sample ----------------------------------------------------------------------------------
-# task -> (what it does, the modality kind it needs). "generate" tasks produce images (conditioned
-# on a known modality value when the kind is set); "read" tasks read a modality off given images.
-TASKS = {
-    "joint": ("generate", None),
-    "class_to_image": ("generate", "label"),
-    "representation_to_image": ("generate", "representation"),
-    "inpaint": ("generate", "masked_image"),
-    "transition": ("generate", "source_image"),
-    "image_to_label": ("read", "label"),
-    "image_to_representation": ("read", "representation"),
-    "reverse_transition": ("read", "source_image"),
-}
+# The tasks are those of the run's modality kinds (one table, heads.modality_tasks(), DESIGN.md §3):
+# a "generate" task produces images conditioned on its modality's value, a "read" task reads its
+# modality off given images; "joint" generates everything. Each modality converts its own values
+# to and from .npz arrays (Modality.npz_key / to_array / from_array / default_inputs).
 SAMPLERS = tuple(values(Sampler))
-# npz key under which each modality kind's values are written / read.
-NPZ_KEYS = {"label": "labels", "representation": "representations", "source_image": "sources", "masked_image": "masks"}
 
 
 def _sample_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("run_dir", help="run folder (RUN_DIR with model/ or checkpoints/)")
-    p.add_argument("--task", choices=tuple(TASKS), default="joint")
+    p.add_argument("--task", default="joint",
+                   help="joint (default), or a task of one of the run's modality kinds, e.g. class_to_image, "
+                        "image_to_label, inpaint, transition, target_to_source (README.md 'Sampling tasks'; "
+                        "an unknown name lists them)")
     p.add_argument("-n", type=_positive_int, default=None, help="number of samples (default sample.n)")
     p.add_argument("--steps", type=_positive_int, default=None, help="sampler steps (default sample.steps)")
     p.add_argument("--sampler", choices=SAMPLERS, default=None, help="default sample.sampler")
     p.add_argument("--guidance", type=_nonneg_float, default=None, help="drift guidance w (conditional tasks)")
     p.add_argument("--classifier-scale", type=_nonneg_float, default=None,
-                   help="class_to_image: classifier guidance from the label head (default sample.classifier_scale)")
+                   help="conditional tasks: classifier guidance from the conditioning modality's head "
+                        "(default sample.classifier_scale)")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--labels", type=_label_list, default=None, help="class_to_image: classes to cycle, e.g. 3,1,4")
+    p.add_argument("--labels", type=_label_list, default=None,
+                   help="class_to_image: classes to cycle, e.g. 3,1,4 (an inline 'labels' array)")
     p.add_argument("--inputs", type=Path, default=None,
-                   help="an .npz of inputs: 'images' (read tasks, inpaint; default: the val split), 'masks' "
-                        "(inpaint, N×H×W, 1 = visible; default: random), 'sources' (transition; default: the "
-                        "built-in transform of val images), 'representations' (representation_to_image, required)")
+                   help="an .npz of inputs: 'images' (read tasks, and tasks built from images such as inpaint; "
+                        "default: the val split) and the conditioning modality's array under its key, e.g. "
+                        "'labels', 'representations' (required for representation_to_image), 'masks' (N×H×W, "
+                        "1 = visible; default: random), 'sources' (default: the built-in transform of the images)")
     p.add_argument("--out", type=_npz_path, required=True, help="output .npz (a PNG grid is written beside it)")
 
 
@@ -191,55 +188,54 @@ def _read_npz(path: Path) -> Dict[str, "np.ndarray"]:
         raise DataError(f"--inputs file {str(path)!r} cannot be read: {err}") from None
 
 
-def _images_from_array(arr: "np.ndarray", image_shape, what: str, path: Path) -> "torch.Tensor":
-    """N×H×W×C uint8 (our own output) or float in [-1, 1] -> (N, C, H, W) float in [-1, 1]."""
-    import numpy as np
+def _task_spec(task: str, run_dir):
+    """The :class:`unidiff.modality.ModalityTask` of ``task`` (None for ``joint``).
+
+    A name that no known kind declares may belong to one of the run's own kinds
+    (``package.module:Class``): loading the run's config imports them, then the table is read again.
+    """
+    import heads
+
+    from .evaluate import load_run_config
+
+    if task == "joint":
+        return None
+    if task not in heads.modality_tasks():
+        try:
+            load_run_config(run_dir)
+        except UnidiffError:
+            pass  # the unknown task is the error to report
+    tasks = heads.modality_tasks()
+    if task not in tasks:
+        raise ConfigError(f"--task {task!r} is not one of {['joint', *tasks]}")
+    return tasks[task]
+
+
+def _rows_of(value, start: int, stop: Optional[int]):
+    """Rows ``start:stop`` of a modality value (a tensor or a dict of tensors)."""
+    if isinstance(value, dict):
+        return {k: _rows_of(v, start, stop) for k, v in value.items()}
+    return value[start:stop]
+
+
+def _to_device(value, device):
+    if isinstance(value, dict):
+        return {k: _to_device(v, device) for k, v in value.items()}
+    return value.to(device)
+
+
+def _n_rows(value) -> int:
+    while isinstance(value, dict):
+        value = next(iter(value.values()))
+    return int(value.shape[0])
+
+
+def _cat(parts: list):
     import torch
 
-    C, H, W = image_shape
-    if arr.ndim == 3 and C == 1:
-        arr = arr[..., None]
-    if arr.ndim != 4 or tuple(arr.shape[1:3]) != (H, W):
-        raise DataError(f"--inputs {str(path)!r}: {what!r} must be N×{H}×{W}×C, got {tuple(arr.shape)}")
-    x = torch.from_numpy(np.ascontiguousarray(arr)).permute(0, 3, 1, 2)
-    return x.float() / 127.5 - 1.0 if arr.dtype == np.uint8 else x.float().clamp(-1, 1)
-
-
-def _load_inputs(path: Path, image_shape) -> "torch.Tensor":
-    """``images`` of an .npz as (N, C, H, W) in [-1, 1]."""
-    arrays = _read_npz(path)
-    if "images" not in arrays:
-        raise DataError(f"--inputs file {str(path)!r} has no 'images' array (has {sorted(arrays)})")
-    x = _images_from_array(arrays["images"], image_shape, "images", path)
-    if x.shape[1] != image_shape[0]:
-        raise DataError(f"--inputs 'images' must have {image_shape[0]} channel(s), got {x.shape[1]}")
-    return x
-
-
-def to_uint8(images: "torch.Tensor") -> "np.ndarray":
-    """(N, C, H, W) in [-1, 1] -> uint8 N×H×W×C."""
-    import numpy as np
-    import torch
-
-    x = ((images.detach().float().cpu() + 1.0) * 127.5).round().clamp(0, 255).to(torch.uint8)
-    return np.ascontiguousarray(x.permute(0, 2, 3, 1).numpy())
-
-
-def _to_npz_value(kind: str, value) -> "np.ndarray":
-    """A modality value as written into the output .npz under ``NPZ_KEYS[kind]``."""
-    import numpy as np
-    import torch
-
-    if kind == "label":
-        return np.asarray(value.long().cpu().numpy(), dtype=np.int64)
-    if kind == "representation":
-        return np.asarray(value.float().cpu().numpy(), dtype=np.float32)
-    if kind == "source_image":
-        return to_uint8(value)
-    if kind == "masked_image":  # the mask, N×H×W uint8 (1 = visible)
-        mask = value["mask"] if isinstance(value, dict) else value
-        return np.ascontiguousarray(mask[:, 0].round().to(torch.uint8).cpu().numpy())
-    raise ConfigError(f"no .npz encoding for modality kind {kind!r}")
+    if isinstance(parts[0], dict):
+        return {k: _cat([p[k] for p in parts]) for k in parts[0]}
+    return torch.cat(parts)
 
 
 def sample_to_file(run_dir, task: str, n: Optional[int], steps: Optional[int], sampler: Optional[str],
@@ -247,11 +243,18 @@ def sample_to_file(run_dir, task: str, n: Optional[int], steps: Optional[int], s
                    out: Path, classifier_scale: Optional[float] = None) -> Dict[str, Path]:
     """Run one sampling task of a trained run (DESIGN.md §3); write ``out`` and a PNG grid beside it.
 
-    The .npz holds ``images`` (uint8 N×H×W×C: generated, or the inputs of a read task) and one array
-    per modality involved, under ``NPZ_KEYS``: ``labels`` (int64 N; for class_to_image the
-    conditioning labels, for joint/image_to_label the generated ones), ``representations``
-    (float32 N×K), ``sources`` (uint8 N×H×W×C), ``masks`` (uint8 N×H×W, 1 = visible).
+    The .npz holds ``images`` (uint8 N×H×W×C: generated, or the inputs of a read task) and, per
+    modality involved, its ``Modality.to_array`` under its ``npz_key`` (first modality of a key
+    wins): for a conditional task the conditioning value, for joint and read tasks the generated or
+    read values (``labels`` int64 N, ``representations`` float32 N×K, ``sources`` uint8 N×H×W×C,
+    ``masks`` uint8 N×H×W with 1 = visible, ...).
+
+    Inputs: ``--inputs`` arrays are read by the conditioning modality's ``from_array`` (all rows, or
+    the first ``n``); without its array the modality's ``default_inputs`` gives the value from the
+    task's input rows (the ``--inputs`` images or the val split, all or the first ``n``) or from the
+    sample count ``n`` (default ``sample.n``; a label cycles over the classes).
     """
+    import numpy as np
     import torch
 
     from .checkpoint import load_model
@@ -259,112 +262,99 @@ def sample_to_file(run_dir, task: str, n: Optional[int], steps: Optional[int], s
     from .diffusion import sample
     from .evaluate import load_run_config
     from .io import save_grid, write_npz
+    from .modality import images_from_array, images_to_uint8
 
-    if task not in TASKS:
-        raise ConfigError(f"--task {task!r} is not one of {sorted(TASKS)}")
-    action, kind = TASKS[task]
+    spec = _task_spec(task, run_dir)
+    generate = spec is None or spec.action == "generate"
     cfg = load_run_config(run_dir)
     n_given, n = n, n or cfg.sample.n
     steps = steps or cfg.sample.steps
     sampler = sampler or cfg.sample.sampler.value
     guidance = cfg.sample.guidance if guidance is None else guidance
     classifier_scale = cfg.sample.classifier_scale if classifier_scale is None else classifier_scale
-    if classifier_scale and task != "class_to_image":
-        raise ConfigError("--classifier-scale only applies to --task class_to_image")
+    if classifier_scale and (spec is None or not generate):
+        raise ConfigError("--classifier-scale only applies to a conditional task (e.g. --task class_to_image)")
     if not out.parent.is_dir():
         raise ConfigError(f"--out folder {str(out.parent)!r} does not exist")
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     model = load_model(run_dir, device)
     schedule = build_schedule(cfg)
-    name = model.modality_of_kind(kind) if kind else None
-    if kind and name is None:
+    name = model.modality_of_kind(spec.kind) if spec is not None else None
+    if spec is not None and name is None:
         kinds = sorted({m.kind for m in model.modalities.values()})
-        raise ConfigError(f"--task {task} needs a {kind} modality; run {str(run_dir)!r} has {kinds or 'none'}")
-    if action == "generate" and model.image_head is None:
+        raise ConfigError(f"--task {task} needs a {spec.kind} modality; run {str(run_dir)!r} has {kinds or 'none'}")
+    mod = model.modalities[name] if name is not None else None
+    if generate and model.image_head is None:
         raise ConfigError(f"--task {task} generates images; run {str(run_dir)!r} was trained with image_head=false")
-    if labels is not None and task != "class_to_image":
-        raise ConfigError("--labels only applies to --task class_to_image")
-    if inputs is not None and task in ("joint", "class_to_image"):
+    if labels is not None and not (generate and mod is not None and mod.npz_key == "labels"):
+        raise ConfigError("--labels only applies to a task conditioned on labels (--task class_to_image)")
+    if inputs is not None and spec is None:
         raise ConfigError(f"--inputs does not apply to --task {task}")
     arrays = _read_npz(inputs) if inputs is not None else {}
+    sources = {key: f"--inputs {str(inputs)!r} array {key!r}" for key in arrays}  # what errors name
+    if labels is not None:
+        if "labels" in arrays:
+            raise ConfigError(f"--labels and the 'labels' array of --inputs {str(inputs)!r} both give the labels")
+        arrays["labels"] = np.asarray([labels[i % len(labels)] for i in range(n)], dtype=np.int64)
+        sources["labels"] = "--labels"
     g = torch.Generator(device=device).manual_seed(seed)
 
-    def input_images() -> "torch.Tensor":
-        if "images" in arrays:
-            x = _load_inputs(inputs, model.image_shape)
-        else:
-            if inputs is not None:
-                raise DataError(f"--inputs file {str(inputs)!r} has no 'images' array (has {sorted(arrays)})")
-            from .data import build_datasets, iter_batches
+    cache: Dict[str, Dict[str, "torch.Tensor"]] = {}
 
-            _, val_set, _ = build_datasets(cfg.data)
-            x = torch.cat([b["image"] for b in iter_batches(val_set, 512)])
-        return x[:n_given] if n_given else x  # default: every input
+    def rows() -> Dict[str, "torch.Tensor"]:
+        """The task's input rows on ``device``: the --inputs images, else the val split (first -n)."""
+        if "rows" not in cache:
+            if "images" in arrays:
+                batch = {"image": images_from_array(arrays["images"], sources["images"], model.image_shape)}
+            elif inputs is not None:
+                raise DataError(f"--inputs file {str(inputs)!r} has no 'images' array (has {sorted(arrays)})")
+            else:
+                from .data import build_datasets, iter_batches
+
+                _, val_set, _ = build_datasets(cfg.data)
+                parts = list(iter_batches(val_set, 512))
+                batch = {k: torch.cat([b[k] for b in parts]) for k in parts[0]}
+            cache["rows"] = {k: _to_device(_rows_of(v, 0, n_given), device) for k, v in batch.items()}
+        return cache["rows"]
 
     written = {}  # npz key -> array
-    if action == "read":
-        images = input_images()
+    if not generate:
+        images = rows()["image"]
         read = []
         for x in images.split(cfg.eval.batch_size):
-            res = sample(model, schedule, "image_to_aux", image=x.to(device), name=name, t_read=cfg.eval.t_read,
+            res = sample(model, schedule, "image_to_aux", image=x, name=name, t_read=cfg.eval.t_read,
                          num_draws=cfg.eval.num_draws, generator=g)
             read.append(res.aux[name])
-        value = torch.cat(read)
         result_images = images
-        written[NPZ_KEYS[kind]] = _to_npz_value(kind, value)
+        array = mod.to_array(_cat(read)) if mod.npz_key else None
+        if array is not None:
+            written[mod.npz_key] = array
     else:
         known = None
-        if kind == "label":
-            K = model.modalities[name].num_classes
-            bad = [c for c in (labels or []) if not 0 <= c < K]
-            if bad:
-                raise ConfigError(f"--labels: class {bad[0]} is out of range [0, {K})")
-            pool = torch.tensor(labels or list(range(K)), dtype=torch.long)
-            known = {name: pool[torch.arange(n) % len(pool)].to(device)}
-        elif kind == "representation":
-            if "representations" not in arrays:
-                raise DataError("--task representation_to_image needs --inputs FILE.npz with a 'representations' "
-                                "array (N×K float)")
-            r = torch.as_tensor(arrays["representations"], dtype=torch.float32)
-            dim = model.modalities[name].dim
-            if r.ndim != 2 or r.shape[1] != dim:
-                raise DataError(f"--inputs 'representations' must be N×{dim}, got {tuple(r.shape)}")
-            known = {name: (r[:n_given] if n_given else r).to(device)}
-        elif kind == "masked_image":
-            x = input_images().to(device)
-            mod = model.modalities[name]
-            batch = {"image": x}
-            if "masks" in arrays:
-                m = torch.as_tensor(arrays["masks"]).float()
-                batch["mask"] = (m[:n_given] if n_given else m).to(device)
-            known = {name: mod.from_batch(batch, generator=g)}
-        elif kind == "source_image":
-            mod = model.modalities[name]
-            if "sources" in arrays:
-                src = _images_from_array(arrays["sources"], model.image_shape, "sources", inputs)
-                known = {name: (src[:n_given] if n_given else src).to(device)}
-            else:  # the run's built-in source view of the val images
-                known = {name: mod.from_batch({"image": input_images().to(device)}, generator=g)}
-        if known:
-            first = next(iter(known.values()))
-            n = (first["image"] if isinstance(first, dict) else first).shape[0]
+        if mod is not None:
+            key = mod.npz_key
+            if key is not None and key in arrays:
+                entries = {k: _rows_of(v, 0, n_given) for k, v in mod.from_array(arrays[key], sources[key]).items()}
+                batch = {**rows(), **_to_device(entries, device)} if mod.needs_image else _to_device(entries, device)
+                value = mod.from_batch(batch, generator=g)
+            else:
+                if inputs is not None and "images" not in arrays:
+                    raise DataError(f"--inputs file {str(inputs)!r} has neither {key!r} nor 'images' (has {sorted(arrays)})")
+                value = mod.default_inputs(n, rows, g)
+                if value is None:
+                    raise DataError(f"--task {task} needs --inputs FILE.npz with a {key!r} array ({mod.npz_doc})")
+            known = {name: _to_device(value, device)}
+            n = _n_rows(value)
         res = sample(model, schedule, "conditional" if known else "joint", batch_size=n, known=known,
                      scheduler=sampler, num_steps=steps, guidance_scale=guidance if known else 1.0,
-                     classifier_scale=classifier_scale if kind == "label" else 0.0,
-                     classifier_modality=name if kind == "label" else None, generator=g)
+                     classifier_scale=classifier_scale if known else 0.0,
+                     classifier_modality=name if known else None, generator=g)
         result_images = res.image
-        for m_name, mod in model.modalities.items():  # the known values, and every generated modality
-            if mod.kind not in NPZ_KEYS or NPZ_KEYS[mod.kind] in written:
-                continue
-            if known and m_name in known:
-                written[NPZ_KEYS[mod.kind]] = _to_npz_value(mod.kind, known[m_name])
-            elif mod.kind != "masked_image":  # a generated masked image has no mask to report
-                written[NPZ_KEYS[mod.kind]] = _to_npz_value(mod.kind, res.aux[m_name])
-        if "labels" not in written:  # image-only run: no labels to report (-1)
-            import numpy as np
-
-            written["labels"] = np.full((n,), -1, dtype=np.int64)
-    write_npz(out, images=to_uint8(result_images), **written)
+        for m_name, m in model.modalities.items():  # the known values, and every generated modality
+            array = m.to_array(res.aux[m_name]) if m.npz_key and m.npz_key not in written else None
+            if array is not None:
+                written[m.npz_key] = array
+    write_npz(out, images=images_to_uint8(result_images), **written)
     grid = out.with_suffix(".png")
     save_grid(result_images.cpu(), grid)
     return {"npz": out, "grid": grid}

@@ -288,7 +288,10 @@ def validate(cfg: DictConfig) -> None:
 
     names = set()
     for i, m in enumerate(cfg.modalities):
-        _check(m.kind in heads.MODALITY_KINDS, f"modalities[{i}].kind", f"unknown kind {m.kind!r}; choose one of {list(heads.MODALITY_KINDS)}")
+        try:  # a registered kind or "package.module:Class" (imported here)
+            heads.modality_class(m.kind)
+        except ConfigError as err:
+            raise ConfigError(f"modalities[{i}].kind: {err}") from None
         _check(m.name not in names and m.name != "image", f"modalities[{i}].name", f"duplicate or reserved name {m.name!r}")
         _check(m.weight >= 0, f"modalities[{i}].weight", f"must be >= 0, got {m.weight}")
         _check(m.loss_weight >= 0, f"modalities[{i}].loss_weight", f"must be >= 0, got {m.loss_weight}")
@@ -321,24 +324,23 @@ def validate(cfg: DictConfig) -> None:
 
 
 def resolve_with_data(cfg: DictConfig, info: Any) -> DictConfig:
-    """Fill what only the data knows: a label modality's ``num_classes`` (from ``info.num_classes``).
-
-    A ``num_classes`` given in the config that disagrees with the data is an error (a head with
-    the wrong K would train silently on clipped labels). Returns a new read-only config.
+    """Fill what only the data knows: each modality kind's ``Modality.resolve_options`` (a label's
+    ``num_classes`` from ``info.num_classes``; a value the data contradicts is an error naming
+    ``modalities[i].options.<option>``). Returns a new read-only config.
     """
+    import heads
+
     cfg = copy.deepcopy(cfg)
     with read_write(cfg):
         for i, m in enumerate(cfg.modalities):
-            if m.kind != "label":
-                continue
-            k_data = getattr(info, "num_classes", None)
-            if "num_classes" not in m.options or m.options.num_classes is None:
-                _check(bool(k_data), f"modalities[{i}].options.num_classes",
-                       f"dataset {getattr(info, 'name', '?')!r} has no class labels; set it or drop the label modality")
-                m.options.num_classes = int(k_data)
-            elif k_data and int(m.options.num_classes) != int(k_data):
-                raise ConfigError(f"modalities[{i}].options.num_classes: {m.options.num_classes} disagrees with the "
-                                  f"{k_data} classes of dataset {getattr(info, 'name', '?')!r}")
+            options = OmegaConf.to_container(m.options, resolve=True)
+            try:
+                resolved = heads.modality_class(m.kind).resolve_options(options, info)
+            except ConfigError as err:
+                raise ConfigError(f"modalities[{i}].options.{err}") from None
+            for key, value in resolved.items():
+                if key not in options or options[key] != value:
+                    m.options[key] = value
     OmegaConf.set_readonly(cfg, True)
     return cfg
 

@@ -13,11 +13,12 @@ measures):
 - ``bits_per_dim``: the variational bound of §2 on val (Monte-Carlo over t). Needs an image head.
 - per auxiliary modality ``m``: ``image_to_<m>/<metric>``, the head read from val images alone
   (§3 image→aux at ``eval.t_read``, ``eval.num_draws`` noise draws), scored by the modality's own
-  ``metrics``; for a label, also ``label_accuracy``.
-- label modality + image head: ``joint_consistency`` (the generated label equals the reference
-  classifier's reading of the generated image) and ``class_conditional_accuracy`` (the reference
-  classifier recovers the conditioning class of class→image samples, drift guidance
-  ``eval.guidance``).
+  ``metrics``, plus the top-level names of its ``metric_aliases`` (a label's ``label_accuracy``).
+- per auxiliary modality, with an image head: its ``generation_metrics`` of joint and conditional
+  samples (a label's ``joint_consistency``: the generated label equals the reference classifier's
+  reading of the generated image, and ``class_conditional_accuracy``: the reference classifier
+  recovers the conditioning class of class→image samples, drift guidance ``eval.guidance``).
+Where two modalities give the same top-level key, the first one in the model's order wins.
 """
 
 from __future__ import annotations
@@ -32,6 +33,7 @@ from omegaconf import DictConfig
 
 from .errors import CheckpointError
 from .io import write_json
+from .modality import GenerationEval
 
 
 def load_run_config(run_dir: str | os.PathLike, overrides: Sequence[str] = ()) -> DictConfig:
@@ -48,7 +50,8 @@ def load_run_config(run_dir: str | os.PathLike, overrides: Sequence[str] = ()) -
 
 @torch.no_grad()
 def _generate(model, schedule, task: str, n: int, batch_size: int, sampler: str, steps: int, guidance: float,
-              generator: torch.Generator, known_fn=None, classifier_scale: float = 0.0):
+              generator: torch.Generator, known_fn=None, classifier_scale: float = 0.0,
+              classifier_modality: Optional[str] = None):
     """``n`` samples of ``task`` in batches: (images (n, C, H, W), {name: (n,) readouts})."""
     from .diffusion import sample
 
@@ -58,7 +61,7 @@ def _generate(model, schedule, task: str, n: int, batch_size: int, sampler: str,
         known = known_fn(start, b) if known_fn is not None else None
         out = sample(model, schedule, task, batch_size=b, known=known, scheduler=sampler, num_steps=steps,
                      guidance_scale=guidance if known else 1.0, classifier_scale=classifier_scale if known else 0.0,
-                     generator=generator)
+                     classifier_modality=classifier_modality if known else None, generator=generator)
         images.append(out.image.float().cpu())
         for k, v in out.aux.items():
             if torch.is_tensor(v):
@@ -71,6 +74,19 @@ def _classify(clf, images: torch.Tensor, batch_size: int, device) -> torch.Tenso
     return torch.cat([clf(x.to(device)).argmax(-1).cpu() for x in images.split(batch_size)])
 
 
+def _batch_size_of(value: Any) -> int:
+    while isinstance(value, dict):
+        value = next(iter(value.values()))
+    return int(value.shape[0])
+
+
+def _rows(value: Any, start: int, stop: int, device) -> Any:
+    """Rows ``start:stop`` of a modality value (a tensor or a dict of tensors) on ``device``."""
+    if isinstance(value, dict):
+        return {k: _rows(v, start, stop, device) for k, v in value.items()}
+    return value[start:stop].to(device)
+
+
 @torch.no_grad()
 def _model_metrics(model, schedule, cfg, train_set, val_set, clf, g, device) -> Dict[str, Any]:
     """The metrics that run the model (no gradients); see the module docstring."""
@@ -80,7 +96,6 @@ def _model_metrics(model, schedule, cfg, train_set, val_set, clf, g, device) -> 
 
     ev, bs, out = cfg.eval, cfg.eval.batch_size, {}
     has_image = model.image_head is not None
-    label = model.modality_of_kind("label")
 
     # --- image quality and the bound ------------------------------------------------------------
     if has_image:
@@ -90,9 +105,6 @@ def _model_metrics(model, schedule, cfg, train_set, val_set, clf, g, device) -> 
             real_train = torch.cat([b["image"] for b in iter_batches(train_set, bs)])[: ev.n_samples]
             out["fid"] = M.compute_fid(val_set, fake, feats, batch_size=bs)
             out["fid_floor"] = M.fid_floor(real_train, val_set, feats, batch_size=bs)
-            if label is not None:
-                read = _classify(clf, fake, bs, device)
-                out["joint_consistency"] = float((read == fake_aux[label].long()).float().mean())
         bpd = []
         seen = 0
         for batch in iter_batches(val_set, bs):
@@ -110,26 +122,29 @@ def _model_metrics(model, schedule, cfg, train_set, val_set, clf, g, device) -> 
             batch = {k: v.to(device) for k, v in batch.items()}
             truth = mod.from_batch(batch, generator=g)
             readout, _ = image_to_aux(model, schedule, batch["image"], name, ev.t_read, ev.num_draws, g)
-            if hasattr(mod, "metrics"):
-                n = batch["image"].shape[0]
-                for k, v in mod.metrics(readout, truth).items():
-                    scores.setdefault(k, []).append((float(v), n))
+            n = batch["image"].shape[0]
+            for k, v in mod.metrics(readout, truth).items():
+                scores.setdefault(k, []).append((float(v), n))
         for k, vals in scores.items():  # batch means -> dataset mean
             out[f"image_to_{name}/{k}"] = sum(v * n for v, n in vals) / sum(n for _, n in vals)
-        if name == label and "accuracy" in scores:
-            out["label_accuracy"] = out[f"image_to_{name}/accuracy"]
+            if k in mod.metric_aliases:
+                out.setdefault(mod.metric_aliases[k], out[f"image_to_{name}/{k}"])
 
-    # --- class -> image, read back by the reference classifier -----------------------------------
-    if has_image and label is not None and clf is not None:
-        K = model.modalities[label].num_classes
-        cond = torch.arange(ev.n_samples) % K  # cycle over the classes: balanced
+    # --- generated samples, scored by each modality (e.g. class -> image read back) ---------------
+    if has_image:
+        classify = (lambda images: _classify(clf, images, bs, device)) if clf is not None else None
+        for name, mod in model.modalities.items():
 
-        def known_fn(start, b):
-            return {label: cond[start:start + b].to(device)}
+            def generate(value, name=name):
+                n = _batch_size_of(value)
+                images, _ = _generate(model, schedule, "conditional", n, bs, ev.sampler.value, ev.steps, ev.guidance, g,
+                                      lambda start, b: {name: _rows(value, start, start + b, device)},
+                                      classifier_scale=ev.classifier_scale, classifier_modality=name)
+                return images
 
-        images, _ = _generate(model, schedule, "class_to_image", ev.n_samples, bs, ev.sampler.value, ev.steps,
-                              ev.guidance, g, known_fn, classifier_scale=ev.classifier_scale)
-        out["class_conditional_accuracy"] = float((_classify(clf, images, bs, device) == cond).float().mean())
+            values = fake_aux.get(name)
+            for k, v in mod.generation_metrics(GenerationEval(fake, values, classify, generate, int(ev.n_samples))).items():
+                out.setdefault(k, v)
 
     return out
 

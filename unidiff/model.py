@@ -5,9 +5,10 @@ DESIGN.md §2: the backbone ``f_θ(z_t, t)`` produces shared token features; the
 expected encoding gives ``Â = Σ_m π_m E_m(x̂_m)``. The model never sees the noise schedule
 (STYLE.md habit 1): ``unidiff.diffusion`` owns ``a_t, σ_t, κ_t`` and calls this module.
 
-The modality files live in ``heads/`` and are chosen by config (``modalities``: a list of dicts
-with ``name``, ``kind`` and the head's options); this file knows only the :class:`Modality`
-contract.
+The modality classes are chosen by config (``modalities``: a list of dicts with ``name``,
+``kind`` and the head's options; a kind is a built-in one of ``heads/``, one added with
+``heads.register_modality``, or a ``"package.module:Class"`` string); this file knows only the
+:class:`Modality` contract.
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ from diffusers.models.modeling_utils import ModelMixin
 from torch import nn
 
 import heads
-from .modality import BackboneOutput, Modality
+from .modality import BackboneOutput
 from .models.backbone import HybridBackbone
 
 

@@ -12,7 +12,16 @@ from .losses import (
     kl_upper_bound,
     training_losses,
 )
-from .sampling import SampleOutput, SchedulerName, Task, image_to_aux, make_scheduler, replacement_inpaint, sample
+from .sampling import (
+    SampleOutput,
+    SchedulerName,
+    Task,
+    image_to_aux,
+    make_scheduler,
+    replacement_inpaint,
+    resolve_task,
+    sample,
+)
 from .schedule import DriftSchedule
 
 __all__ = [
@@ -29,6 +38,7 @@ __all__ = [
     "SampleOutput",
     "make_scheduler",
     "sample",
+    "resolve_task",
     "image_to_aux",
     "replacement_inpaint",
 ]

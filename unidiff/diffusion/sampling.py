@@ -1,6 +1,6 @@
 """One sampler for every task (DESIGN.md §3).
 
-Every task is one of three kinds:
+Every task is one of three generic kinds (:class:`Task`):
 - ``joint``: nothing known; generate the image and read every auxiliary modality at the end;
 - ``conditional``: some modalities are known (``known = {name: x_m}``); their true encodings
   replace the heads' predictions in the drift ``Â`` (class→image, representation→image,
@@ -8,7 +8,10 @@ Every task is one of three kinds:
 - ``image_to_aux``: the image is given; read one modality's head at small ``t`` (image→label,
   image→representation, target→source).
 
-The named tasks (``class_to_image``, ``inpaint``, ...) are these kinds with a default modality.
+The named tasks (``class_to_image``, ``inpaint``, ...) are declared by the modality kinds
+(``Modality.tasks``) in one table, :func:`heads.modality_tasks`: a ``generate`` task is
+``conditional`` on the model's modality of that kind, a ``read`` task is ``image_to_aux`` of it.
+Nothing here depends on what a modality is named.
 
 The loop steps the de-drifted ``y`` with an unmodified diffusers scheduler and re-adds the drift
 (§1: ``y_t = z_t - κ_t A`` is a plain DDPM chain):
@@ -24,12 +27,14 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 from enum import Enum
-from typing import Any, Callable, Dict, List, Optional, Tuple, Union
+from typing import Any, Callable, Dict, Optional, Tuple, Union
 
 import torch
 from diffusers import DDIMScheduler, DDPMScheduler, DPMSolverMultistepScheduler
 from diffusers.utils.torch_utils import randn_tensor
 from einops import repeat
+
+import heads
 
 from ..choices import Sampler, values
 from ..errors import ConfigError
@@ -37,32 +42,16 @@ from .schedule import DriftSchedule
 
 
 class Task(str, Enum):
+    """The sampler's generic tasks (``unidiff.modality.GENERIC_TASKS``); the named tasks of the
+    modality kinds resolve to one of them (:func:`resolve_task`)."""
+
     joint = "joint"
     conditional = "conditional"
     image_to_aux = "image_to_aux"
-    # named instances of the generic kinds (§3, §4)
-    class_to_image = "class_to_image"
-    representation_to_image = "representation_to_image"
-    inpaint = "inpaint"
-    transition = "transition"
-    image_to_label = "image_to_label"
-    image_to_representation = "image_to_representation"
-    target_to_source = "target_to_source"
 
 
-# task -> (kind, default modality name). Names are the batch keys used by the configs.
-TASK_KINDS: Dict[Task, Tuple[str, Optional[str]]] = {
-    Task.joint: ("joint", None),
-    Task.conditional: ("conditional", None),
-    Task.image_to_aux: ("image_to_aux", None),
-    Task.class_to_image: ("conditional", "label"),
-    Task.representation_to_image: ("conditional", "representation"),
-    Task.inpaint: ("conditional", "masked"),
-    Task.transition: ("conditional", "source"),
-    Task.image_to_label: ("image_to_aux", "label"),
-    Task.image_to_representation: ("image_to_aux", "representation"),
-    Task.target_to_source: ("image_to_aux", "source"),
-}
+# A modality task's action -> the generic task that runs it.
+_ACTION_TASK = {"generate": Task.conditional, "read": Task.image_to_aux}
 
 
 SchedulerName = Sampler  # the one list of solvers: unidiff/choices.py
@@ -143,21 +132,28 @@ def _batch_size_of(value: Any) -> int:
     return int(value.shape[0])
 
 
-def _resolve(task: Union[str, Task]) -> Tuple[Task, str, Optional[str]]:
-    try:
-        task = Task(task)
-    except ValueError:
-        raise ConfigError(f"sampling.task must be one of {[t.value for t in Task]}, got {task!r}") from None
-    kind, default_name = TASK_KINDS[task]
-    return task, kind, default_name
+def resolve_task(task: Union[str, Task], model) -> Tuple[Task, Optional[str]]:
+    """``task`` (a generic :class:`Task` or a modality task of :func:`heads.modality_tasks`) as
+    ``(generic task, modality name)``: the name of the model's first modality of the task's kind
+    (None for the generic tasks, or when the model has no modality of that kind)."""
+    if isinstance(task, Task):
+        return task, None
+    if task in Task._value2member_map_:
+        return Task(task), None
+    table = heads.modality_tasks()
+    if task not in table:
+        names = [t.value for t in Task] + list(table)
+        raise ConfigError(f"sampling.task must be one of {names}, got {task!r}")
+    spec = table[task]
+    name = next((n for n, m in model.modalities.items() if m.kind == spec.kind), None)
+    return _ACTION_TASK[spec.action], name
 
 
-def _average(preds: List[Any]) -> Any:
-    """Mean of raw predictions (tensors or dicts of tensors)."""
-    first = preds[0]
-    if isinstance(first, dict):
-        return {k: _average([p[k] for p in preds]) for k in first}
-    return torch.stack([p.float() for p in preds]).mean(dim=0)
+def _task_kind(task: Union[str, Task]) -> Optional[str]:
+    """The modality kind a named task needs (None for the generic tasks)."""
+    if isinstance(task, Task) or task in Task._value2member_map_:
+        return None
+    return heads.modality_tasks()[task].kind
 
 
 # --- image -> auxiliary modality --------------------------------------------------------------------
@@ -176,8 +172,8 @@ def image_to_aux(
 
     ``A_∅ = Σ_m π_m E_m(∅)`` (modalities in ``known`` keep their true encoding), the drift the model
     saw for dropped modalities in training. The prediction is averaged over ``num_draws`` noise
-    draws (one batched forward): a modality may define ``average_predictions(list) -> pred`` (a
-    label head averages probabilities there); otherwise raw tensors are averaged.
+    draws (one batched forward) by ``Modality.average_predictions`` (a label averages
+    probabilities; the default is the mean of the raw tensors).
 
     Args:
         x0: (B, C, H, W). t_read: the read-out timestep, default ``max(1, T // 100)``.
@@ -202,7 +198,7 @@ def image_to_aux(
     out = model(z, torch.full((num_draws * B,), t_read, dtype=torch.long, device=x0.device))
     rows = torch.arange(num_draws * B, device=x0.device).view(num_draws, B)
     preds = [mod.select(out.aux[name], rows[d]) for d in range(num_draws)]
-    avg = mod.average_predictions(preds) if hasattr(mod, "average_predictions") else _average(preds)
+    avg = mod.average_predictions(preds)
     return mod.readout(avg), avg
 
 
@@ -288,36 +284,44 @@ def sample(
     """Run a task of §3.
 
     Args:
-        task: a :class:`Task` (or its string value).
+        task: a generic :class:`Task` (or its string value), or a task of a modality kind
+            (:func:`heads.modality_tasks`: ``class_to_image``, ``inpaint``, ``image_to_label``, ...).
         batch_size: number of samples (joint); inferred from ``known`` or ``image`` otherwise.
-        known: ``{name: x_m}`` values of known modalities (conditional tasks).
+        known: ``{name: x_m}`` values of known modalities (conditional tasks; a named ``generate``
+            task needs its kind's modality among them).
         image: (B, C, H, W) the given image (image→aux tasks). name: the modality to read there
-            (default from the task, e.g. ``label`` for ``image_to_label``).
+            (default: the model's modality of the task's kind, e.g. the label for ``image_to_label``).
         scheduler: ``ddpm``, ``ddim`` or ``dpm`` (:func:`make_scheduler`), ``num_steps`` steps;
             ``scheduler_kwargs`` override its diffusers config; ``eta`` is DDIM's η.
         guidance_scale: drift guidance ``w`` (1 = no guidance; needs known modalities).
-        classifier_scale: classifier guidance ``s`` from head ``classifier_modality`` (default:
-            ``label`` if present) toward ``classifier_target`` (default: its known value).
+        classifier_scale: classifier guidance ``s`` from head ``classifier_modality`` (default: the
+            task's modality, else the only known one) toward ``classifier_target`` (default: its
+            known value).
         callback: called after every step as ``callback(i, t, y_next, A_hat)`` (de-drifted path).
 
     The loop makes no host syncs of its own: timesteps stay on the CPU and every schedule scalar
     is read from the CPU tables.
     """
-    task, kind, default_name = _resolve(task)
+    generic, task_name = resolve_task(task, model)
+    label = task.value if isinstance(task, Task) else str(task)
+    kind = _task_kind(task)
+    if kind is not None and task_name is None:
+        kinds = sorted({m.kind for m in model.modalities.values()})
+        raise ConfigError(f"task {label!r} needs a modality of kind {kind!r}; the model has {kinds or 'none'}")
     known = dict(known or {})
     for k in known:
         if k not in model.modalities:
             raise ConfigError(f"sampling: known modality {k!r} is not a modality of the model ({list(model.modalities)})")
 
-    if kind == "image_to_aux":
-        name = name or default_name
+    if generic is Task.image_to_aux:
+        name = name or task_name
         if image is None or name is None:
-            raise ConfigError(f"task {task.value!r} needs the image and a modality name (got name={name!r})")
+            raise ConfigError(f"task {label!r} needs the image and a modality name (got name={name!r})")
         readout, pred = image_to_aux(model, schedule, image, name, t_read, num_draws, generator, known)
         return SampleOutput(image=image, aux={name: readout, **known}, aux_pred={name: pred})
-    if kind == "conditional" and not known:
-        need = f"known[{default_name!r}]" if default_name else "known modality values"
-        raise ConfigError(f"task {task.value!r} needs {need}")
+    if generic is Task.conditional and (not known or (task_name is not None and task_name not in known)):
+        need = f"known[{task_name!r}]" if task_name else "known modality values"
+        raise ConfigError(f"task {label!r} needs {need}")
     if guidance_scale != 1.0 and not known:
         raise ConfigError("sampling.guidance_scale != 1 needs known modalities (drift guidance is conditional)")
 
@@ -330,7 +334,7 @@ def sample(
 
     classifier = None
     if classifier_scale != 0.0:
-        cname = classifier_modality or ("label" if "label" in model.modalities else None)
+        cname = classifier_modality or task_name or (next(iter(known)) if len(known) == 1 else None)
         if cname is None or cname not in model.modalities:
             raise ConfigError(f"sampling.classifier_modality {cname!r} is not a modality of the model ({list(model.modalities)})")
         target = classifier_target if classifier_target is not None else known.get(cname)
