@@ -93,7 +93,7 @@ class FakeModel(nn.Module):
             A = A + mod.weight * e
         return A
 
-    def forward(self, z, t):
+    def forward(self, z, t, collect_stats=False):  # no MoE: nothing to collect
         self.calls.append((z.detach().clone(), t.clone()))
         image = None if self.image_fn is None else self.image_fn(z, t)
         return FakeOutput(image, self.aux_fn(z, t), torch.zeros(()))
