@@ -1,8 +1,9 @@
-"""Small stand-ins for the model contract of ``unidiff/model.py`` used by the diffusion tests.
+"""Small stand-ins for the model contract of ``unidiff/model.py`` used by the sampler tests.
 
 ``FakeModel`` implements ``aggregate``/``encoding``/``expected_aggregate`` with the semantics of
 ``UnifiedModel`` (which needs the backbone and ``heads/``), and takes its image and head outputs
-from plain callables so a test can make them perfect, fixed or analytic.
+from plain callables so a test can make them perfect, fixed or analytic. The objective and bound
+tests (``test_diffusion_losses.py``) use the real ``UnifiedModel`` instead.
 """
 
 from __future__ import annotations
