@@ -1,8 +1,9 @@
-"""Small stand-ins for the model contract of ``unidiff/model.py`` used by the diffusion tests.
+"""Small stand-ins for the model contract of ``unidiff/model.py`` used by the sampler tests.
 
 ``FakeModel`` implements ``aggregate``/``encoding``/``expected_aggregate`` with the semantics of
 ``UnifiedModel`` (which needs the backbone and ``heads/``), and takes its image and head outputs
-from plain callables so a test can make them perfect, fixed or analytic.
+from plain callables so a test can make them perfect, fixed or analytic. The objective and bound
+tests (``test_diffusion_losses.py``) use the real ``UnifiedModel`` instead.
 """
 
 from __future__ import annotations
@@ -93,7 +94,7 @@ class FakeModel(nn.Module):
             A = A + mod.weight * e
         return A
 
-    def forward(self, z, t):
+    def forward(self, z, t, collect_stats=False):  # no MoE: nothing to collect
         self.calls.append((z.detach().clone(), t.clone()))
         image = None if self.image_fn is None else self.image_fn(z, t)
         return FakeOutput(image, self.aux_fn(z, t), torch.zeros(()))

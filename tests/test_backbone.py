@@ -110,6 +110,23 @@ def test_gradients_reach_every_parameter():
     assert missing == []
 
 
+def test_moe_stats_only_when_asked():
+    bb = debug_backbone()
+    randomize_zero_inits(bb)
+    z, t = torch.randn(3, 1, 8, 8), torch.randint(0, 1000, (3,))
+    moes = [layer.mixer for layer in bb.layers if isinstance(layer.mixer, MoE)]
+    assert moes
+    plain = bb(z, t)  # a sampling/eval forward: no statistic computed, nothing returned
+    assert plain.stats == {} and all(m.last_load.abs().sum() == 0 for m in moes)
+    asked = bb(z, t, collect_stats=True)
+    torch.testing.assert_close(asked.tokens, plain.tokens, rtol=0, atol=0)  # the flag changes no output
+    # the stats are the mean over MoE sublayers of each one's own load of this forward
+    load = torch.stack([m.last_load for m in moes]).mean(0)
+    torch.testing.assert_close(asked.stats["moe/load"], load)
+    torch.testing.assert_close(load.sum(), torch.tensor(1.0))
+    assert set(asked.stats) == {"moe/load", "moe/load_max_over_mean", "moe/router_entropy", "moe/bias_abs_max"}
+
+
 def test_save_load_round_trip_exact(tmp_path):
     bb = debug_backbone()
     randomize_zero_inits(bb)

@@ -1,4 +1,11 @@
-"""Losses, the exact bound and the ELBO classifier (DESIGN.md §2) against independent oracles."""
+"""The training objective, the exact bound and the ELBO classifier (DESIGN.md §2) against independent oracles.
+
+Every model here is the real ``UnifiedModel`` (debug preset) with real label / representation
+heads, so the objective's drift, dropout and head terms are checked against the model's own
+encoders. Where a test needs a predictor with known outputs (a perfect model, a model that knows
+the drift), :func:`_with_outputs` replaces only the network's forward by those outputs; the
+encoders, ``aggregate`` and ``expected_aggregate`` stay the model's.
+"""
 
 import math
 
@@ -9,20 +16,24 @@ from diffusers import DDPMScheduler
 from scipy.stats import norm
 from torch.distributions import Normal, kl_divergence
 
-from diffusion_fakes import FakeLabel, FakeModel, TinyDenoiser, onehot_logits
 from unidiff.diffusion import (
     DriftSchedule,
+    MultiModalDiffusion,
     bits_per_dim,
     bound_terms,
     discretized_gaussian_log_likelihood,
     elbo_classify,
     exact_kl_term,
     kl_upper_bound,
+    model_state_dict,
     training_losses,
 )
 from unidiff.errors import ConfigError
+from unidiff.model import ModelOutput, UnifiedModel
+from unidiff.models.presets import get_preset
 
-SHAPE = (1, 4, 4)
+SHAPE = (1, 8, 8)  # the debug preset's patch size 2 needs an even image side
+DIMS = 64  # C·H·W
 
 
 # --- the exact KL against Bayes' rule on the explicit Gaussians ------------------------------------
@@ -60,12 +71,12 @@ def test_exact_kl_equals_gaussian_kl_from_bayes(beta_schedule, gamma):
         mu_p, var_p = _bayes_posterior(abar, abar_prev, x0_hat, A_hat, z_t, gamma)
         oracle = kl_divergence(Normal(mu_q, math.sqrt(var_q)), Normal(mu_p, math.sqrt(var_p))).flatten(1).sum(1)
         tt = torch.full((shape[0],), t)
-        got = exact_kl_term(s, x0, A, eps, eps_hat, A_hat, tt)
+        got = exact_kl_term(s, A, eps, eps_hat, A_hat, tt)
         torch.testing.assert_close(got, oracle, rtol=1e-6, atol=1e-9)
         # the posterior pieces themselves
         torch.testing.assert_close(s.posterior_mean(x0, A, z_t, tt), mu_q, rtol=1e-8, atol=1e-8)
         assert math.isclose(float(s.posterior_variance[t]), var_q, rel_tol=1e-8)
-        assert bool((got <= kl_upper_bound(s, x0, A, eps, eps_hat, A_hat, tt) * (1 + 1e-12)).all())
+        assert bool((got <= kl_upper_bound(s, A, eps, eps_hat, A_hat, tt) * (1 + 1e-12)).all())
 
 
 def test_kl_zero_iff_perfect_and_bound_tight_cases():
@@ -73,8 +84,8 @@ def test_kl_zero_iff_perfect_and_bound_tight_cases():
     g = torch.Generator().manual_seed(3)
     A, eps = torch.randn(4, 1, 4, 4, generator=g), torch.randn(4, 1, 4, 4, generator=g)
     t = torch.tensor([1, 10, 50, 99])
-    assert float(exact_kl_term(s, None, A, eps, eps, A, t).abs().max()) == 0.0
-    assert bool((exact_kl_term(s, None, A, eps, eps + 0.1, A, t) > 0).all())
+    assert float(exact_kl_term(s, A, eps, eps, A, t).abs().max()) == 0.0
+    assert bool((exact_kl_term(s, A, eps, eps + 0.1, A, t) > 0).all())
 
 
 # --- the image decoder ----------------------------------------------------------------------------------
@@ -95,134 +106,302 @@ def test_discretized_gaussian_matches_scipy():
     torch.testing.assert_close(got, ref, rtol=1e-6, atol=1e-8)
 
 
-# --- training losses -------------------------------------------------------------------------------
-def _label_setup(T=50, prediction="epsilon", K=3, weight=0.7, loss_weight=0.5, seed=0):
-    s = DriftSchedule.from_config("linear", T, beta_start=1e-3, beta_end=0.2)
+# --- the real model, optionally with known outputs -------------------------------------------------
+LABEL = {"name": "label", "kind": "label", "num_classes": 3, "weight": 0.7, "loss_weight": 0.5}
+REPR = {"name": "representation", "kind": "representation", "dim": 4, "weight": 0.4, "loss_weight": 2.0}
+B = 5
+
+
+def _schedule(T=50):
+    return DriftSchedule.from_config("linear", T, beta_start=1e-3, beta_end=0.2)
+
+
+def _ddpm(T=50):
+    """diffusers' own scheduler on the same betas: the oracle for a_t, σ_t and the targets."""
+    return DDPMScheduler(num_train_timesteps=T, beta_start=1e-3, beta_end=0.2)
+
+
+def _model(specs=(LABEL, REPR), prediction="epsilon", predict_image=True, seed=0, **backbone):
+    """A real UnifiedModel whose zero-initialised outputs are opened (so every term is non-trivial)."""
+    torch.manual_seed(seed)
+    model = UnifiedModel(image_shape=SHAPE, backbone_config={**get_preset("debug"), **backbone},
+                         modality_configs=[dict(s) for s in specs], prediction=prediction, predict_image=predict_image)
+    g = torch.Generator().manual_seed(seed + 1)
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.abs().sum() == 0:
+                p.copy_(0.1 * torch.randn(p.shape, generator=g))
+    return model
+
+
+def _batch(seed=0, n=B, K=3):
     g = torch.Generator().manual_seed(seed)
-    B = 5
-    x0 = torch.rand(B, *SHAPE, generator=g) * 2 - 1
-    y = torch.randint(0, K, (B,), generator=g)
-    mod = FakeLabel("label", SHAPE, K, weight=weight, loss_weight=loss_weight)
-    return s, x0, y, mod
+    return {"image": torch.rand(n, *SHAPE, generator=g) * 2 - 1, "label": torch.randint(0, K, (n,), generator=g),
+            "representation": torch.randn(n, 4, generator=g)}
+
+
+def _capture_inputs(model):
+    """Record the (z_t, t) of every forward of ``model``."""
+    calls = []
+    model.register_forward_pre_hook(lambda mod, args: calls.append((args[0].detach().clone(), args[1].clone())))
+    return calls
+
+
+def _with_outputs(model, image_fn, aux_fn):
+    """``model`` with its network replaced by known outputs ``image_fn(z, t)``, ``aux_fn(z, t)``."""
+
+    def forward(z, t, cond=None, collect_stats=False):
+        image = None if image_fn is None else image_fn(z, t)
+        return ModelOutput(image=image, aux=aux_fn(z, t), aux_loss=torch.zeros(()))
+
+    model.forward = forward
+    return model
+
+
+def onehot_logits(labels, num_classes, gap=100.0):
+    """Logits whose softmax is (numerically exactly) one-hot at ``labels``."""
+    return gap * F.one_hot(labels, num_classes).float()
+
+
+def _true_drift(model, batch, drop=None):
+    """``Σ_m π_m E_m`` from the modalities' own encoders; dropped rows use the null encoding (§1-2)."""
+    A = torch.zeros(batch["image"].shape)
+    for spec in (LABEL, REPR):
+        name = spec["name"]
+        if name not in model.modalities:
+            continue
+        mod = model.modalities[name]
+        e = mod.encode(batch[name])
+        if drop is not None:
+            e = torch.where(drop[name].view(-1, 1, 1, 1), mod.null_encoding(e.shape[0]), e)
+        A = A + spec["weight"] * e
+    return A
+
+
+def _z_ref(x0, A, noise, t, T=50, gamma=1.0):
+    """The drifted marginal from diffusers: ``add_noise`` (a_t x0 + σ_t ε) + κ_t A, κ_t = γ a_t σ_t."""
+    abar = _ddpm(T).alphas_cumprod[t].view(-1, 1, 1, 1)
+    return _ddpm(T).add_noise(x0, noise, t) + gamma * (abar * (1 - abar)).sqrt() * A
+
+
+# --- the training objective ---------------------------------------------------------------------------
+@pytest.mark.parametrize("prediction", ["epsilon", "v_prediction", "sample"])
+def test_drift_image_and_head_terms_against_diffusers(prediction):
+    s, model = _schedule(), _model(prediction=prediction, aux_loss_coef=0.05)
+    calls = _capture_inputs(model)
+    batch = _batch()
+    x0, y, r = batch["image"], batch["label"], batch["representation"]
+    t = torch.tensor([0, 3, 17, 30, 49])
+    noise = torch.randn(x0.shape, generator=torch.Generator().manual_seed(2))
+    drop = {"label": torch.tensor([True, False, True, False, False]),
+            "representation": torch.tensor([False, True, True, False, False])}
+    out = MultiModalDiffusion(model, s)(batch, t=t, noise=noise, drop=drop)
+
+    with torch.no_grad():
+        # dropped rows drift with the null encoding, the others with their value (§2)
+        z_ref = _z_ref(x0, _true_drift(model, batch, drop), noise, t)
+        torch.testing.assert_close(calls[0][0], z_ref, rtol=1e-5, atol=1e-5)
+        pred = model(z_ref, t)
+        target = {"epsilon": noise, "v_prediction": _ddpm().get_velocity(x0, noise, t), "sample": x0}[prediction]
+        image_ref = (pred.image - target).pow(2).mean(dim=(1, 2, 3))
+        # heads are trained on the TRUE values, also in dropped rows
+        ce = F.cross_entropy(pred.aux["label"], y, reduction="none")
+        mse = (pred.aux["representation"] - r).pow(2).mean(dim=1)
+    torch.testing.assert_close(out.image, image_ref, rtol=1e-4, atol=1e-6)
+    torch.testing.assert_close(out.heads["label"], ce, rtol=1e-4, atol=1e-6)
+    torch.testing.assert_close(out.heads["representation"], mse, rtol=1e-4, atol=1e-6)
+    per_sample = image_ref + 0.5 * ce + 2.0 * mse
+    torch.testing.assert_close(out.per_sample, per_sample, rtol=1e-4, atol=1e-6)
+    # the scalar for backward includes the MoE aux loss of the same forward
+    assert float(pred.aux_loss) > 0
+    torch.testing.assert_close(out.loss, per_sample.mean() + pred.aux_loss, rtol=1e-4, atol=1e-6)
+    assert all(torch.equal(out.drop[k], drop[k]) for k in drop) and torch.equal(out.t, t)
 
 
 @pytest.mark.parametrize("prediction", ["epsilon", "v_prediction", "sample"])
 @pytest.mark.parametrize("weighting", ["simple", "vlb"])
 def test_perfect_predictor_has_zero_loss(prediction, weighting):
-    s, x0, y, mod = _label_setup()
-    A = mod.weight * mod.encode(y)
+    s, batch = _schedule(), _batch()
+    x0, y, r = batch["image"], batch["label"], batch["representation"]
+    model = _model(prediction=prediction)
+    with torch.no_grad():
+        A = _true_drift(model, batch)
 
-    def image_fn(z, t):  # knows x0 and the drift, hence ε, and outputs its parameterisation
+    def image_fn(z, t):  # knows x0 and the true drift, hence ε, and outputs its parameterisation
         eps = (z - s.at("a", t, z) * x0 - s.at("kappa", t, z) * A) / s.at("sigma", t, z)
         return s.target(x0, eps, t, prediction)
 
-    model = FakeModel({"label": mod}, image_fn, lambda z, t: {"label": onehot_logits(y, 3)}, SHAPE, prediction)
-    drop = {"label": torch.zeros(5, dtype=torch.bool)}
-    out = training_losses(model, s, {"image": x0, "label": y}, weighting=weighting, drop=drop,
-                          generator=torch.Generator().manual_seed(1))
-    assert out["loss"].shape == (5,)
-    assert float(out["loss"].abs().max()) < 1e-8
+    _with_outputs(model, image_fn, lambda z, t: {"label": onehot_logits(y, 3), "representation": r.clone()})
+    drop = {name: torch.zeros(B, dtype=torch.bool) for name in ("label", "representation")}
+    out = MultiModalDiffusion(model, s, weighting=weighting)(batch, drop=drop, generator=torch.Generator().manual_seed(1))
+    assert out.per_sample.shape == (B,)
+    assert float(out.per_sample.detach().abs().max()) < 1e-8
 
 
-@pytest.mark.parametrize("prediction", ["epsilon", "v_prediction", "sample"])
-def test_image_term_and_dropout_against_diffusers(prediction):
-    T = 50
-    s, x0, y, mod = _label_setup(T=T)
-    net = TinyDenoiser(1, T)
-    logits = torch.randn(5, 3, generator=torch.Generator().manual_seed(9))
-    model = FakeModel({"label": mod}, net, lambda z, t: {"label": logits}, SHAPE, prediction)
-    t = torch.tensor([0, 3, 17, 30, 49])
-    noise = torch.randn(x0.shape, generator=torch.Generator().manual_seed(2))
-    drop = {"label": torch.tensor([True, False, True, False, False])}
-    out = training_losses(model, s, {"image": x0, "label": y}, t=t, noise=noise, drop=drop)
-
-    ref = DDPMScheduler(num_train_timesteps=T, beta_start=1e-3, beta_end=0.2)
-    kappa = (ref.alphas_cumprod[t] * (1 - ref.alphas_cumprod[t])).sqrt().view(-1, 1, 1, 1)
-    # dropped rows drift with the null encoding, the others with their label (§2)
-    E = torch.where(drop["label"].view(-1, 1, 1, 1), mod.null.expand(5, *SHAPE), mod.table[y])
-    z_ref = ref.add_noise(x0, noise, t) + kappa * 0.7 * E
-    torch.testing.assert_close(model.calls[0][0], z_ref, rtol=1e-5, atol=1e-5)
-    target = {"epsilon": noise, "v_prediction": ref.get_velocity(x0, noise, t), "sample": x0}[prediction]
-    image_ref = (net(z_ref, t) - target).pow(2).mean(dim=(1, 2, 3))
-    torch.testing.assert_close(out["image"], image_ref, rtol=1e-4, atol=1e-6)
-    # head loss on the TRUE label, also for dropped rows
-    ce = F.cross_entropy(logits, y, reduction="none")
-    torch.testing.assert_close(out["head/label"], ce)
-    torch.testing.assert_close(out["loss"], image_ref + 0.5 * ce, rtol=1e-4, atol=1e-6)
-    assert torch.equal(out["drop/label"], drop["label"])
+def test_random_draws_follow_the_documented_order():
+    # t, then ε, then each modality's from_batch (no draws for these two), then one dropout mask per
+    # modality in model order: the main job's numbers depend on this order.
+    s, model, batch = _schedule(), _model(), _batch()
+    calls = _capture_inputs(model)
+    out = MultiModalDiffusion(model, s, p_drop=0.5)(batch, generator=torch.Generator().manual_seed(7))
+    g = torch.Generator().manual_seed(7)
+    t = torch.randint(0, 50, (B,), generator=g)
+    noise = torch.randn(batch["image"].shape, generator=g)
+    drop = {name: torch.rand(B, generator=g) < 0.5 for name in ("label", "representation")}
+    assert torch.equal(out.t, t)
+    assert all(torch.equal(out.drop[k], drop[k]) for k in drop)
+    assert any(bool(v.any()) and not bool(v.all()) for v in drop.values())  # masks are mixed
+    with torch.no_grad():
+        torch.testing.assert_close(calls[0][0], _z_ref(batch["image"], _true_drift(model, batch, drop), noise, t),
+                                   rtol=1e-5, atol=1e-5)
 
 
-def test_vlb_weighting_and_reproducibility():
-    T = 50
-    s, x0, y, mod = _label_setup(T=T)
-    logits = torch.randn(5, 3, generator=torch.Generator().manual_seed(9))
-    model = FakeModel({"label": mod}, TinyDenoiser(1, T), lambda z, t: {"label": logits}, SHAPE)
-    batch = {"image": x0, "label": y}
-    a = training_losses(model, s, batch, weighting="vlb", generator=torch.Generator().manual_seed(5))
-    b = training_losses(model, s, batch, weighting="vlb", generator=torch.Generator().manual_seed(5))
-    for k in ("loss", "t", "drop/label"):
-        assert torch.equal(a[k], b[k])
-    w = s.vlb_head_weight[a["t"]].float()
-    torch.testing.assert_close(a["loss"], a["image"] + 0.5 * w * a["head/label"])
+def test_vlb_weighting_reproducibility_and_functional_form():
+    s, model, batch = _schedule(), _model(), _batch()
+    vlb = MultiModalDiffusion(model, s, weighting="vlb")
+    a = vlb(batch, generator=torch.Generator().manual_seed(5))
+    b = vlb(batch, generator=torch.Generator().manual_seed(5))
+    assert torch.equal(a.per_sample, b.per_sample) and torch.equal(a.t, b.t)
+    assert all(torch.equal(a.drop[k], b.drop[k]) for k in a.drop)
+    simple = MultiModalDiffusion(model, s, weighting="simple")(batch, generator=torch.Generator().manual_seed(5))
+    torch.testing.assert_close(simple.image, a.image)
+    # vlb: λ_m (λA_t/λε_t)² normalised to mean 1 over t, from diffusers' ᾱ (§2)
+    abar = _ddpm().alphas_cumprod.double()
+    abar_prev = torch.cat([torch.ones(1, dtype=torch.float64), abar[:-1]])
+    kappa = (abar * (1 - abar)).sqrt()
+    kappa_prev = (abar_prev * (1 - abar_prev)).sqrt()
+    alpha = abar / abar_prev
+    ratio = ((kappa_prev - kappa / alpha.sqrt()) / ((1 - alpha) / (alpha.sqrt() * (1 - abar).sqrt()))) ** 2
+    w = (ratio / ratio.mean())[a.t].float()
+    torch.testing.assert_close(a.per_sample, a.image + 0.5 * w * a.heads["label"] + 2.0 * w * a.heads["representation"])
+    torch.testing.assert_close(simple.per_sample, a.image + 0.5 * a.heads["label"] + 2.0 * a.heads["representation"])
+    # training_losses is the same computation as a flat dict
+    flat = training_losses(model, s, batch, weighting="vlb", generator=torch.Generator().manual_seed(5))
+    assert torch.equal(flat["loss"], a.per_sample) and torch.equal(flat["t"], a.t)
+    assert torch.equal(flat["head/label"], a.heads["label"]) and torch.equal(flat["drop/label"], a.drop["label"])
 
 
 def test_p_drop_one_drops_everything():
-    s, x0, y, mod = _label_setup()
-    model = FakeModel({"label": mod}, TinyDenoiser(1, 50), lambda z, t: {"label": torch.zeros(5, 3)}, SHAPE)
-    out = training_losses(model, s, {"image": x0, "label": y}, p_drop=1.0, generator=torch.Generator().manual_seed(0))
-    assert bool(out["drop/label"].all())
-    out = training_losses(model, s, {"image": x0, "label": y}, p_drop=0.0, generator=torch.Generator().manual_seed(0))
-    assert not bool(out["drop/label"].any())
+    s, model, batch = _schedule(), _model(), _batch()
+    calls = _capture_inputs(model)
+    out = MultiModalDiffusion(model, s, p_drop=1.0)(batch, generator=torch.Generator().manual_seed(0))
+    assert all(bool(v.all()) for v in out.drop.values())
+    nulls = {name: torch.ones(B, dtype=torch.bool) for name in ("label", "representation")}
+    g = torch.Generator().manual_seed(0)
+    t, noise = torch.randint(0, 50, (B,), generator=g), torch.randn(batch["image"].shape, generator=g)
+    with torch.no_grad():
+        torch.testing.assert_close(calls[0][0], _z_ref(batch["image"], _true_drift(model, batch, nulls), noise, t),
+                                   rtol=1e-5, atol=1e-5)
+    out = MultiModalDiffusion(model, s, p_drop=0.0)(batch, generator=torch.Generator().manual_seed(0))
+    assert not any(bool(v.any()) for v in out.drop.values())
 
 
-def test_label_only_baseline_and_bad_weighting():
-    s, x0, y, mod = _label_setup()
-    logits = torch.randn(5, 3)
-    model = FakeModel({"label": mod}, None, lambda z, t: {"label": logits}, SHAPE)
-    out = training_losses(model, s, {"image": x0, "label": y}, generator=torch.Generator().manual_seed(0))
-    assert float(out["image"].abs().max()) == 0.0
-    torch.testing.assert_close(out["loss"], 0.5 * F.cross_entropy(logits, y, reduction="none"))
-    with pytest.raises(ConfigError, match="weighting"):
-        training_losses(model, s, {"image": x0, "label": y}, weighting="elbo")
+def test_label_only_baseline_and_bad_options():
+    s, batch = _schedule(), _batch()
+    model = _model(specs=(LABEL,), predict_image=False)
+    calls = _capture_inputs(model)
+    out = MultiModalDiffusion(model, s)(batch, generator=torch.Generator().manual_seed(0))
+    assert float(out.image.abs().max()) == 0.0
+    with torch.no_grad():
+        logits = model(*calls[0]).aux["label"]
+    torch.testing.assert_close(out.per_sample, 0.5 * F.cross_entropy(logits, batch["label"], reduction="none"))
+    with pytest.raises(ConfigError, match=r"diffusion\.weighting"):
+        MultiModalDiffusion(model, s, weighting="elbo")
+    with pytest.raises(ConfigError, match=r"diffusion\.p_drop"):
+        MultiModalDiffusion(model, s, p_drop=1.5)
     with pytest.raises(ConfigError, match="image head"):
-        bits_per_dim(model, s, {"image": x0, "label": y})
+        bits_per_dim(model, s, batch)
+
+
+def test_one_forward_reaches_every_parameter_and_logs_detached_scalars():
+    # Encoders, null encodings, heads and backbone all get their gradient from the objective's own
+    # forward: what DDP/FSDP need to wrap them together (DESIGN.md §6).
+    s, model, batch = _schedule(), _model(aux_loss_coef=0.05), _batch(n=8)
+    drop = {name: torch.tensor([True, False] * 4) for name in ("label", "representation")}
+    out = MultiModalDiffusion(model, s)(batch, drop=drop, generator=torch.Generator().manual_seed(3))
+    out.loss.backward()
+    missing = [n for n, p in model.named_parameters() if p.grad is None or p.grad.abs().sum() == 0]
+    assert missing == []
+    moe = {k: v for k, v in model.backbone.moe_stats().items() if v.ndim == 0}
+    assert set(out.logs) == {"loss", "image", "aux_loss", "head/label", "head/representation", *moe}
+    assert all(v.ndim == 0 and not v.requires_grad and v.dtype == torch.float32 for v in out.logs.values())
+    torch.testing.assert_close(out.logs["loss"], out.loss.detach())
+    torch.testing.assert_close(out.logs["head/representation"], out.heads["representation"].mean())
+    for k, v in moe.items():  # the statistics of this very forward, which asked for them
+        torch.testing.assert_close(out.logs[k], v)
+    assert model(batch["image"], out.t).stats == {}  # a sampling forward computes none
+
+
+def test_state_dict_is_the_models_and_the_schedule_is_not_module_state():
+    s, model = _schedule(), _model()
+    objective = MultiModalDiffusion(model, s)
+    state = objective.state_dict()
+    assert set(state) == {"model." + k for k in model.state_dict()}
+    assert model_state_dict(state).keys() == model.state_dict().keys()
+    assert model_state_dict(model.state_dict()).keys() == model.state_dict().keys()
+    # both forms load: the objective's own, and a plain model's (checkpoints written before it)
+    other = MultiModalDiffusion(_model(seed=3), s)
+    other.load_state_dict(model.state_dict())
+    assert all(torch.equal(v, other.state_dict()[k]) for k, v in state.items())
+    other.load_state_dict({k: torch.zeros_like(v) for k, v in state.items()})
+    assert all(float(v.abs().sum()) == 0 for v in other.state_dict().values() if v.is_floating_point())
+    # casting the module leaves the float64 tables alone
+    objective.half()
+    assert objective.schedule is s and s.alphas_cumprod.dtype == torch.float64
+
+
+def test_mixed_precision_covers_the_network_only():
+    # Under autocast (what accelerate wraps the prepared forward in) the drift and z_t stay fp32 and
+    # equal to a full-precision step: only the model call runs in bf16.
+    s, model, batch = _schedule(), _model(), _batch()
+    calls = _capture_inputs(model)
+    objective = MultiModalDiffusion(model, s)
+    full = objective(batch, generator=torch.Generator().manual_seed(4))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        mixed = objective(batch, generator=torch.Generator().manual_seed(4))
+    assert calls[1][0].dtype == torch.float32 and torch.equal(calls[0][0], calls[1][0])
+    assert mixed.per_sample.dtype == torch.float32 and bool(torch.isfinite(mixed.loss))
+    torch.testing.assert_close(mixed.per_sample, full.per_sample, rtol=0.1, atol=0.05)
 
 
 # --- the full bound ----------------------------------------------------------------------------------
-def _quantised(B, seed):
+def _quantised(n, seed):
     g = torch.Generator().manual_seed(seed)
-    return torch.randint(0, 256, (B, *SHAPE), generator=g).float() / 255 * 2 - 1
+    return torch.randint(0, 256, (n, *SHAPE), generator=g).float() / 255 * 2 - 1
 
 
-def _knowing_model(s, x0, y, mod, eps_offset=0.0, t0_logits_uniform=False, prediction="epsilon"):
-    """A model that knows x0 and the true drift: ε̂ = ε + offset, Â = A (one-hot head)."""
-    A = mod.weight * mod.encode(y)
+def _knowing_model(s, x0, y, K=3, eps_offset=0.0, t0_logits_uniform=False, prediction="epsilon"):
+    """The real label model with known outputs: ε̂ = ε + offset at the true drift, a one-hot head
+    (so ``expected_aggregate`` gives Â = A). Returns (model, A)."""
+    model = _model(specs=({**LABEL, "num_classes": K},), prediction=prediction)
+    with torch.no_grad():
+        A = LABEL["weight"] * model.modalities["label"].encode(y)
 
     def image_fn(z, t):
         eps = (z - s.at("a", t, z) * x0 - s.at("kappa", t, z) * A) / s.at("sigma", t, z) + eps_offset
         return s.target(x0, eps, t, prediction)
 
     def aux_fn(z, t):
-        logits = onehot_logits(y, mod.num_classes)
+        logits = onehot_logits(y, K)
         if t0_logits_uniform:
             logits = torch.where((t == 0).view(-1, 1), torch.zeros_like(logits), logits)
         return {"label": logits}
 
-    return FakeModel({"label": mod}, image_fn, aux_fn, SHAPE, prediction)
+    return _with_outputs(model, image_fn, aux_fn), A
 
 
 @pytest.mark.parametrize("num_t,prediction", [(None, "epsilon"), (3, "epsilon"), (3, "v_prediction"), (3, "sample")])
 def test_bits_per_dim_of_a_perfect_model_is_prior_plus_decoder(num_t, prediction):
     T = 40
-    s, _, y, mod = _label_setup(T=T)
-    x0 = _quantised(5, 1)
-    model = _knowing_model(s, x0, y, mod, prediction=prediction)
-    bpd = bits_per_dim(model, s, {"image": x0, "label": y}, num_t=num_t, generator=torch.Generator().manual_seed(0))
-    ref = DDPMScheduler(num_train_timesteps=T, beta_start=1e-3, beta_end=0.2)
-    abar = ref.alphas_cumprod.double()
+    s, y = _schedule(T), _batch()["label"]
+    x0 = _quantised(B, 1)
+    model, A = _knowing_model(s, x0, y, prediction=prediction)
+    with torch.no_grad():
+        bpd = bits_per_dim(model, s, {"image": x0, "label": y}, num_t=num_t, generator=torch.Generator().manual_seed(0))
+    abar = _ddpm(T).alphas_cumprod.double()
     # L_T: KL(N(a x0 + κ A, σ²) ‖ N(0, 1)) at the last index
     a, sig = abar[-1].sqrt(), (1 - abar[-1]).sqrt()
-    mean = a * x0.double() + a * sig * mod.weight * mod.encode(y).double()
+    mean = a * x0.double() + a * sig * A.double()
     prior = kl_divergence(Normal(mean, sig.expand_as(mean)), Normal(0.0, 1.0)).flatten(1).sum(1)
     # L_0: x̂0 = x0 exactly, decoder variance β̃_1 = (1-ᾱ_0) β_1 / (1-ᾱ_1)
     std = math.sqrt(float((1 - abar[0]) * (1 - abar[1] / abar[0]) / (1 - abar[1])))
@@ -231,38 +410,38 @@ def test_bits_per_dim_of_a_perfect_model_is_prior_plus_decoder(num_t, prediction
     logp = torch.full(xs.shape, math.log(p), dtype=torch.float64)
     logp[torch.from_numpy(xs < -0.999) | torch.from_numpy(xs > 0.999)] = math.log(norm.cdf(1 / 255 / std))
     decoder = -logp.flatten(1).sum(1)
-    expected = (prior + decoder) / (16 * math.log(2))
+    expected = (prior + decoder) / (DIMS * math.log(2))
     torch.testing.assert_close(bpd.double(), expected, rtol=1e-4, atol=1e-5)
 
 
 def test_diffusion_sum_all_t_and_monte_carlo_match_closed_form():
     # ε̂ = ε + δ, Â = A: L_{t-1} = δ² D β_t / (2 α_t (1 - ᾱ_{t-1})) independently of the noise.
     T, delta = 20, 0.1
-    s, _, y, mod = _label_setup(T=T)
-    x0 = _quantised(5, 2)
-    model = _knowing_model(s, x0, y, mod, eps_offset=delta)
-    betas = DDPMScheduler(num_train_timesteps=T, beta_start=1e-3, beta_end=0.2).betas.double()
+    s, y = _schedule(T), _batch()["label"]
+    x0 = _quantised(B, 2)
+    model, _ = _knowing_model(s, x0, y, eps_offset=delta)
+    betas = _ddpm(T).betas.double()
     abar = torch.cumprod(1 - betas, 0)
-    per_t = delta**2 * 16 * betas[1:] / (2 * (1 - betas[1:]) * (1 - abar[:-1]))
-    terms = bound_terms(model, s, x0, {"label": y}, generator=torch.Generator().manual_seed(0))
-    torch.testing.assert_close(terms["diffusion"].double(), per_t.sum().expand(5), rtol=1e-4, atol=1e-6)
-    # Monte Carlo over t only (L does not depend on the noise): B·n draws of (T-1)·L_{t-1}; tight
+    per_t = delta**2 * DIMS * betas[1:] / (2 * (1 - betas[1:]) * (1 - abar[:-1]))
+    with torch.no_grad():
+        terms = bound_terms(model, s, x0, {"label": y}, generator=torch.Generator().manual_seed(0))
+    torch.testing.assert_close(terms["diffusion"].double(), per_t.sum().expand(B), rtol=1e-4, atol=1e-6)
+    # Monte Carlo over t only (L does not depend on the noise): n·draws of (T-1)·L_{t-1}; tight
     # enough to tell the (T-1) scaling from T (a 5% shift).
-    B, n = 2000, 50
-    x0 = _quantised(B, 5)
-    y = torch.randint(0, 3, (B,), generator=torch.Generator().manual_seed(6))
-    model = _knowing_model(s, x0, y, mod, eps_offset=delta)
-    mc = bound_terms(model, s, x0, {"label": y}, num_t=n, generator=torch.Generator().manual_seed(0))["diffusion"]
-    se = (T - 1) * per_t.std() / math.sqrt(B * n)
+    n, draws = 2000, 50
+    x0 = _quantised(n, 5)
+    y = torch.randint(0, 3, (n,), generator=torch.Generator().manual_seed(6))
+    model, _ = _knowing_model(s, x0, y, eps_offset=delta)
+    with torch.no_grad():
+        mc = bound_terms(model, s, x0, {"label": y}, num_t=draws, generator=torch.Generator().manual_seed(0))["diffusion"]
+    se = (T - 1) * per_t.std() / math.sqrt(n * draws)
     assert abs(float(mc.mean()) - float(per_t.sum())) < 4 * float(se) < 0.05 * float(per_t.sum())
 
 
 def test_bits_per_dim_random_model_finite_positive():
     T = 20
-    s, _, y, mod = _label_setup(T=T)
-    x0 = _quantised(4, 3)
-    y = y[:4]
-    model = FakeModel({"label": mod}, TinyDenoiser(1, T), lambda z, t: {"label": torch.randn(z.shape[0], 3)}, SHAPE)
+    s, model = _schedule(T), _model(specs=(LABEL,))
+    x0, y = _quantised(4, 3), _batch(n=4)["label"]
     for num_t in (None, 4):
         bpd = bits_per_dim(model, s, {"image": x0, "label": y}, num_t=num_t, generator=torch.Generator().manual_seed(0))
         assert bpd.shape == (4,) and bool(torch.isfinite(bpd).all()) and bool((bpd > 0).all())
@@ -270,14 +449,16 @@ def test_bits_per_dim_random_model_finite_positive():
 
 def test_elbo_classifier_picks_the_true_drift():
     T, K = 30, 4
-    s, _, y, mod = _label_setup(T=T, K=K)
-    x0 = _quantised(5, 4)
+    s = _schedule(T)
+    y = torch.tensor([0, 3, 1, 2, 3])
+    x0 = _quantised(B, 4)
     # The head is uninformative at t = 0, so only the diffusion terms (the drift) can separate.
-    model = _knowing_model(s, x0, y, mod, t0_logits_uniform=True)
-    best, bounds = elbo_classify(model, s, x0, "label", range(K), num_t=6, generator=torch.Generator().manual_seed(0))
-    assert bounds.shape == (5, K)
+    model, _ = _knowing_model(s, x0, y, K=K, t0_logits_uniform=True)
+    with torch.no_grad():
+        best, bounds = elbo_classify(model, s, x0, "label", range(K), num_t=6, generator=torch.Generator().manual_seed(0))
+        true_terms = bound_terms(model, s, x0, {"label": y}, generator=torch.Generator().manual_seed(0))
+    assert bounds.shape == (B, K)
     assert torch.equal(best, y)
-    true_terms = bound_terms(model, s, x0, {"label": y}, generator=torch.Generator().manual_seed(0))
     assert float(true_terms["diffusion"].abs().max()) < 1e-6  # the true drift has zero KL
     with pytest.raises(ConfigError, match="no modality"):
         elbo_classify(model, s, x0, "representation", range(K))

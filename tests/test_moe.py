@@ -142,7 +142,7 @@ def test_dispatch_handles_idle_experts():
     _randomise(m, bias_scale=0.0)
     m.gate.e_score_correction_bias[:2] = 10.0
     x = torch.randn(2, 5, D)
-    y, _ = m(x)
+    y, _ = m(x, collect_stats=True)
     torch.testing.assert_close(y, _naive(m, x), rtol=1e-5, atol=1e-5)
     assert m.last_load[2:].sum() == 0 and torch.allclose(m.last_load[:2], torch.tensor([0.5, 0.5]))
 
@@ -166,7 +166,7 @@ def test_bias_balancing_evens_out_skewed_load():
         return torch.randn(4, 32, 16) * 0.5 + u
 
     with torch.no_grad():
-        m(batch())
+        m(batch(), collect_stats=True)
     cv_before = _load_cv(m.last_load)
     assert m.last_load[0] > 0.45  # nearly every token chose expert 0
     for _ in range(80):
@@ -178,8 +178,8 @@ def test_bias_balancing_evens_out_skewed_load():
     with torch.no_grad():
         loads = []
         for _ in range(5):
-            m(batch())
-            loads.append(m.last_load)
+            m(batch(), collect_stats=True)
+            loads.append(m.last_load.clone())
     cv_after = _load_cv(torch.stack(loads).mean(0))
     assert cv_after < 0.4 * cv_before, (cv_before, cv_after)
     assert "e_score_correction_bias" not in dict(m.named_parameters())
@@ -201,13 +201,16 @@ def test_counts_only_in_training_and_update_resets():
     x = torch.randn(2, 5, D)
     m.eval()
     m(x)
+    # Without collect_stats (sampling, evaluation) no statistic is computed at all.
+    assert m.last_load.abs().sum() == 0 and m.last_router_entropy == 0
+    m(x, collect_stats=True)
     assert m.tokens_per_expert.sum() == 0
     st = m.stats()
     torch.testing.assert_close(st["load"].sum(), torch.tensor(1.0))
     assert 1.0 <= st["load_max_over_mean"] <= E / K
     assert 0.0 < st["router_entropy"] <= torch.log(torch.tensor(float(E))) + 1e-6
     m.train()
-    m(x)
+    m(x)  # balancing counts do not depend on collect_stats
     m(x)
     assert m.tokens_per_expert.sum() == 2 * 10 * K
     before = m.gate.e_score_correction_bias.clone()
@@ -249,7 +252,7 @@ def test_gradients_reach_every_used_part():
     m.gate.e_score_correction_bias.zero_()
     m.gate.e_score_correction_bias[-1] = -10.0  # expert E-1 never chosen
     x = torch.randn(2, 16, D)
-    y, _ = m(x)
+    y, _ = m(x, collect_stats=True)
     y.square().sum().backward()
     used = m.last_load > 0
     assert not used[-1] and used[:-1].sum() >= 4

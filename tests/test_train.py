@@ -7,6 +7,7 @@ the same command must give the same logged losses and bit-identical weights.
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 
 import pytest
@@ -16,7 +17,8 @@ from torch import nn
 
 from unidiff import checkpoint as ckpt
 from unidiff.config import load_config
-from unidiff.train import param_groups, train
+from unidiff.diffusion import model_state_dict
+from unidiff.train import param_groups, prepare_run, train
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -78,8 +80,11 @@ def test_checkpoint_contents_keep_last_and_weights_only(tmp_path):
         torch.load(f, map_location="cpu", weights_only=True)
     state = torch.load(last / f"custom_checkpoint_{ckpt.STATE_INDEX}.pkl", weights_only=True)
     assert state == {"step": 3}
-    # ema_decay=0: the EMA is the live model, so the export equals the last live weights.
-    live = load_file(str(last / "model.safetensors"))
+    # ema_decay=0: the EMA is the live model, so the export equals the last live weights. The
+    # checkpoint holds the prepared objective's state: the model's weights under "model.".
+    raw = load_file(str(last / "model.safetensors"))
+    assert all(k.startswith("model.") for k in raw)
+    live = model_state_dict(raw)
     exported = _weights(out)
     assert all(torch.equal(live[k], exported[k]) for k in exported)
     # Without model/, the inference model comes from the latest checkpoint's EMA.
@@ -91,12 +96,58 @@ def test_checkpoint_contents_keep_last_and_weights_only(tmp_path):
         assert torch.equal(v, live[k]), k
 
 
-def test_ema_is_an_exact_copy_then_a_moving_average(tmp_path):
-    out = train(_cfg(tmp_path / "e", "train.steps=3", "train.ckpt_every=3", "train.ema_decay=0.9"))
-    live = load_file(str(out / "checkpoints" / "step_000003" / "model.safetensors"))
-    ema = _weights(out)
-    moved = [k for k in ema if ema[k].is_floating_point() and not torch.equal(ema[k], live[k])]
-    assert moved, "with decay 0.9 the EMA must lag the live weights"
+def test_ema_is_an_exact_copy_then_a_moving_average(tmp_path, monkeypatch):
+    from accelerate.utils import set_seed
+    from diffusers.training_utils import EMAModel
+
+    # Observe (not change) every EMA update: the shadow before it and the live weights it is given.
+    seen = []
+    original_step = EMAModel.step
+
+    def observed_step(self, parameters):
+        parameters = list(parameters)
+        seen.append(([s.detach().clone() for s in self.shadow_params], [p.detach().clone() for p in parameters]))
+        return original_step(self, parameters)
+
+    monkeypatch.setattr(EMAModel, "step", observed_step)
+    # decay 0.9 is never reached in 4 steps: every update uses the warm-up value (the cap is the
+    # checkpoint test's ema_decay=0). lr 1e-2 moves the weights well past the tolerances below.
+    decay, k = 0.9, 4
+    cfg = _cfg(tmp_path / "e", f"train.steps={k}", f"train.ckpt_every={k}", f"train.ema_decay={decay}",
+               "train.grad_accum=2", "train.lr=1e-2")
+    out = train(cfg)
+    assert len(seen) == k  # one update per optimiser step, not per micro-step
+
+    # Exact copy at start: the shadow equals the initial weights, rebuilt from the same seed.
+    set_seed(cfg.run.seed)
+    init = prepare_run(cfg)[4]
+    names = [n for n, _ in init.named_parameters()]
+    for name, s0, p0 in zip(names, seen[0][0], init.parameters()):
+        assert torch.equal(s0, p0), name
+    live = [dict(zip(names, params)) for _, params in seen]  # live weights after steps 1..k
+    last = model_state_dict(load_file(str(out / "checkpoints" / f"step_{k:06d}" / "model.safetensors")))
+    assert all(torch.equal(live[-1][n], last[n]) for n in names)  # what was recorded is the live model
+
+    # Then a moving average with diffusers' warm-up: update j uses d_j = min(decay, j / (9 + j)),
+    # d_1 = 0, so EMA_j = sum_i (1 - d_i) prod_{l=i+1..j} d_l L_i (+ prod_{l<=j} d_l * initial = 0).
+    d = [0.0] + [min(decay, j / (9 + j)) for j in range(2, k + 1)]
+
+    def closed_form(j, name, decays):
+        total = math.prod(decays[:j]) * dict(init.named_parameters())[name].detach().double()
+        for i in range(1, j + 1):
+            total = total + (1 - decays[i - 1]) * math.prod(decays[i:j]) * live[i - 1][name].double()
+        return total
+
+    exported = _weights(out)
+    for name in names:
+        for j in range(1, k):  # the shadow before update j + 1 is EMA_j
+            torch.testing.assert_close(seen[j][0][names.index(name)].double(), closed_form(j, name, d),
+                                       rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(exported[name].double(), closed_form(k, name, d), rtol=1e-5, atol=1e-6)
+    # and the check has teeth: a constant decay, or no averaging, would give other weights
+    moved = max(float((closed_form(k, n, [decay] * k) - closed_form(k, n, d)).abs().max()) for n in names)
+    lag = max(float((exported[n].double() - live[-1][n].double()).abs().max()) for n in names)
+    assert moved > 1e-3 and lag > 1e-3, (moved, lag)
 
 
 def test_latest_ignores_tmp_and_unmarked_folders(tmp_path):

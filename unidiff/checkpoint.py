@@ -6,6 +6,10 @@ Layout of a run folder::
     RUN_DIR/checkpoints/step_000500/  accelerate ``save_state`` + DONE marker + model_config.json
     RUN_DIR/model/                    the final EMA model, ``save_pretrained`` (what sample/evaluate load)
 
+The prepared module is the training objective (``unidiff.diffusion.MultiModalDiffusion``), so a
+checkpoint's ``model.safetensors`` holds the ``UnifiedModel`` weights under ``model.`` keys (older
+checkpoints without the prefix load too); ``model/`` is the plain ``UnifiedModel`` export.
+
 A training state is written into ``step_XXXXXX.tmp``; the ``DONE`` marker is written last and
 the folder renamed to ``step_XXXXXX``, so a crash mid-save never leaves a folder that looks
 complete: :func:`latest` ignores ``.tmp`` folders and folders without the marker. Resume is
@@ -136,8 +140,9 @@ def export_model(model: nn.Module, path: str | os.PathLike) -> Path:
 
 
 def ema_model_from(model: nn.Module, ema) -> nn.Module:
-    """A copy of ``model`` (unwrapped) carrying the EMA weights; buffers (MoE router biases, which
-    are a control state and not averaged) are the live model's."""
+    """A copy of ``model`` (the unwrapped ``UnifiedModel`` the EMA was built on, not the objective
+    around it) carrying the EMA weights; buffers (MoE router biases, which are a control state and
+    not averaged) are the live model's."""
     import copy
 
     out = copy.deepcopy(model)
@@ -150,6 +155,7 @@ def load_model(run_dir: str | os.PathLike, device: str | torch.device = "cpu") -
     the latest complete checkpoint. CheckpointError when neither exists."""
     from safetensors.torch import load_file
 
+    from .diffusion.objective import model_state_dict
     from .model import UnifiedModel
 
     run_dir = Path(run_dir)
@@ -169,7 +175,7 @@ def load_model(run_dir: str | os.PathLike, device: str | torch.device = "cpu") -
     weights = ckpt / "model.safetensors"
     ema_file = ckpt / f"custom_checkpoint_{EMA_INDEX}.pkl"
     try:
-        model.load_state_dict(load_file(str(weights)))  # live weights + buffers
+        model.load_state_dict(model_state_dict(load_file(str(weights))))  # live weights + buffers
         shadow = torch.load(ema_file, map_location="cpu", weights_only=True)["shadow_params"]
     except (OSError, RuntimeError, KeyError) as err:
         raise CheckpointError(f"checkpoint {str(ckpt)!r} cannot be loaded: {str(err).splitlines()[0]}") from None

@@ -132,9 +132,11 @@ class UnifiedModel(ModelMixin, ConfigMixin):
         return A
 
     # --- forward ------------------------------------------------------------------------------
-    def forward(self, z: torch.Tensor, t: torch.Tensor, cond: Optional[torch.Tensor] = None) -> ModelOutput:
-        """z: (B, C, H, W) noisy drifted variable z_t; t: (B,) integer timesteps in [0, T)."""
-        feats: BackboneOutput = self.backbone(z, t, cond)
+    def forward(self, z: torch.Tensor, t: torch.Tensor, cond: Optional[torch.Tensor] = None,
+                collect_stats: bool = False) -> ModelOutput:
+        """z: (B, C, H, W) noisy drifted variable z_t; t: (B,) integer timesteps in [0, T).
+        ``collect_stats``: fill ``stats`` with the MoE statistics (training only, see the backbone)."""
+        feats: BackboneOutput = self.backbone(z, t, cond, collect_stats=collect_stats)
         image = self.image_head(feats) if self.image_head is not None else None
         aux = {name: mod.head(feats) for name, mod in self.modalities.items()}
         return ModelOutput(image=image, aux=aux, aux_loss=feats.aux_loss, stats=feats.stats)

@@ -3,8 +3,10 @@
 ``train(cfg)`` reads top to bottom: build data and model (every config check happens here, before
 anything is written), set up accelerate / AdamW / warm-up / EMA, resume from the latest complete
 checkpoint, then one ``while`` loop whose periodic actions are visible ``if step % every == 0``
-blocks. The objective lives in :mod:`unidiff.diffusion` (habit 1): the loop only calls
-``training_losses(model, schedule, batch, ...)``.
+blocks. The objective is one module, :class:`unidiff.diffusion.MultiModalDiffusion` (DESIGN.md §6):
+it holds the model, and accelerate wraps it whole, so encoders and heads run inside the DDP/FSDP
+forward. The loop knows only ``out = objective(batch, generator=g)``, ``out.loss`` and ``out.logs``;
+EMA, parameter groups, MoE balancing and the exported model work on the inner ``UnifiedModel``.
 
 Determinism: the batch of micro-step ``k`` is a function of ``(run.seed, k)``
 (:func:`unidiff.data.infinite_batches`), and every random draw of the loss (timesteps, noise,
@@ -72,6 +74,14 @@ def sample_grid(model, schedule, cfg: DictConfig, path: Path, seed: int) -> Dict
     return caption
 
 
+def build_objective(cfg: DictConfig, model: nn.Module):
+    """The training objective of ``cfg`` around ``model`` (checks ``diffusion.weighting``/``p_drop``)."""
+    from .diffusion import MultiModalDiffusion
+
+    return MultiModalDiffusion(model, build_schedule(cfg), weighting=cfg.diffusion.weighting.value,
+                               p_drop=cfg.diffusion.p_drop)
+
+
 def prepare_run(cfg: DictConfig):
     """Everything that can reject a config, before anything is written: ``(cfg, train, val, info, model)``
     with ``cfg`` resolved against the data. Also the ``--dry-run`` of the CLI."""
@@ -80,7 +90,7 @@ def prepare_run(cfg: DictConfig):
     train_set, val_set, info = build_datasets(cfg.data)
     cfg = resolve_with_data(cfg, info)
     model = build_model(cfg, info.image_shape)
-    build_schedule(cfg)
+    build_objective(cfg, model)
     return cfg, train_set, val_set, info, model
 
 
@@ -99,7 +109,6 @@ def train(cfg: DictConfig, stop_at: Optional[int] = None) -> Path:
     from tqdm.auto import tqdm
 
     from .data import infinite_batches
-    from .diffusion import training_losses
     from .model import UnifiedModel
     from .models.moe import update_moe_biases
 
@@ -118,7 +127,8 @@ def train(cfg: DictConfig, stop_at: Optional[int] = None) -> Path:
         raise ConfigError(f"train.mixed_precision={tc.mixed_precision.value!r} is not usable here: {err}") from None
     set_seed(cfg.run.seed)  # identical initial weights on every process
     cfg, train_set, _, info, model = prepare_run(cfg)
-    schedule = build_schedule(cfg)
+    objective = build_objective(cfg, model)
+    schedule = objective.schedule
     world, rank = accelerator.num_processes, accelerator.process_index
     micro_global = tc.batch_size // tc.grad_accum  # one micro-step's batch, summed over processes
     if micro_global % world:
@@ -150,7 +160,7 @@ def train(cfg: DictConfig, stop_at: Optional[int] = None) -> Path:
     device = accelerator.device
     if tc.compile:
         model.backbone.compile()  # in place: state-dict keys stay those of the plain module
-    model.to(device)
+    objective.to(device)
     optimizer = torch.optim.AdamW(param_groups(model, tc.weight_decay), lr=tc.lr, betas=tuple(tc.betas))
     # Not prepared: accelerate would step a prepared scheduler once per process; this one counts
     # optimiser steps, and is checkpointed as a registered object.
@@ -161,8 +171,9 @@ def train(cfg: DictConfig, stop_at: Optional[int] = None) -> Path:
     ema = EMAModel(model.parameters(), decay=tc.ema_decay, model_cls=UnifiedModel, model_config=model.config,
                    foreach=True)
     state = ckpt.TrainState(step=0)
-    ddp_model, optimizer = accelerator.prepare(model, optimizer)
-    unwrapped = accelerator.unwrap_model(ddp_model)
+    # The objective, not the bare model, is what DDP/FSDP wrap: one forward is one whole step.
+    ddp_objective, optimizer = accelerator.prepare(objective, optimizer)
+    net = accelerator.unwrap_model(ddp_objective).model  # the live UnifiedModel (parameters shared)
     for obj in (ema, lr_scheduler, state):  # order fixes custom_checkpoint_{i}: see checkpoint.py
         accelerator.register_for_checkpointing(obj)
     if resume_from is not None:
@@ -173,17 +184,6 @@ def train(cfg: DictConfig, stop_at: Optional[int] = None) -> Path:
         accelerator.print(f"resumed from {resume_from} (step {state.step})")
     step = state.step
 
-    class _LossModel:
-        """``training_losses`` reads the model's attributes (modalities, aggregate, prediction) and
-        calls it: the call goes through the DDP wrapper (gradient sync), attributes come from the module."""
-
-        def __call__(self, *args, **kwargs):
-            return ddp_model(*args, **kwargs)
-
-        def __getattr__(self, name):
-            return getattr(unwrapped, name)
-
-    loss_model = _LossModel()
     train_data = train_set.to(device) if hasattr(train_set, "to") else train_set
     batches = infinite_batches(train_data, micro_global, cfg.run.seed, start_step=step * tc.grad_accum,
                                num_workers=cfg.data.num_workers, rank=rank, world_size=world)  # this rank's rows
@@ -199,32 +199,26 @@ def train(cfg: DictConfig, stop_at: Optional[int] = None) -> Path:
     counts: Dict[str, int] = {}
     n_micro, t_last = 0, time.time()
     accelerator.print(f"training {cfg.run.name}: steps {step}->{end}, global batch {tc.batch_size}, "
-                      f"{world} process(es), {sum(p.numel() for p in unwrapped.parameters()):,} parameters")
+                      f"{world} process(es), {sum(p.numel() for p in net.parameters()):,} parameters")
     bar = tqdm(total=tc.steps, initial=step, disable=not accelerator.is_local_main_process, desc=cfg.run.name,
                dynamic_ncols=True)
 
-    ddp_model.train()
+    ddp_objective.train()
     while step < end:
         # --- one micro-step (an optimiser step every grad_accum of them) -------------------------
         batch = {k: v.to(device) for k, v in next(batches).items()}  # (micro_local, ...) each
         g = torch.Generator(device=device).manual_seed(seed_for(cfg.run.seed, micro, rank))
-        with accelerator.accumulate(ddp_model):
-            out = training_losses(loss_model, schedule, batch, weighting=cfg.diffusion.weighting.value,
-                                  p_drop=cfg.diffusion.p_drop, generator=g)
-            loss = out["loss"].mean() + out["aux_loss"]
-            accelerator.backward(loss)
+        with accelerator.accumulate(ddp_objective):
+            out = ddp_objective(batch, generator=g)
+            accelerator.backward(out.loss)
             grad_norm = None
             if accelerator.sync_gradients and tc.grad_clip > 0:
-                grad_norm = accelerator.clip_grad_norm_(ddp_model.parameters(), tc.grad_clip)
+                grad_norm = accelerator.clip_grad_norm_(ddp_objective.parameters(), tc.grad_clip)
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
         micro += 1
         # Running sums for the log: device tensors, no host sync per step.
-        logs = {"loss": loss.detach(), "image": out["image"].detach().mean(), "aux_loss": out["aux_loss"].detach().float()}
-        logs.update({k: v.detach().float().mean() for k, v in out.items() if k.startswith("head/")})
-        for k, v in unwrapped.backbone.moe_stats().items():
-            if v.ndim == 0:
-                logs[k] = v.detach().float()
+        logs = dict(out.logs)
         if grad_norm is not None:
             logs["grad_norm"] = torch.as_tensor(grad_norm, device=device).float()
         for k, v in logs.items():
@@ -235,8 +229,8 @@ def train(cfg: DictConfig, stop_at: Optional[int] = None) -> Path:
 
         # --- after a real optimiser step ---------------------------------------------------------
         lr_scheduler.step()
-        ema.step(unwrapped.parameters())
-        update_moe_biases(unwrapped)  # aux-loss-free balancing (§5), counts summed over ranks
+        ema.step(net.parameters())
+        update_moe_biases(net)  # aux-loss-free balancing (§5), counts summed over ranks
         step += 1
         state.step = step
         bar.update(1)
@@ -260,19 +254,19 @@ def train(cfg: DictConfig, stop_at: Optional[int] = None) -> Path:
 
         if tc.sample_every and step % tc.sample_every == 0:
             if accelerator.is_main_process:
-                ema_net = ckpt.ema_model_from(unwrapped, ema)
+                ema_net = ckpt.ema_model_from(net, ema)
                 sample_grid(ema_net, schedule, cfg, out_dir / "samples" / f"step_{step:06d}.png",
                             seed_for(cfg.run.seed, step, 7))
                 del ema_net
             accelerator.wait_for_everyone()
 
         if step % tc.ckpt_every == 0 or step == end:
-            ckpt.save_checkpoint(accelerator, ckpt_root, step, tc.keep_last, model_config=dict(unwrapped.config))
+            ckpt.save_checkpoint(accelerator, ckpt_root, step, tc.keep_last, model_config=dict(net.config))
 
     bar.close()
     if step == tc.steps and accelerator.is_main_process:
         # The inference snapshot (EDM2's second checkpoint kind): what `sample`/`evaluate` load.
-        ckpt.export_model(ckpt.ema_model_from(unwrapped, ema), out_dir / "model")
+        ckpt.export_model(ckpt.ema_model_from(net, ema), out_dir / "model")
     if writer is not None:
         writer.close()
     accelerator.wait_for_everyone()

@@ -1,6 +1,15 @@
-"""The aggregated-drift diffusion process (DESIGN.md §1-3): schedule, losses and bound, samplers.
+"""The aggregated-drift diffusion process (DESIGN.md §1-3): schedule, training objective, bound, samplers.
 
-The model is always an argument (STYLE.md habit 1): nothing here is a ``nn.Module``.
+- ``schedule.py``: :class:`DriftSchedule`, the per-timestep tables of the drifted forward process.
+- ``objective.py``: :class:`MultiModalDiffusion`, the one ``nn.Module`` of the package: it holds
+  the model and turns a data batch into every loss term of a training step (:class:`ObjectiveOutput`);
+  the training loop hands it to accelerate so DDP/FSDP wrap encoders, heads and backbone together
+  (DESIGN.md §6). :func:`training_losses` is its functional form.
+- ``losses.py``: the exact per-step KL, the full bound, bits/dim and the ELBO classifier.
+- ``sampling.py``: the samplers and tasks of §3.
+
+Outside the objective the model is an argument (STYLE.md habit 1), and the model never sees the
+schedule: ``unidiff.diffusion`` owns ``a_t, σ_t, κ_t`` and calls the model.
 """
 
 from .losses import (
@@ -10,8 +19,8 @@ from .losses import (
     elbo_classify,
     exact_kl_term,
     kl_upper_bound,
-    training_losses,
 )
+from .objective import MultiModalDiffusion, ObjectiveOutput, model_state_dict, training_losses
 from .sampling import (
     SampleOutput,
     SchedulerName,
@@ -26,6 +35,9 @@ from .schedule import DriftSchedule
 
 __all__ = [
     "DriftSchedule",
+    "MultiModalDiffusion",
+    "ObjectiveOutput",
+    "model_state_dict",
     "training_losses",
     "exact_kl_term",
     "kl_upper_bound",

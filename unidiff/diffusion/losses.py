@@ -1,8 +1,9 @@
-"""Training losses, the exact variational bound and the ELBO classifier (DESIGN.md §2).
+"""The exact variational bound, bits/dim and the ELBO classifier (DESIGN.md §2).
 
-The model is an argument (DiT's split): it follows ``unidiff.model.UnifiedModel``'s contract,
-``model(z_t, t) -> ModelOutput(image, aux, aux_loss, stats)``, with ``model.modalities``,
-``model.aggregate``, ``model.expected_aggregate`` and ``model.prediction``.
+The training loss lives in ``objective.py`` (:class:`MultiModalDiffusion`); this file is the
+evaluation side. The model is an argument (DiT's split): it follows ``unidiff.model.UnifiedModel``'s
+contract, ``model(z_t, t) -> ModelOutput(image, aux, aux_loss, stats)``, with
+``model.modalities``, ``model.aggregate``, ``model.expected_aggregate`` and ``model.prediction``.
 
 Bound bookkeeping (diffusers indices, see ``schedule.py``): for a sample ``x = (x0, x_1..M)``
 
@@ -20,20 +21,9 @@ from typing import Any, Dict, Optional, Sequence, Tuple
 import torch
 from diffusers.utils.torch_utils import randn_tensor
 
-from ..choices import Weighting, values
 from ..errors import ConfigError
+from .objective import draw_randint
 from .schedule import DriftSchedule
-
-
-# --- random draws on the data's device from a (possibly CPU) generator -------------------------
-def _uniform(shape: Tuple[int, ...], generator: Optional[torch.Generator], device: torch.device) -> torch.Tensor:
-    gen_device = generator.device if generator is not None else device
-    return torch.rand(shape, generator=generator, device=gen_device).to(device)
-
-
-def _randint(low: int, high: int, shape: Tuple[int, ...], generator: Optional[torch.Generator], device: torch.device) -> torch.Tensor:
-    gen_device = generator.device if generator is not None else device
-    return torch.randint(low, high, shape, generator=generator, device=gen_device).to(device)
 
 
 def _sum_dims(x: torch.Tensor) -> torch.Tensor:
@@ -43,82 +33,6 @@ def _sum_dims(x: torch.Tensor) -> torch.Tensor:
 
 def _zeros_like_batch(x0: torch.Tensor) -> torch.Tensor:
     return torch.zeros(x0.shape[0], device=x0.device, dtype=torch.float32)
-
-
-# --- training loss ------------------------------------------------------------------------------
-def training_losses(
-    model,
-    schedule: DriftSchedule,
-    batch: Dict[str, Any],
-    t: Optional[torch.Tensor] = None,
-    noise: Optional[torch.Tensor] = None,
-    weighting: str = "simple",
-    p_drop: float = 0.1,
-    generator: Optional[torch.Generator] = None,
-    drop: Optional[Dict[str, torch.Tensor]] = None,
-) -> Dict[str, torch.Tensor]:
-    """Per-sample multi-task loss of §2 at one timestep per sample.
-
-    Args:
-        batch: ``{"image": (B, C, H, W) in S, <modality name>: x_m, ...}``.
-        t: (B,) int64 timesteps, uniform over ``[0, T)`` when None. noise: (B, C, H, W) ε.
-        weighting: ``simple``: head ``m`` weighted by its constant ``λ_m``. ``vlb``: additionally
-            by ``π_m² (λA_t/λε_t)²`` normalised to mean 1 over ``t ∈ [0, T)`` (the bound's relative
-            weight of the drift term to the noise term, §2). Since the normalisation is per
-            modality, ``π_m²`` cancels and the weight is ``λ_m · schedule.vlb_head_weight[t]``.
-        p_drop: probability that each modality is replaced by ``E_m(∅)`` in the drift (§2).
-        drop: explicit ``{name: (B,) bool}`` masks instead of drawing them.
-
-    Returns:
-        ``loss`` (B,) image term + weighted head terms (the MoE ``aux_loss`` is NOT included: it
-        is a scalar, add it to ``loss.mean()``); ``image`` (B,) the unweighted image MSE;
-        ``head/<name>`` (B,) the unweighted head loss ``ℓ_m``; ``aux_loss`` scalar;
-        ``drop/<name>`` (B,) bool dropout masks; ``t`` (B,).
-    """
-    if weighting not in values(Weighting):
-        raise ConfigError(f"diffusion.weighting must be one of {values(Weighting)}, got {weighting!r}")
-    if not 0.0 <= p_drop <= 1.0:
-        raise ConfigError(f"diffusion.p_drop must be in [0, 1], got {p_drop}")
-    x0 = batch["image"]  # (B, C, H, W)
-    B, device = x0.shape[0], x0.device
-    if t is None:
-        t = _randint(0, schedule.num_train_timesteps, (B,), generator, device)
-    if noise is None:
-        noise = randn_tensor(x0.shape, generator=generator, device=device, dtype=x0.dtype)
-
-    x_aux = {name: mod.from_batch(batch, generator=generator) for name, mod in model.modalities.items()}
-    if drop is None:
-        drop = {name: _uniform((B,), generator, device) < p_drop for name in x_aux}
-    A = model.aggregate(x_aux, drop, batch_size=B)  # (B, C, H, W), dropped rows use E_m(∅)
-    z_t = schedule.q_sample(x0, A, t, noise)
-    out = model(z_t, t)
-
-    result: Dict[str, torch.Tensor] = {}
-    if out.image is not None:
-        # DDPM's L_simple on whichever parameterisation the head uses; targets live in y-space,
-        # so the drift never enters the image term (§1: y_t is a plain DDPM chain).
-        target = schedule.target(x0, noise, t, model.prediction)
-        image = (out.image.float() - target.float()).pow(2).flatten(1).mean(dim=1)
-    else:  # label-only baseline: the backbone is a noise-aware classifier and nothing else
-        image = _zeros_like_batch(x0)
-    loss = image
-    result["image"] = image
-
-    for name, mod in model.modalities.items():
-        # Trained on the TRUE x_m even when its drift was dropped: that is what teaches the head to
-        # read x_m from the image alone (§2, modality dropout).
-        head = mod.loss(out.aux[name], x_aux[name]).float()  # (B,)
-        weight = mod.loss_weight
-        if weighting == "vlb":
-            weight = weight * schedule.at("vlb_head_weight", t, head)
-        loss = loss + weight * head
-        result[f"head/{name}"] = head
-        result[f"drop/{name}"] = drop[name]
-
-    result["loss"] = loss
-    result["aux_loss"] = out.aux_loss
-    result["t"] = t
-    return result
 
 
 # --- the exact per-step KL ------------------------------------------------------------------------
@@ -132,7 +46,6 @@ def _drift_residual(A: Optional[torch.Tensor], A_hat: Optional[torch.Tensor], li
 
 def exact_kl_term(
     schedule: DriftSchedule,
-    x0: Optional[torch.Tensor],
     A: Optional[torch.Tensor],
     eps: torch.Tensor,
     eps_hat: torch.Tensor,
@@ -142,10 +55,10 @@ def exact_kl_term(
     """``L_{t-1} = KL(q(z_{t-1}|z_t,x) ‖ p_θ(z_{t-1}|z_t))`` in nats, (B,), for t ≥ 1.
 
     Both Gaussians have variance β̃_t, so the KL is ``‖μ̃ - μ_θ‖² / (2 β̃_t)`` summed over dims, and
-    §2's closed form ``μ̃ - μ_θ = λA_t (A - Â) - λε_t (ε - ε̂)`` needs neither ``x0`` nor ``z_t``
-    (``x0`` is accepted so callers hand over the whole posterior state; it is not used). ``ε̂`` must
-    be the ε implied by the model at ``y = z_t - κ_t Â`` (see ``DriftSchedule.to_eps``). At t = 0
-    β̃ = 0 and the term is not defined: index 0 is the decoder ``L_0``.
+    §2's closed form ``μ̃ - μ_θ = λA_t (A - Â) - λε_t (ε - ε̂)`` needs neither ``x0`` nor ``z_t``.
+    A, A_hat: (B, C, H, W) true and predicted drift (None = no drift); eps, eps_hat: (B, C, H, W).
+    ``ε̂`` must be the ε implied by the model at ``y = z_t - κ_t Â`` (see ``DriftSchedule.to_eps``).
+    At t = 0 β̃ = 0 and the term is not defined: index 0 is the decoder ``L_0``.
     """
     dA = _drift_residual(A, A_hat, eps)
     diff = schedule.at("lambda_A", t, eps) * dA - schedule.at("lambda_eps", t, eps) * (eps - eps_hat)
@@ -154,7 +67,6 @@ def exact_kl_term(
 
 def kl_upper_bound(
     schedule: DriftSchedule,
-    x0: Optional[torch.Tensor],
     A: Optional[torch.Tensor],
     eps: torch.Tensor,
     eps_hat: torch.Tensor,
@@ -255,11 +167,11 @@ def bound_terms(
         if num_t is None:
             t = torch.full((B,), k, dtype=torch.long, device=device)
         else:
-            t = _randint(1, T, (B,), generator, device)
+            t = draw_randint(1, T, (B,), generator, device)
         noise = randn_tensor(x0.shape, generator=generator, device=device, dtype=x0.dtype)
         z = schedule.q_sample(x0, A, t, noise)
         eps_hat, A_hat = _model_eps(model, schedule, z, t, model(z, t))
-        diffusion = diffusion + exact_kl_term(schedule, x0, A, noise, eps_hat, A_hat, t)
+        diffusion = diffusion + exact_kl_term(schedule, A, noise, eps_hat, A_hat, t)
     if num_t is not None:
         diffusion = diffusion * (T - 1) / max(int(num_t), 1)
     terms["diffusion"] = diffusion

@@ -59,10 +59,11 @@ class Sublayer(nn.Module):
         # (shift, scale, gate) from SiLU(c); zero-initialised in HybridBackbone.initialize_weights.
         self.adaLN = nn.Sequential(nn.SiLU(), nn.Linear(hidden_size, 3 * hidden_size))
 
-    def forward(self, x: torch.Tensor, c: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+    def forward(self, x: torch.Tensor, c: torch.Tensor, collect_stats: bool = False) -> Tuple[torch.Tensor, torch.Tensor]:
         shift, scale, gate = self.adaLN(c)[:, None].chunk(3, dim=-1)  # each (B, 1, D)
         h = self.norm(x) * (1 + scale) + shift
-        out = self.mixer(h)
+        # Only the MoE keeps statistics; the other mixers take the features alone.
+        out = self.mixer(h, collect_stats=collect_stats) if self.kind == "E" else self.mixer(h)
         aux = x.new_zeros((), dtype=torch.float32)
         if isinstance(out, tuple):  # the MoE returns (y, aux_loss)
             out, aux = out
@@ -228,8 +229,13 @@ class HybridBackbone(ModelMixin, ConfigMixin):
         if self.registers is not None:
             nn.init.normal_(self.registers, std=0.02)
 
-    def forward(self, z: torch.Tensor, t: torch.Tensor, cond: Optional[torch.Tensor] = None) -> BackboneOutput:
-        """z: (B, C, H, W); t: (B,) timesteps; cond: (B, cond_dim) or None -> BackboneOutput."""
+    def forward(self, z: torch.Tensor, t: torch.Tensor, cond: Optional[torch.Tensor] = None,
+                collect_stats: bool = False) -> BackboneOutput:
+        """z: (B, C, H, W); t: (B,) timesteps; cond: (B, cond_dim) or None -> BackboneOutput.
+
+        ``collect_stats`` fills ``BackboneOutput.stats`` with :meth:`moe_stats` of this forward (the
+        training objective asks for it); otherwise ``stats`` is empty and no statistic is computed.
+        """
         B = z.shape[0]
         x = self.patch_embed(z)  # (B, L, D)
         L = x.shape[1]
@@ -242,14 +248,16 @@ class HybridBackbone(ModelMixin, ConfigMixin):
             c = c + self.cond_embed(cond)
         aux_loss = torch.zeros((), device=z.device, dtype=torch.float32)
         for layer in self.layers:
-            x, aux = layer(x, c)
+            x, aux = layer(x, c, collect_stats)
             aux_loss = aux_loss + aux
         x = self.final_norm(x)
-        return BackboneOutput(tokens=x[:, :L], registers=x[:, L:], c=c, aux_loss=aux_loss, stats=self.moe_stats())
+        stats = self.moe_stats() if collect_stats else {}
+        return BackboneOutput(tokens=x[:, :L], registers=x[:, L:], c=c, aux_loss=aux_loss, stats=stats)
 
     @torch.no_grad()
     def moe_stats(self) -> Dict[str, torch.Tensor]:
-        """Per-expert load and router entropy, averaged over the MoE sublayers (detached)."""
+        """Per-expert load and router entropy of the last ``collect_stats=True`` forward, averaged
+        over the MoE sublayers (detached); ``{}`` without MoE sublayers."""
         stats = [layer.mixer.stats() for layer in self.layers if isinstance(layer.mixer, MoE)]
         stats = [s for s in stats if s]
         if not stats:

@@ -226,7 +226,11 @@ class MoE(nn.Module):
         aux_loss_coef: weight of DeepSeek-V3's sequence-wise balance loss (0 = aux-loss-free only).
         bias_update_rate: step of the selection-bias update in :meth:`update_bias`.
 
-    forward(x (B, L, D)) -> (y (B, L, D), aux_loss () fp32).
+    forward(x (B, L, D), collect_stats=False) -> (y (B, L, D), aux_loss () fp32). In training mode
+    every forward adds its routing counts to ``tokens_per_expert`` (the balancing state of
+    :meth:`update_bias`); the logging statistics of :meth:`stats` (``last_load``,
+    ``last_router_entropy``) are computed only when ``collect_stats`` is set, so sampling and
+    evaluation forwards pay nothing for them.
 
     Note for DDP: ``tokens_per_expert`` must stay per-process until :meth:`update_bias` all-reduces
     it, so wrap with ``broadcast_buffers=False`` (the bias is identical on every rank anyway).
@@ -280,7 +284,7 @@ class MoE(nn.Module):
         self.register_buffer("last_load", torch.zeros(num_experts), persistent=False)
         self.register_buffer("last_router_entropy", torch.zeros(()), persistent=False)
 
-    def forward(self, x: torch.Tensor):
+    def forward(self, x: torch.Tensor, collect_stats: bool = False):
         B, L, D = x.shape
         x_TD = rearrange(x, "b l d -> (b l) d")
         topk_idx_TK, topk_weight_TK, scores_TE = self.gate(x_TD)
@@ -288,7 +292,11 @@ class MoE(nn.Module):
         y_TD = routed_TD.to(x.dtype)
         if self.shared_experts is not None:
             y_TD = y_TD + self.shared_experts(x_TD)
-        self._record(scores_TE.detach(), counts_E)
+        # Only training batches steer the bias; eval/sampling forwards leave the counts alone.
+        if self.training:
+            self.tokens_per_expert.add_(counts_E)
+        if collect_stats:
+            self._record_stats(scores_TE.detach(), counts_E)
         aux_loss = self._aux_loss(scores_TE, topk_idx_TK, B, L)
         return rearrange(y_TD, "(b l) d -> b l d", b=B), aux_loss
 
@@ -311,13 +319,11 @@ class MoE(nn.Module):
         return self.fc2_latent_proj(combined_TH.to(h_TH.dtype)), counts_E
 
     @torch.no_grad()
-    def _record(self, scores_TE: torch.Tensor, counts_E: torch.Tensor) -> None:
+    def _record_stats(self, scores_TE: torch.Tensor, counts_E: torch.Tensor) -> None:
+        """The logging statistics of this forward into ``last_load`` / ``last_router_entropy``."""
         self.last_load.copy_(counts_E.float() / counts_E.sum().clamp_min(1))
         p_TE = scores_TE / scores_TE.sum(-1, keepdim=True)
         self.last_router_entropy.copy_(-(p_TE * p_TE.clamp_min(1e-20).log()).sum(-1).mean())
-        # Only training batches steer the bias; eval/sampling forwards leave it alone.
-        if self.training:
-            self.tokens_per_expert.add_(counts_E)
 
     def _aux_loss(self, scores_TE, topk_idx_TK, B: int, L: int) -> torch.Tensor:
         """DeepSeek-V3's complementary sequence-wise balance loss (its Eqs. 17-20):
@@ -351,9 +357,10 @@ class MoE(nn.Module):
         self.tokens_per_expert.zero_()
 
     def stats(self) -> Dict[str, torch.Tensor]:
-        """Detached logging statistics from the last forward: ``load`` (E,) fraction of slots per
-        expert, ``load_max_over_mean`` (1 = balanced), ``router_entropy`` (nats, of the normalised
-        scores; log E = uniform), ``bias_abs_max``."""
+        """Detached logging statistics of the last forward run with ``collect_stats=True`` (zeros
+        before the first one): ``load`` (E,) fraction of slots per expert, ``load_max_over_mean``
+        (1 = balanced), ``router_entropy`` (nats, of the normalised scores; log E = uniform), and
+        ``bias_abs_max`` (the current selection bias)."""
         load = self.last_load.float()
         return {
             "load": load.clone(),
