@@ -3,6 +3,9 @@ environments; the explicit request and OMP_NUM_THREADS win; never below 1; apply
 torch's count only when it decided it."""
 
 import os
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -120,3 +123,11 @@ def test_apply_leaves_torch_alone_under_omp_num_threads(restore_threads, monkeyp
 def test_apply_really_sets_the_count(restore_threads):
     apply_threads(1, environ=NO_ENV)
     assert torch.get_num_threads() == 1
+
+
+def test_importing_the_module_does_not_import_torch():
+    # The CLI imports it at start-up, before it knows whether the command needs torch.
+    code = "import sys, unidiff.runtime; print('torch' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
+                         env={**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])})
+    assert out.stdout.strip() == "False"

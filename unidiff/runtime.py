@@ -26,8 +26,6 @@ import math
 import os
 from typing import Mapping, Optional, Tuple
 
-import torch
-
 from .errors import ConfigError
 
 # A 1-minute load average below this is an idle machine's background, not a busy neighbour.
@@ -127,6 +125,10 @@ def apply_threads(
 
     When ``OMP_NUM_THREADS`` decides, torch is left alone: it sized its pool from the variable.
     """
+    # torch is imported here, not at the top, so that the CLI can import this module before it
+    # knows whether the command needs torch at all (start-up time).
+    import torch
+
     n, reason = choose_threads(requested, environ=environ, cores=cores, load=load, key=key)
     if requested is not None or omp_num_threads(environ) is None:
         torch.set_num_threads(n)
