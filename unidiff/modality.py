@@ -39,7 +39,7 @@ TASK_ACTIONS: Tuple[str, ...] = ("generate", "read")
 class BackboneOutput:
     """What the shared backbone hands to every head.
 
-    tokens:    (B, L, D) patch-token features after the final adaLN-modulated norm, row-major
+    tokens:    (B, L, D) patch-token features after the backbone's final (unmodulated) LayerNorm, row-major
                patch order (the layout of ``unidiff.models.embed.unpatchify``).
     registers: (B, R, D) register-token features (R may be 0), for heads that pool.
     c:         (B, D) the conditioning vector (timestep embedding + extra conditions), for heads
@@ -262,7 +262,7 @@ class Modality(nn.Module):
         raise NotImplementedError
 
     def log_likelihood(self, pred: Any, x_m: Any) -> torch.Tensor:
-        """``log p_θ(x_m | z_1)`` (B,) in nats, the L_0 term of the bound (DESIGN.md §2).
+        """``log p_θ(x_m | z_0)`` (B,) in nats (diffusers' index 0, the least noisy step), the L_0 term of the bound (DESIGN.md §2).
 
         Default: ``-loss`` (exact for cross-entropy; for Gaussian heads the subclass adds the
         normalising constant).

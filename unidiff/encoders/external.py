@@ -1,5 +1,5 @@
-"""Frozen external image encoders for the representation modality (DESIGN.md §4: "External
-encoders (CLIP, DINOv2) plug in where their weights are on disk").
+"""Frozen external image encoders for the representation modality (DESIGN.md §4): CLIP
+or DINOv2 in place of the multi-tower encoder, whenever their weights are already on local disk.
 
 Weights are only ever read from a local path: nothing is downloaded (``local_files_only=True``
 for transformers; open_clip gets a file or a ``local-dir:`` folder). Both loaders return an

@@ -1,5 +1,5 @@
-"""PCA (optionally whitening) of representation vectors (DESIGN.md §4: "a vector r from a frozen
-encoder (optionally PCA-reduced)").
+"""PCA (optionally whitening) of representation vectors (DESIGN.md §4): the
+representation modality may use a reduced vector instead of the frozen encoder's full output.
 
 Fitted on the *train* representations only, so val/test never leak into the basis. Whitening
 gives every kept direction unit variance on train, so the representation head's MSE weighs the
