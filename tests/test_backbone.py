@@ -10,7 +10,7 @@ from unidiff.models.backbone import HybridBackbone, parse_pattern, validate_back
 from unidiff.models.embed import PatchEmbed, patchify, sincos_2d, unpatchify
 from unidiff.models.moe import MoE
 from unidiff.models.presets import PRESETS, get_preset, parameter_table
-from unidiff.models.scan import SCAN_ORDERS, ScanMixer
+from unidiff.models.scan import ScanMixer
 
 
 def debug_backbone(**kw):
@@ -45,8 +45,17 @@ def test_factory_builds_one_sublayer_per_character_and_cycles_scan_orders():
     for layer in bb.layers:
         if layer.kind in types:
             assert isinstance(layer.mixer, types[layer.kind])
-    orders = [layer.mixer.order for layer in bb.layers if layer.kind == "M"]
-    assert orders == [SCAN_ORDERS[k % 4] for k in range(5)]
+    # The k-th M sublayer scans row, row reversed, column, column reversed, then row again (§5).
+    mixers = [layer.mixer for layer in bb.layers if layer.kind == "M"]
+    assert [m.order for m in mixers] == ["row", "row_rev", "col", "col_rev", "row"]
+    # The patch grid of an 8x8 input at patch 2 is 4x4; the visiting orders written out by hand.
+    row = list(range(16))
+    col = [0, 4, 8, 12, 1, 5, 9, 13, 2, 6, 10, 14, 3, 7, 11, 15]
+    expected = [row, row[::-1], col, col[::-1], row]
+    assert [m.perm.tolist() for m in mixers] == expected
+    for m in mixers:  # the inverse restores the row-major layout
+        x = torch.arange(16)
+        assert x[m.perm][m.inv_perm].tolist() == row
     assert [l.mixer.order for l in debug_backbone(pattern="MM", scan="bidirectional").layers] == ["bidirectional"] * 2
 
 
