@@ -27,6 +27,7 @@ from typing import TYPE_CHECKING, Callable, Dict, List, Optional, Sequence
 
 from .choices import Sampler, values
 from .errors import ConfigError, DataError, UnidiffError
+from .runtime import apply_threads
 
 if TYPE_CHECKING:  # heavy imports stay inside the commands: `unidiff --help` is instant
     import numpy as np
@@ -502,6 +503,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                 args.overrides = list(args.overrides) + extra
             else:
                 parser.error(f"unrecognized arguments: {' '.join(extra)}")
+        # Before any torch work: PyTorch's default (every core) was measured 8-12x slower than one
+        # thread on a busy 2-core machine. train() re-applies run.threads when a config sets it.
+        print(apply_threads(None), file=sys.stderr)
         return int(args._run(args) or 0)
     except UnidiffError as err:
         msg = " ".join(str(err).split("\n")).strip()

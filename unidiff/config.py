@@ -45,11 +45,14 @@ from .errors import ConfigError
 # --- schemas ---------------------------------------------------------------------------------
 @dataclass
 class RunConfig:
-    """name: run name; dir: run folder (default ``runs/<name>``); seed: the one seed of the run."""
+    """name: run name; dir: run folder (default ``runs/<name>``); seed: the one seed of the run;
+    threads: intra-op CPU threads of training (None: chosen at start from the free cores,
+    ``unidiff/runtime.py``; ``OMP_NUM_THREADS`` is respected)."""
 
     name: str = "run"
     dir: Optional[str] = None
     seed: int = 0
+    threads: Optional[int] = None
 
 
 @dataclass
@@ -278,6 +281,7 @@ def validate(cfg: DictConfig) -> None:
     from .models.backbone import validate_backbone_options
 
     validate_backbone_options(dict(cfg.model.backbone))
+    _check(cfg.run.threads is None or cfg.run.threads >= 1, "run.threads", f"must be a positive integer or null, got {cfg.run.threads}")
     d = cfg.diffusion
     _check(d.num_train_timesteps >= 2, "diffusion.num_train_timesteps", f"must be >= 2, got {d.num_train_timesteps}")
     _check(0 < d.beta_start < d.beta_end < 1, "diffusion.beta_start", f"need 0 < beta_start < beta_end < 1, got {d.beta_start}, {d.beta_end}")

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import json
 import math
+import sys
 import time
 from pathlib import Path
 from typing import Any, Dict, Optional
@@ -33,6 +34,7 @@ from . import checkpoint as ckpt
 from .config import ConfigError, build_model, build_schedule, resolve_with_data, run_dir, to_container, to_yaml
 from .errors import CheckpointError
 from .io import save_grid, seed_for, write_text
+from .runtime import apply_threads
 
 # Config sections a resumed run must share with the run that wrote the checkpoint (the rest,
 # e.g. train.steps or the logging periods, may change between invocations).
@@ -116,6 +118,8 @@ def train(cfg: DictConfig, stop_at: Optional[int] = None) -> Path:
     # Several runs in one process (experiments, tests) may differ in mixed precision: forget the
     # previous run's accelerator settings (the process group, if any, is kept).
     AcceleratorState._reset_state()
+    if cfg.run.threads is not None:  # an explicit count beats the CLI's start-up choice (unidiff/runtime.py)
+        print(apply_threads(cfg.run.threads, key="run.threads"), file=sys.stderr)
     # --- accelerate, seed, data, model: every check before the first file is written ----------
     try:
         # broadcast_buffers=False: DDP would otherwise copy rank 0's MoE token counts over every rank's
