@@ -9,9 +9,16 @@ The package owns everything between a ``data:`` config section and a batch on th
 
 - ``config``: :class:`DataConfig` (the schema), :class:`DataInfo`, :func:`build_datasets`;
 - ``sources``: one builder per ``data.name`` (embedded digits, ImageFolder, MNIST, CIFAR-10,
-  paired folders) in the :data:`SOURCES` registry, the seeded stratified split;
-- ``datasets``: the containers :class:`InMemoryDataset` (a batch is one index operation) and the
-  lazy :class:`FolderDataset`, and image-file decoding (:func:`load_image`);
+  paired folders, Fashion-MNIST, ImageNet folders, downsampled ImageNet 32/64) in the
+  :data:`SOURCES` registry, the seeded stratified split;
+- ``datasets``: the containers :class:`InMemoryDataset` (a batch is one index operation; float or
+  uint8 pixels), the lazy :class:`FolderDataset`, :class:`ImageFileDataset` (ImageNet files,
+  ``data.on_bad_file``) and :class:`ArrayDataset` (a memory-mapped uint8 array), and image-file
+  decoding (:func:`load_image`);
+- ``readers``: the official file formats (idx, downsampled-ImageNet npz, the ILSVRC folder layout)
+  and ADM's :func:`center_crop_arr`;
+- ``cache``: downsampled ImageNet converted once into memory-mapped arrays with a manifest
+  (:func:`npz_cache`, :func:`verify_cache`);
 - ``extras``: per-item extra tensors (``data.extra_file``; :func:`save_extra_file`);
 - ``batches``: the deterministic training order (:class:`BatchOrder`, a function of
   ``(seed, step)`` only, so a resumed run sees the batches an uninterrupted one would), each
@@ -23,14 +30,21 @@ Everything public is re-exported here: import from ``unidiff.data``.
 
 from .batches import BatchOrder, infinite_batches, iter_batches, rank_rows
 from .config import DataConfig, DataInfo, DatasetName, build_datasets, validate_data_config
-from .datasets import RESERVED_KEYS, AnyDataset, FolderDataset, InMemoryDataset, load_image
+from .cache import npz_cache, verify_cache
+from .datasets import (BAD_FILES_KEY, RESERVED_KEYS, AnyDataset, ArrayDataset, FolderDataset, ImageFileDataset,
+                       InMemoryDataset, decode_pixels, load_image, report_bad_files)
 from .extras import save_extra_file
-from .sources import AUTO_MEMORY_BYTES, DATASET_NAMES, DIGIT_NAMES, SOURCES, stratified_split
+from .readers import center_crop_arr, read_idx, read_npz_batch, scan_imagenet
+from .sources import (AUTO_MEMORY_BYTES, DATASET_NAMES, DIGIT_NAMES, FASHION_NAMES, FASHION_ROOT, SOURCES,
+                      stratified_split)
 
 __all__ = [
     "DataConfig", "DataInfo", "DatasetName", "build_datasets", "validate_data_config",
     "SOURCES", "DATASET_NAMES", "DIGIT_NAMES", "AUTO_MEMORY_BYTES", "stratified_split",
-    "InMemoryDataset", "FolderDataset", "AnyDataset", "RESERVED_KEYS", "load_image",
+    "FASHION_NAMES", "FASHION_ROOT",
+    "InMemoryDataset", "FolderDataset", "ArrayDataset", "ImageFileDataset", "AnyDataset", "RESERVED_KEYS",
+    "BAD_FILES_KEY", "load_image", "decode_pixels", "report_bad_files",
+    "read_idx", "read_npz_batch", "scan_imagenet", "center_crop_arr", "npz_cache", "verify_cache",
     "save_extra_file",
     "BatchOrder", "infinite_batches", "iter_batches", "rank_rows",
 ]

@@ -8,7 +8,12 @@ are drawn for the whole batch and then sliced, so a rank's batch is a function o
 one-process batch, and no process decodes another's items.
 
 In-memory data is indexed directly (one index operation per batch, on the dataset's device);
-folder data goes through a DataLoader whose batch sampler yields the same indices.
+lazy data (folders, the memory-mapped cache) goes through a DataLoader whose batch sampler yields
+the same indices, with ``num_workers`` worker processes and pinned memory when CUDA is there.
+Workers only decode: every random draw (order, flips) is made in the main process, so the batches
+do not depend on the number of workers, and a resumed run's loader starts at its step.
+Unreadable files found in a worker travel back in the batch and are acted on here
+(:func:`~unidiff.data.datasets.report_bad_files`: a warning and a count, or a one-line error).
 """
 
 from __future__ import annotations
@@ -16,11 +21,11 @@ from __future__ import annotations
 from typing import Dict, Iterator, List
 
 import torch
-from torch.utils.data import DataLoader, Sampler
+from torch.utils.data import DataLoader, Sampler, default_collate
 
 from ..errors import ConfigError, DataError
 from ..io import seed_for
-from .datasets import AnyDataset, InMemoryDataset
+from .datasets import AnyDataset, InMemoryDataset, report_bad_files
 
 
 class BatchOrder:
@@ -104,6 +109,17 @@ def _apply_flips(batch: Dict[str, torch.Tensor], flip: torch.Tensor) -> Dict[str
     return batch
 
 
+def collate(batch):
+    """A batch a dataset's ``__getitems__`` already collated (a dict) as it is; items stacked otherwise."""
+    return batch if isinstance(batch, dict) else default_collate(batch)
+
+
+def _loader(dataset: AnyDataset, num_workers: int, **kwargs) -> DataLoader:
+    """The DataLoader of a lazy dataset: workers, pinned memory when batches go to a GPU."""
+    return DataLoader(dataset, num_workers=num_workers, collate_fn=collate, pin_memory=torch.cuda.is_available(),
+                      **kwargs)
+
+
 def infinite_batches(
     dataset: AnyDataset,
     batch_size: int,
@@ -131,8 +147,10 @@ def infinite_batches(
             batch = dataset.batch(order.indices(step, rows).to(dataset.images.device))
             yield _apply_flips(batch, order.flips(step, rows)) if hflip else batch
             step += 1
-    loader = DataLoader(dataset, batch_sampler=_StepSampler(order, start_step, rows), num_workers=num_workers)
+    # One loader iterator for the whole run: its workers live as long as training (persistent).
+    loader = _loader(dataset, num_workers, batch_sampler=_StepSampler(order, start_step, rows))
     for step, batch in enumerate(loader, start=start_step):
+        batch = report_bad_files(dataset, batch)
         yield _apply_flips(batch, order.flips(step, rows)) if hflip else batch
 
 
@@ -143,4 +161,5 @@ def iter_batches(dataset: AnyDataset, batch_size: int, num_workers: int = 0) -> 
             index = torch.arange(start, min(start + batch_size, len(dataset)), device=dataset.images.device)
             yield dataset.batch(index)
         return
-    yield from DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=num_workers)
+    for batch in _loader(dataset, num_workers, batch_size=batch_size, shuffle=False):
+        yield report_bad_files(dataset, batch)

@@ -13,6 +13,7 @@ from .sources import DATASET_NAMES, SOURCES
 
 # The choices of data.name are the registry's keys (omegaconf validates a Literal at load).
 DatasetName = Literal[DATASET_NAMES]  # type: ignore[valid-type]
+OnBadFile = Literal["skip", "error"]
 
 
 @dataclass
@@ -20,11 +21,14 @@ class DataConfig:
     """The ``data:`` section of a run config (an omegaconf structured schema: plain types only).
 
     name:         which dataset (a key of :data:`unidiff.data.sources.SOURCES`; see that module).
-    root:         dataset folder; required for every dataset except ``digits``.
-    image_size:   side of the square images after resizing (bilinear, antialiased); None keeps the
-                  native size (digits 8, mnist 28, cifar10 32). Required for the folder datasets.
-    val_fraction: share of the data held out for validation (ignored by mnist/cifar10, which use
-                  their official test split).
+    root:         dataset folder; required for every dataset except ``digits`` and
+                  ``fashion_mnist`` (default: the Debian package's ``/usr/share/datasets/fashion-mnist``).
+    image_size:   side of the square images after resizing (bilinear, antialiased; ImageNet folders:
+                  ADM's centre crop); None keeps the native size (digits 8, mnist 28, cifar10 32,
+                  fashion_mnist 32 after zero padding, imagenet32/64 32/64). Required for the
+                  folder datasets.
+    val_fraction: share of the data held out for validation (ignored by the datasets with an
+                  official test/val split: mnist, cifar10, fashion_mnist, the three ImageNets).
     split_seed:   seed of the train/val split and of the ``max_items`` subset.
     download:     let torchvision download mnist/cifar10 into ``root``.
     num_classes:  if set, the data must have exactly this many classes (a guard for configs that
@@ -36,6 +40,9 @@ class DataConfig:
     num_workers:  DataLoader workers for lazy folder datasets.
     extra_file:   safetensors file of per-item tensors ``train.<key>`` / ``val.<key>`` attached to
                   the splits (:mod:`unidiff.data.extras`); in-memory data only.
+    on_bad_file:  ``imagenet`` folders: an unreadable image is skipped (its batch slot taken by the
+                  next readable item; counted, with a warning) or a one-line error naming the file.
+    cache_dir:    where ``imagenet32``/``imagenet64`` are converted once into memory-mapped arrays.
     """
 
     name: DatasetName = "digits"
@@ -52,6 +59,8 @@ class DataConfig:
     in_memory: Optional[bool] = None
     num_workers: int = 0
     extra_file: Optional[str] = None
+    on_bad_file: OnBadFile = "error"
+    cache_dir: str = "runs/.cache/data"
 
 
 @dataclass
@@ -81,6 +90,10 @@ def validate_data_config(cfg) -> None:
             raise ConfigError(f"data.{key}={value} must be a positive integer (or null)")
     if cfg.num_workers < 0:
         raise ConfigError(f"data.num_workers={cfg.num_workers} must be >= 0")
+    if cfg.on_bad_file not in ("skip", "error"):
+        raise ConfigError(f"data.on_bad_file={cfg.on_bad_file!r} must be 'skip' or 'error'")
+    if not str(cfg.cache_dir).strip():
+        raise ConfigError("data.cache_dir='' must be a folder path")
     if cfg.extra_file is not None and not str(cfg.extra_file).strip():
         raise ConfigError("data.extra_file='' must be a file path (or null)")
 

@@ -8,12 +8,21 @@ dimension (docs/CONTRACTS.md, "Tensors").
 - :class:`InMemoryDataset`: tensors; a batch is one index operation (no DataLoader per-item cost).
 - :class:`FolderDataset`: a lazy list of files, decoded by :func:`load_image` on access (through a
   DataLoader, :mod:`unidiff.data.batches`).
+- :class:`ArrayDataset`: uint8 images in a memory-mapped ``.npy`` file (the downsampled-ImageNet
+  cache, :mod:`unidiff.data.cache`): only the rows a batch asks for are read.
+- :class:`ImageFileDataset`: a lazy list of ImageNet files, ADM-preprocessed on access, whose
+  unreadable files are skipped or reported by ``data.on_bad_file`` (never an exception inside a
+  DataLoader worker: the batch carries them to the main process, :func:`report_bad_files`).
+
+The lazy datasets implement ``__getitems__`` (a whole batch at once, already collated: the
+DataLoader's fetcher calls it for a batch sampler).
 """
 
 from __future__ import annotations
 
 import hashlib
-from typing import Dict, Optional, Sequence, Tuple, Union
+import warnings
+from typing import Dict, List, Optional, Sequence, Tuple, Union
 
 import numpy as np
 import torch
@@ -30,7 +39,9 @@ GREY_MODES = frozenset({"1", "L", "LA", "I", "I;16", "I;16B", "I;16L", "F"})
 class InMemoryDataset(Dataset):
     """A dataset held as tensors; :meth:`batch` draws a whole batch with one index operation.
 
-    images:  (N, C, H, W) float32 in [-1, 1].
+    images:  (N, C, H, W) float32 in [-1, 1], or uint8 pixels 0..255 (a quarter of the memory:
+             Fashion-MNIST's 60k images are 61 MB), decoded to float32 ``x / 127.5 - 1`` in every
+             item and batch. ``images`` itself is the stored tensor.
     labels:  (N,) int64.
     sources: (N, C_src, H, W) float32 in [-1, 1] for paired data, else None.
     hflip:   whether :func:`~unidiff.data.infinite_batches` flips this dataset's batches at random
@@ -65,7 +76,7 @@ class InMemoryDataset(Dataset):
         return self.images.shape[0]
 
     def __getitem__(self, i: int) -> Dict[str, torch.Tensor]:
-        item = {"image": self.images[i], "label": self.labels[i]}
+        item = {"image": decode_pixels(self.images[i]), "label": self.labels[i]}
         if self.sources is not None:
             item["source"] = self.sources[i]
         item.update({k: v[i] for k, v in self.extras.items()})
@@ -73,7 +84,7 @@ class InMemoryDataset(Dataset):
 
     def batch(self, index: torch.Tensor) -> Dict[str, torch.Tensor]:
         """index: (B,) int64 on the dataset's device -> a batch dict."""
-        out = {"image": self.images[index], "label": self.labels[index]}
+        out = {"image": decode_pixels(self.images[index]), "label": self.labels[index]}
         if self.sources is not None:
             out["source"] = self.sources[index]
         out.update({k: v[index] for k, v in self.extras.items()})
@@ -140,7 +151,152 @@ class FolderDataset(Dataset):
         return h.hexdigest()
 
 
-AnyDataset = Union[InMemoryDataset, FolderDataset]
+class ArrayDataset(Dataset):
+    """uint8 images in a ``.npy`` file opened memory-mapped (never read whole), labels in memory.
+
+    images_path: ``.npy`` file of (M, C, H, W) uint8.
+    labels:      (M,) int64, one per row of the file.
+    rows:        (N,) int64 rows of the file this dataset is (a subset: ``data.max_items``); all by default.
+    checksum:    the file's content checksum (from the cache manifest): part of the fingerprint.
+    The memory map is opened lazily in each process (a DataLoader worker opens its own; pickling the
+    dataset sends the path, not the pixels).
+    """
+
+    def __init__(self, images_path: str, labels: np.ndarray, rows: Optional[np.ndarray] = None,
+                 hflip: bool = False, checksum: str = ""):
+        self.images_path, self.checksum, self.hflip = str(images_path), checksum, hflip
+        self.labels = torch.as_tensor(np.asarray(labels), dtype=torch.long)
+        self.rows = np.arange(len(self.labels), dtype=np.int64) if rows is None else np.asarray(rows, dtype=np.int64)
+        self._array: Optional[np.ndarray] = None
+
+    def array(self) -> np.ndarray:
+        """The (M, C, H, W) uint8 memory map (opened on first use in this process)."""
+        if self._array is None:
+            self._array = np.load(self.images_path, mmap_mode="r")
+        return self._array
+
+    def __getstate__(self):
+        state = dict(self.__dict__)
+        state["_array"] = None
+        return state
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def __getitem__(self, i: int) -> Dict[str, torch.Tensor]:
+        row = int(self.rows[i])
+        return {"image": decode_pixels(torch.from_numpy(np.array(self.array()[row]))), "label": self.labels[row]}
+
+    def __getitems__(self, indices: Sequence[int]) -> Dict[str, torch.Tensor]:
+        rows = self.rows[np.asarray(indices, dtype=np.int64)]
+        # Read the rows in file order (sequential pages), then put them back in batch order.
+        order = np.argsort(rows, kind="stable")
+        block = np.empty((len(rows),) + self.array().shape[1:], dtype=np.uint8)
+        block[order] = self.array()[rows[order]]
+        rows_t = torch.from_numpy(rows)
+        return {"image": decode_pixels(torch.from_numpy(block)), "label": self.labels[rows_t]}
+
+    def subset(self, index: Union[np.ndarray, Sequence[int]]) -> "ArrayDataset":
+        return ArrayDataset(self.images_path, self.labels.numpy(), self.rows[np.asarray(index, dtype=np.int64)],
+                            self.hflip, self.checksum)
+
+    def fingerprint(self) -> str:
+        """A hash of the file's checksum and the rows (the pixels are not read)."""
+        h = hashlib.sha256(repr((self.checksum, self.array().shape)).encode())
+        h.update(self.rows.tobytes())
+        h.update(self.labels.numpy().tobytes())
+        return h.hexdigest()
+
+
+# A lazy batch's record of its unreadable files: [(path, reason)], popped by the batch iterators.
+BAD_FILES_KEY = "bad_files"
+
+
+class ImageFileDataset(Dataset):
+    """A lazy list of RGB image files (ImageNet), ADM-preprocessed on access
+    (:func:`~unidiff.data.readers.center_crop_arr`), as (3, S, S) float32 in [-1, 1].
+
+    samples:     ``(path, label)`` pairs.
+    on_bad_file: ``"skip"``: an unreadable file's place in the batch is taken by the next readable
+                 item (``i+1, i+2, ...``), so batches keep their size and stay a function of
+                 ``(seed, step)``; ``"error"``: the batch records it and the main process raises.
+                 Either way the batch's ``BAD_FILES_KEY`` lists ``(path, reason)`` and
+                 :func:`report_bad_files` (called by the batch iterators in the main process) warns
+                 and counts, or raises :class:`DataError` naming the file.
+    skipped:     path -> reason of every file skipped so far (main process).
+    """
+
+    def __init__(self, samples: Sequence[Tuple[str, int]], image_size: int, hflip: bool = False,
+                 on_bad_file: str = "error"):
+        self.samples, self.image_size, self.hflip, self.on_bad_file = list(samples), int(image_size), hflip, on_bad_file
+        self.skipped: Dict[str, str] = {}
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    def _read(self, i: int) -> torch.Tensor:
+        from PIL import Image
+
+        from .readers import center_crop_arr
+
+        with Image.open(self.samples[i][0]) as im:
+            arr = center_crop_arr(im.convert("RGB"), self.image_size)  # (S, S, 3) uint8
+        return decode_pixels(torch.from_numpy(np.array(arr)).permute(2, 0, 1))  # (3, S, S)
+
+    def _load(self, i: int, bad: List[Tuple[str, str]]) -> Tuple[torch.Tensor, int]:
+        """Item ``i`` (or, skipping, the next readable one): ``(image, label)``; unreadable files go to ``bad``."""
+        n = len(self.samples)
+        for k in range(n):
+            j = (i + k) % n
+            try:
+                return self._read(j), self.samples[j][1]
+            except Exception as e:  # noqa: BLE001 - any decoder failure is the file's, reported by name
+                bad.append((self.samples[j][0], f"{type(e).__name__}: {e}"))
+                if self.on_bad_file != "skip":
+                    return torch.zeros(3, self.image_size, self.image_size), self.samples[i][1]
+        raise DataError(f"none of the {n} image files is readable (first: {self.samples[0][0]})")
+
+    def __getitems__(self, indices: Sequence[int]) -> Dict[str, object]:
+        bad: List[Tuple[str, str]] = []
+        loaded = [self._load(int(i), bad) for i in indices]
+        return {"image": torch.stack([x for x, _ in loaded]),
+                "label": torch.tensor([y for _, y in loaded], dtype=torch.long), BAD_FILES_KEY: bad}
+
+    def __getitem__(self, i: int) -> Dict[str, torch.Tensor]:
+        batch = self.__getitems__([i])
+        report_bad_files(self, batch)
+        return {"image": batch["image"][0], "label": batch["label"][0]}
+
+    def subset(self, index: Union[np.ndarray, Sequence[int]]) -> "ImageFileDataset":
+        return ImageFileDataset([self.samples[int(i)] for i in index], self.image_size, self.hflip, self.on_bad_file)
+
+    def fingerprint(self) -> str:
+        """A hash of the file list, labels and size (the files themselves are not read)."""
+        return hashlib.sha256(repr((self.samples, self.image_size)).encode()).hexdigest()
+
+
+def report_bad_files(dataset, batch: Dict[str, object]) -> Dict[str, object]:
+    """Pop a lazy batch's unreadable files and act on them in this (the main) process: raise
+    :class:`DataError` naming the first (``on_bad_file="error"``), or count and warn (``"skip"``)."""
+    bad = batch.pop(BAD_FILES_KEY, None) or []
+    for path, reason in bad:
+        if getattr(dataset, "on_bad_file", "error") != "skip":
+            raise DataError(f"cannot read image file {path} ({reason}); set data.on_bad_file=skip to skip such files")
+        if path not in dataset.skipped:
+            dataset.skipped[path] = reason
+            warnings.warn(f"skipped unreadable image file {path} ({reason}); "
+                          f"{len(dataset.skipped)} skipped so far (data.on_bad_file=skip)")
+    return batch
+
+
+AnyDataset = Union[InMemoryDataset, FolderDataset, ArrayDataset, ImageFileDataset]
+
+
+def decode_pixels(x: torch.Tensor) -> torch.Tensor:
+    """uint8 pixels 0..255 -> float32 in [-1, 1]; a float tensor (already in [-1, 1]) unchanged."""
+    if x.dtype == torch.uint8:
+        return x.float().div_(127.5).sub_(1.0)
+    return x
 
 
 def load_image(path: str, mode: str, size: int) -> torch.Tensor:

@@ -14,6 +14,13 @@ Sources:
 - ``mnist`` / ``cifar10``: torchvision; the official test split is the validation split.
 - ``paired``: ``root/A/<name>`` (source) and ``root/B/<name>`` (target) with matching names; no
   classes, so every label is 0 and ``num_classes`` is 1.
+- ``fashion_mnist``: the official idx files (gzipped or not; default ``root`` the Debian package's
+  folder :data:`FASHION_ROOT`), the official 60k/10k split (val = test), zero-padded from 28x28 to
+  32x32 (the DDPM / MNIST-at-32 convention: patch 2 gives 256 tokens), held as uint8.
+- ``imagenet``: ILSVRC-2012 folders (:func:`~unidiff.data.readers.scan_imagenet`), lazy, ADM's
+  centre crop to ``image_size`` (:class:`ImageFileDataset`), ``data.on_bad_file`` for unreadable files.
+- ``imagenet32`` / ``imagenet64``: downsampled ImageNet's npz batches, converted once into the
+  memory-mapped cache under ``data.cache_dir`` (:mod:`unidiff.data.cache`, :class:`ArrayDataset`).
 
 A new source is one builder function here plus its entry in :data:`SOURCES`; the ``data.name``
 choices (:data:`DATASET_NAMES`, the ``Literal`` of the config schema) are that registry's keys.
@@ -31,7 +38,10 @@ import torch
 import torch.nn.functional as F
 
 from ..errors import DataError
-from .datasets import AnyDataset, FolderDataset, InMemoryDataset, image_mode, materialize
+from .cache import npz_cache
+from .datasets import (AnyDataset, ArrayDataset, FolderDataset, ImageFileDataset, InMemoryDataset, image_mode,
+                       materialize)
+from .readers import find_file, read_idx, scan_imagenet
 
 DIGIT_NAMES = ["zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine"]
 # Folder datasets whose decoded float32 tensors fit under this are loaded into memory when
@@ -251,6 +261,76 @@ def _paired(cfg):
     return train, val, ["pair"]
 
 
+FASHION_NAMES = ["t-shirt/top", "trouser", "pullover", "dress", "coat", "sandal", "shirt", "sneaker", "bag",
+                 "ankle boot"]
+# Where Debian's dataset-fashion-mnist package puts the four idx files (gzipped).
+FASHION_ROOT = "/usr/share/datasets/fashion-mnist"
+FASHION_FILES = {"train": ("train-images-idx3-ubyte", "train-labels-idx1-ubyte"),
+                 "val": ("t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte")}
+FASHION_PAD = 2  # 28 + 2 + 2 = 32
+
+
+def _fashion_split(root: str, split: str) -> Tuple[torch.Tensor, torch.Tensor]:
+    """One official split: (N, 1, 32, 32) uint8 zero-padded images, (N,) int64 labels."""
+    paths = []
+    for name in FASHION_FILES[split]:
+        path = find_file(root, name)
+        if path is None:
+            raise DataError(f"Fashion-MNIST file {name}[.gz] not found in {root}: install the data with "
+                            f"`sudo apt-get install dataset-fashion-mnist` or set data.root to its folder")
+        paths.append(path)
+    images, labels = read_idx(paths[0]), read_idx(paths[1])
+    if images.ndim != 3 or images.shape[1:] != (28, 28) or images.dtype != np.uint8:
+        raise DataError(f"{paths[0]}: expected uint8 (N, 28, 28) images, got {images.dtype} {images.shape}")
+    if labels.shape != (images.shape[0],) or (labels.size and labels.max() >= len(FASHION_NAMES)):
+        raise DataError(f"{paths[1]}: expected {images.shape[0]} labels in 0..9, got shape {labels.shape}")
+    # Zero (black, the images' background) padding to 32x32, as DDPM and most MNIST-at-32 work do.
+    padded = np.pad(images, ((0, 0), (FASHION_PAD, FASHION_PAD), (FASHION_PAD, FASHION_PAD)))
+    return torch.from_numpy(padded).unsqueeze(1), torch.from_numpy(labels.astype(np.int64))  # (N, 1, 32, 32)
+
+
+def _fashion_mnist(cfg):
+    root = os.path.expanduser(str(cfg.root or FASHION_ROOT))
+    out = []
+    for split in ("train", "val"):
+        images, labels = _fashion_split(root, split)
+        idx = torch.from_numpy(_limit(np.arange(len(labels)), cfg.max_items, cfg.split_seed))
+        images, labels = images[idx], labels[idx]
+        if cfg.image_size is not None and cfg.image_size != images.shape[-1]:
+            images = _resize(images.float().div(127.5).sub(1.0), cfg.image_size)  # another size: float32
+        out.append(InMemoryDataset(images, labels, hflip=cfg.hflip and split == "train"))
+    return out[0], out[1], list(FASHION_NAMES)
+
+
+def _imagenet(cfg):
+    """ILSVRC-2012 folders: lazy, ADM-preprocessed; the official val split; ``max_items`` per split."""
+    root, size = _existing_root(cfg), _require_size(cfg)
+    train_samples, val_samples, _, names = scan_imagenet(root)
+    out = []
+    for split, samples in (("train", train_samples), ("val", val_samples)):
+        if not samples:
+            raise DataError(f"ImageNet layout: no images in {os.path.join(root, split)}")
+        idx = _limit(np.arange(len(samples)), cfg.max_items, cfg.split_seed)
+        out.append(ImageFileDataset([samples[i] for i in idx], size, hflip=cfg.hflip and split == "train",
+                                    on_bad_file=str(cfg.on_bad_file)))
+    return out[0], out[1], names
+
+
+def _downsampled_imagenet(cfg, size: int):
+    """Downsampled ImageNet (npz batches) through the memory-mapped cache; the official val split."""
+    if cfg.image_size is not None and cfg.image_size != size:
+        raise DataError(f"data.image_size={cfg.image_size} but data.name={cfg.name} is {size}x{size} (leave it null)")
+    if not cfg.root:
+        raise DataError(f"data.root must be set for data.name={cfg.name} (the folder of train_data_batch_*.npz)")
+    _, splits = npz_cache(os.path.expanduser(str(cfg.root)), size, str(cfg.cache_dir))
+    out = []
+    for split in ("train", "val"):
+        path, labels, checksum = splits[split]
+        rows = _limit(np.arange(len(labels)), cfg.max_items, cfg.split_seed)
+        out.append(ArrayDataset(path, labels, rows, hflip=cfg.hflip and split == "train", checksum=checksum))
+    return out[0], out[1], [f"class {k}" for k in range(1000)]
+
+
 # ----------------------------------------------------------------------------------------------
 # Registry
 
@@ -262,5 +342,9 @@ SOURCES: Dict[str, SourceBuilder] = {
     "mnist": partial(_torchvision, spec=MNIST),
     "cifar10": partial(_torchvision, spec=CIFAR10),
     "paired": _paired,
+    "fashion_mnist": _fashion_mnist,
+    "imagenet": _imagenet,
+    "imagenet32": partial(_downsampled_imagenet, size=32),
+    "imagenet64": partial(_downsampled_imagenet, size=64),
 }
 DATASET_NAMES: Tuple[str, ...] = tuple(SOURCES)
