@@ -83,11 +83,10 @@ def _grid(n: int, ncols: int = 3, size=(4.4, 3.0)):
     return fig, list(axes)
 
 
-def plot_curves(run_dirs: Sequence[str | os.PathLike], path: str | os.PathLike,
-                names: Optional[Sequence[str]] = None) -> Path:
-    """``curves.png`` of one or several runs (module docstring) at ``path``; returns it."""
-    logs = [read_log(d) for d in run_dirs]
-    names = list(names or [Path(d).name for d in run_dirs])
+def curves_figure(logs: Sequence[List[Dict[str, Any]]], names: Sequence[str]):
+    """The figure of ``curves.png``: one panel per quantity (module docstring), one line per run
+    and key; ``logs`` are :func:`read_log` results, ``names`` the runs' legend names."""
+    names = list(names)
     panels = _panels(logs) or [("loss terms", [])]
     fig, axes = _grid(len(panels))
     styles = ("-", "--", ":", "-.")
@@ -114,7 +113,14 @@ def plot_curves(run_dirs: Sequence[str | os.PathLike], path: str | os.PathLike,
     if len(logs) == 1:
         fig.suptitle(names[0], fontsize=11)
     fig.tight_layout()
-    return save_figure(fig, path)
+    return fig
+
+
+def plot_curves(run_dirs: Sequence[str | os.PathLike], path: str | os.PathLike,
+                names: Optional[Sequence[str]] = None) -> Path:
+    """``curves.png`` of one or several runs (module docstring) at ``path``; returns it."""
+    logs = [read_log(d) for d in run_dirs]
+    return save_figure(curves_figure(logs, names or [Path(d).name for d in run_dirs]), path)
 
 
 def read_metrics(run_dir: str | os.PathLike) -> Dict[str, float]:
@@ -132,12 +138,10 @@ def read_metrics(run_dir: str | os.PathLike) -> Dict[str, float]:
             and math.isfinite(v)}
 
 
-def plot_metrics(run_dirs: Sequence[str | os.PathLike], path: str | os.PathLike,
-                 names: Optional[Sequence[str]] = None) -> Optional[Path]:
-    """``metrics.png``: one bar chart per metric, one bar per run; None (nothing written) when no
-    run has a ``metrics.json``."""
-    metrics = [read_metrics(d) for d in run_dirs]
-    names = list(names or [Path(d).name for d in run_dirs])
+def metrics_figure(metrics: Sequence[Dict[str, float]], names: Sequence[str]):
+    """The figure of ``metrics.png``: one bar chart per metric (sorted by name), one bar per run;
+    None when there is no metric at all."""
+    names = list(names)
     keys = sorted({k for m in metrics for k in m})
     if not keys:
         return None
@@ -154,7 +158,15 @@ def plot_metrics(run_dirs: Sequence[str | os.PathLike], path: str | os.PathLike,
     for ax in axes[len(keys):]:
         ax.axis("off")
     fig.tight_layout()
-    return save_figure(fig, path)
+    return fig
+
+
+def plot_metrics(run_dirs: Sequence[str | os.PathLike], path: str | os.PathLike,
+                 names: Optional[Sequence[str]] = None) -> Optional[Path]:
+    """``metrics.png``: one bar chart per metric, one bar per run; None (nothing written) when no
+    run has a ``metrics.json``."""
+    fig = metrics_figure([read_metrics(d) for d in run_dirs], names or [Path(d).name for d in run_dirs])
+    return save_figure(fig, path) if fig is not None else None
 
 
 def plot_runs(run_dirs: Sequence[str | os.PathLike], out_dir: str | os.PathLike) -> Dict[str, Path]:
