@@ -53,13 +53,15 @@ def _number(v: Any) -> Optional[float]:
 def summarize(per_seed: Mapping[int, Mapping[str, Any]]) -> Dict[str, Dict[str, Any]]:
     """``{seed: {metric: value}}`` -> ``{metric: {"values", "seeds", "n", "mean", "std"}}``.
 
-    Every numeric metric that any seed has (booleans, strings and :data:`SKIP_KEYS` are left out);
+    Every numeric metric that any seed has (booleans, strings and :data:`SKIP_KEYS`, also as the
+    last part of ``<arm>/<key>``, are left out);
     ``values``/``seeds`` list the seeds that have it, in the given order; a non-finite value makes
     the mean and std NaN (written as null), so a diverged seed is not averaged away silently.
     """
     keys: List[str] = []
     for metrics in per_seed.values():
-        keys += [k for k, v in metrics.items() if k not in keys and k not in SKIP_KEYS and _number(v) is not None]
+        keys += [k for k, v in metrics.items() if k not in keys and _number(v) is not None
+                 and k.rsplit("/", 1)[-1] not in SKIP_KEYS]  # also an experiment's "<arm>/step"
     out: Dict[str, Dict[str, Any]] = {}
     for key in keys:
         pairs = [(s, _number(m[key])) for s, m in per_seed.items() if key in m and _number(m[key]) is not None]
