@@ -17,6 +17,7 @@ from typing import Any, Dict, Sequence, Tuple
 import torch
 import yaml
 from omegaconf import DictConfig
+from tqdm.auto import tqdm
 
 from unidiff.checkpoint import load_model
 from unidiff.config import build_schedule, load_config, resolve_with_data, to_container
@@ -98,7 +99,8 @@ def run_experiment(config_path: str | os.PathLike, overrides: Sequence[str] = ()
         "train_steps": int(first.train.steps), "seed": int(first.run.seed), "arms": {}, "table": [], "context": {},
     }
     arm_panels: Dict[str, Panels] = {}
-    for arm, cfg in arms.items():
+    # One bar over the arms (training shows its own, with images/s; disable=None: none off a terminal).
+    for arm, cfg in tqdm(arms.items(), desc=f"experiment {spec.name}", unit="arm", disable=None):
         run_dir = Path(cfg.run.dir)
         data = datasets(cfg)
         t0 = time.time()

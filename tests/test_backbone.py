@@ -7,7 +7,7 @@ from unidiff.errors import ConfigError
 from unidiff.model import UnifiedModel
 from unidiff.models.attention import Attention
 from unidiff.models.backbone import HybridBackbone, parse_pattern, validate_backbone_options
-from unidiff.models.embed import PatchEmbed, patchify, sincos_2d, unpatchify
+from unidiff.models.embed import PatchEmbed, TimestepEmbedder, patchify, sincos_2d, unpatchify
 from unidiff.models.moe import MoE
 from unidiff.models.presets import PRESETS, get_preset, parameter_table
 from unidiff.models.scan import ScanMixer
@@ -209,3 +209,11 @@ def test_presets_build_and_moe_active_count_below_total():
     assert table["nano"]["sublayers"] == 52
     assert table["S"]["active"] < table["S"]["total"]  # routed experts count top_k / num_experts
     assert table["S"]["total"] < table["B"]["total"] < table["L"]["total"] < table["XL"]["total"]
+
+
+def test_timestep_features_are_dit_cos_sin_of_geometric_frequencies():
+    t = torch.tensor([0, 1, 17, 500, 999])
+    f = TimestepEmbedder(8, freq_dim=16).frequencies(t).double()  # (5, 16): [cos | sin]
+    omega = 10000.0 ** (-torch.arange(8, dtype=torch.float64) / 8)  # DiT: max_period^(-i/half)
+    args = t.double()[:, None] * omega[None]
+    torch.testing.assert_close(f, torch.cat([args.cos(), args.sin()], dim=1), atol=5e-4, rtol=0)

@@ -385,3 +385,170 @@ def test_inpaint_rejects_masks_that_are_not_binary(multimodal_run, tmp_path, cap
     rc, _, err = _sample(capsys, multimodal_run, "inpaint", tmp_path / "o.npz", "--inputs", str(tmp_path / "in2.npz"))
     _assert_one_line_error(rc, err, "in2.npz", "'masks'", "N×8×8")
     assert not (tmp_path / "o.npz").exists()
+
+
+# --- help texts, evaluation provenance, multi-seed runs (tracking task) ---------------------------
+def _subparsers():
+    import argparse
+
+    from unidiff.cli import build_parser
+
+    parser = build_parser()
+    sub = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+    return parser, sub.choices
+
+
+def test_every_argument_has_a_help_text_that_shows_its_default():
+    import argparse
+
+    from unidiff.cli import help_text
+
+    parser, commands = _subparsers()
+    assert {"train", "sample", "evaluate", "run", "experiment", "encoder", "plot"} <= set(commands)
+    for name, p in commands.items():
+        shown = " ".join(p.format_help().split())  # what `unidiff NAME --help` prints
+        for action in p._actions:
+            if isinstance(action, argparse._HelpAction):
+                continue
+            what = f"unidiff {name} {action.option_strings or action.dest}"
+            text = " ".join(help_text(p, action).split())
+            assert text, f"{what} has no help text"
+            assert text in shown, what
+            optional = action.option_strings and not action.required
+            if optional or action.nargs in ("?", "*"):
+                assert "default" in text, f"{what}: the help does not say its default: {text!r}"
+    # the two that had none: sample's and evaluate's --seed state their default
+    for name in ("sample", "evaluate"):
+        seed = next(a for a in commands[name]._actions if "--seed" in a.option_strings)
+        assert "(default: 0)" in help_text(commands[name], seed)
+
+
+def test_readme_preset_table_is_what_the_presets_module_prints():
+    import subprocess
+    import sys
+
+    printed = subprocess.run([sys.executable, "-m", "unidiff.models.presets"], capture_output=True, text=True,
+                             check=True, cwd=ROOT).stdout.strip()
+    assert printed.startswith("| preset |") and printed.count("\n") >= 9
+    assert printed in (ROOT / "README.md").read_text()
+
+
+def _git_head():
+    import subprocess
+
+    try:
+        res = subprocess.run(["git", "-C", str(ROOT), "rev-parse", "HEAD"], capture_output=True, text=True)
+    except OSError:
+        return None
+    return res.stdout.strip() if res.returncode == 0 else None
+
+
+def test_evaluate_seed_out_provenance_and_no_silent_overwrite(trained_run, tmp_path, capsys):
+    import unidiff
+
+    cache = f"eval.cache_dir={trained_run.parent / 'cache'}"
+    target = tmp_path / "m.json"
+    argv = ["evaluate", str(trained_run), cache, "eval.n_samples=8", "--seed", "5", "--out", str(target)]
+    rc, out, err = _run(capsys, *argv)
+    assert rc == 0, err
+    assert f"metrics: {target}" in out
+    first = json.loads(target.read_text())
+    prov = first["provenance"]
+    assert prov["seed"] == 5 and prov["overrides"] == [cache, "eval.n_samples=8"]
+    assert prov["checkpoint"] == str(trained_run / "model") and prov["step"] == 4
+    assert (prov["sampler"], prov["steps"], prov["guidance"], prov["n_samples"]) == ("ddim", 3, 1.0, 8)
+    assert prov["unidiff_version"] == unidiff.__version__
+    assert prov["git_commit"] == _git_head()  # null exactly when the tests do not run in a git checkout
+    assert prov["previous"] is None
+    # the same command again: the same numbers (the seed fixes every draw), the first file kept
+    rc, _, err = _run(capsys, *argv)
+    assert rc == 0, err
+    second = json.loads(target.read_text())
+    kept = sorted(tmp_path.glob("m.*.json"))
+    assert len(kept) == 1 and second["provenance"]["previous"] == str(kept[0])
+    assert json.loads(kept[0].read_text()) == first
+    numbers = {k: v for k, v in first.items() if k != "provenance"}
+    assert {k: v for k, v in second.items() if k != "provenance"} == numbers
+    # another seed, other draws: the Monte-Carlo bound moves
+    rc, _, err = _run(capsys, *argv[:-4], "--seed", "6", "--out", str(tmp_path / "m6.json"))
+    assert rc == 0, err
+    assert json.loads((tmp_path / "m6.json").read_text())["bits_per_dim"] != first["bits_per_dim"]
+    rc, _, err = _run(capsys, "evaluate", str(trained_run), "--out", str(tmp_path / "m.txt"))
+    _assert_one_line_error(rc, err, "--out", ".json")
+
+
+def test_seed_summary_is_mean_and_sample_std():
+    import statistics
+
+    from unidiff.seeds import summarize
+
+    per_seed = {0: {"fid": 10.0, "acc": 0.5, "step": 4, "flag": True}, 1: {"fid": 12.0, "acc": 0.7}, 2: {"fid": 17.0}}
+    s = summarize(per_seed)
+    assert set(s) == {"fid", "acc"}  # step is bookkeeping, booleans are not numbers
+    fid = s["fid"]
+    assert fid["values"] == [10.0, 12.0, 17.0] and fid["seeds"] == [0, 1, 2] and fid["n"] == 3
+    assert fid["mean"] == pytest.approx(13.0)
+    assert fid["std"] == pytest.approx(math.sqrt(((10 - 13) ** 2 + (12 - 13) ** 2 + (17 - 13) ** 2) / 2))
+    assert s["acc"]["n"] == 2 and s["acc"]["std"] == pytest.approx(statistics.stdev([0.5, 0.7]))
+    one = summarize({3: {"fid": 1.0}})["fid"]
+    assert one["mean"] == 1.0 and one["std"] is None
+    assert math.isnan(summarize({0: {"fid": 1.0}, 1: {"fid": float("nan")}})["fid"]["mean"])
+
+
+@pytest.mark.parametrize("bad", ["0,x", "1,1", "-1", ","])
+def test_bad_seeds_are_one_line_errors(workdir, capsys, bad):
+    rc, _, err = _run(capsys, "run", DEBUG, "--seeds", bad)
+    _assert_one_line_error(rc, err, "--seeds")
+    assert _files(workdir) == []
+
+
+def test_run_with_seeds_trains_one_run_per_seed_and_summarises(tmp_path, capsys):
+    base = tmp_path / "ms"
+    rc, out, err = _run(capsys, "run", DEBUG, f"run.dir={base}", "train.steps=2", "train.sample_every=0",
+                        f"eval.cache_dir={tmp_path / 'cache'}", "eval.n_samples=8", "--seeds", "0,1")
+    assert rc == 0, err
+    metrics = {}
+    for seed in (0, 1):
+        folder = tmp_path / f"ms_s{seed}"
+        cfg = (folder / "config.yaml").read_text()
+        assert f"seed: {seed}" in cfg and f"name: debug_s{seed}" in cfg
+        metrics[seed] = json.loads((folder / "metrics.json").read_text())
+        assert metrics[seed]["provenance"]["seed"] == seed
+    assert metrics[0]["bits_per_dim"] != metrics[1]["bits_per_dim"]
+    summary = json.loads((tmp_path / "ms_seeds" / "summary.json").read_text())
+    assert summary["seeds"] == [0, 1] and summary["runs"] == {"0": str(tmp_path / "ms_s0"), "1": str(tmp_path / "ms_s1")}
+    for key in ("bits_per_dim", "fid", "label_accuracy"):
+        a, b = metrics[0][key], metrics[1][key]
+        e = summary["metrics"][key]
+        assert e["mean"] == pytest.approx((a + b) / 2) and e["std"] == pytest.approx(abs(a - b) / math.sqrt(2))
+    md = (tmp_path / "ms_seeds" / "summary.md").read_text()
+    assert "| bits_per_dim |" in md and "±" in md and "summary:" in out
+
+
+def test_experiment_with_seeds_names_each_seed_and_summarises_per_arm(tmp_path, capsys, monkeypatch):
+    import experiments
+
+    calls = []
+
+    def fake_run_experiment(config, overrides):  # stands for the arms' training and evaluation
+        exp = experiments.load_experiment(config, overrides)
+        seed = int(next(iter(exp.arms.values())).run.seed)
+        calls.append((exp.spec.name, seed, str(exp.out_dir)))
+        exp.out_dir.mkdir(parents=True)
+        arms = {arm: {"metrics": {"fid": 10.0 + seed, "step": 2}} for arm in exp.arms}
+        (exp.out_dir / "results.json").write_text(json.dumps({"arms": arms}))
+        (exp.out_dir / "results.md").write_text(f"seed {seed}\n")
+        return exp.out_dir
+
+    monkeypatch.setattr(experiments, "run_experiment", fake_run_experiment)
+    config = ROOT / "configs" / "experiments" / "joint_image_label.yaml"
+    out_dir = tmp_path / "exp"
+    rc, out, err = _run(capsys, "experiment", str(config), f"experiment.out_dir={out_dir}", "--seeds", "2,5")
+    assert rc == 0, err
+    name = experiments.load_experiment(config, [f"experiment.out_dir={out_dir}"]).spec.name
+    assert calls == [(f"{name}_s2", 2, f"{out_dir}_s2"), (f"{name}_s5", 5, f"{out_dir}_s5")]
+    summary = json.loads(Path(f"{out_dir}_seeds/summary.json").read_text())
+    arms = list(experiments.load_experiment(config, [f"experiment.out_dir={out_dir}"]).arms)
+    assert set(summary["metrics"]) == {f"{arm}/fid" for arm in arms}
+    e = summary["metrics"][f"{arms[0]}/fid"]
+    assert e["values"] == [12.0, 15.0] and e["mean"] == 13.5 and e["std"] == pytest.approx(math.sqrt(4.5))

@@ -65,6 +65,19 @@ class MixedPrecision(str, Enum):
     fp16 = "fp16"
 
 
+class Tracker(str, Enum):
+    """accelerate's experiment trackers (``train.report_to``); only ``tensorboard`` is a dependency,
+    the others work when their package is installed (checked when training starts)."""
+
+    tensorboard = "tensorboard"
+    wandb = "wandb"
+    mlflow = "mlflow"
+    aim = "aim"
+    comet_ml = "comet_ml"
+    clearml = "clearml"
+    dvclive = "dvclive"
+
+
 def values(choice: Type[Enum]) -> List[str]:
     """The accepted strings of an option, in definition order (for messages and argparse choices)."""
     return [member.value for member in choice]

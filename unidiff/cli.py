@@ -5,20 +5,23 @@
         TASK: joint, or a task of the run's modality kinds (heads.modality_tasks()): class_to_image,
               image_to_label, representation_to_image, image_to_representation, inpaint,
               transition, target_to_source, ...
-    unidiff evaluate RUN_DIR [key=value ...]
-    unidiff run CONFIG [key=value ...]          # train, sample, evaluate
-    unidiff experiment CONFIG [key=value ...]     # multi-task vs single-task (configs/experiments/)
+    unidiff evaluate RUN_DIR [key=value ...] [--seed K] [--out FILE.json]
+    unidiff run CONFIG [key=value ...] [--seeds 0,1,2]        # train, sample, evaluate
+    unidiff experiment CONFIG [key=value ...] [--seeds 0,1,2]  # multi-task vs single-task
     unidiff encoder train CONFIG [key=value ...]  # the multi-tower representation encoder
+    unidiff plot RUN_DIR [RUN_DIR ...] [--out DIR]  # curves.png, metrics.png
 
 Subcommands live in one table, :data:`COMMANDS` (name -> help, argument builder, handler): a new
 subcommand is one :func:`command` registration. Anything the user got wrong (a config key, a
 missing run folder, a bad argument) prints one line ``unidiff: error: ...`` on stderr and exits
 with code 2, without a traceback; run outputs are written only after validation, atomically.
+``--help`` of every command describes every argument and shows its default (:class:`HelpFormatter`).
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import sys
 from dataclasses import dataclass
@@ -43,6 +46,30 @@ class _Parser(argparse.ArgumentParser):
 
     def error(self, message: str):
         raise UsageError(message)
+
+
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Help texts that show each option's default: ``(default: X)`` is appended unless the text
+    already says what the default is (e.g. "default: the run's sample.steps"); a flag shows
+    ``(default: off)``; positional and required arguments have none to show."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        if "default" in text or action.default is argparse.SUPPRESS or action.required:
+            return text
+        if not action.option_strings and action.nargs not in (argparse.OPTIONAL, argparse.ZERO_OR_MORE):
+            return text  # a positional argument: required, no default
+        if action.nargs == 0 and action.default is False:
+            return f"{text} (default: off)"
+        if action.default in (None, [], ()):
+            return f"{text} (default: none)"
+        return f"{text} (default: %(default)s)"
+
+
+def help_text(parser: argparse.ArgumentParser, action: argparse.Action) -> str:
+    """The help line ``--help`` prints for ``action`` of ``parser`` (defaults filled in)."""
+    formatter = parser._get_formatter()
+    return formatter._expand_help(action) if action.help else ""
 
 
 @dataclass
@@ -96,6 +123,22 @@ def _label_list(text: str) -> List[int]:
     return labels
 
 
+def _json_path(text: str) -> Path:
+    path = Path(text)
+    if path.suffix != ".json":
+        raise argparse.ArgumentTypeError(f"metrics file must end in .json, got {text!r}")
+    return path
+
+
+def _seed_list(text: str) -> List[int]:
+    from .seeds import parse_seeds
+
+    try:
+        return parse_seeds(text)
+    except ConfigError as err:
+        raise argparse.ArgumentTypeError(str(err).split(": ", 1)[-1]) from None
+
+
 def _npz_path(text: str) -> Path:
     path = Path(text)
     if path.suffix != ".npz":
@@ -103,9 +146,11 @@ def _npz_path(text: str) -> Path:
     return path
 
 
-def _add_config_args(p: argparse.ArgumentParser, what: str = "YAML run config (configs/*.yaml)") -> None:
+def _add_config_args(p: argparse.ArgumentParser, what: str = "YAML run config (configs/*.yaml)",
+                     example: str = "train.steps=2000") -> None:
     p.add_argument("config", help=what)
-    p.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides, e.g. train.steps=2000")
+    p.add_argument("overrides", nargs="*", metavar="key=value",
+                   help=f"config overrides, e.g. {example} (default: none; the config as written)")
 
 
 # --- train -----------------------------------------------------------------------------------
@@ -154,27 +199,34 @@ SAMPLERS = tuple(values(Sampler))
 
 
 def _sample_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("run_dir", help="run folder (RUN_DIR with model/ or checkpoints/)")
+    p.add_argument("run_dir", help="run folder (RUN_DIR with model/, else its latest checkpoint's EMA weights)")
     p.add_argument("--task", default="joint",
                    help="joint (default), or a task of one of the run's modality kinds, e.g. class_to_image, "
                         "image_to_label, inpaint, transition, target_to_source (README.md 'Sampling tasks'; "
                         "an unknown name lists them)")
-    p.add_argument("-n", type=_positive_int, default=None, help="number of samples (default sample.n)")
-    p.add_argument("--steps", type=_positive_int, default=None, help="sampler steps (default sample.steps)")
-    p.add_argument("--sampler", choices=SAMPLERS, default=None, help="default sample.sampler")
-    p.add_argument("--guidance", type=_nonneg_float, default=None, help="drift guidance w (conditional tasks)")
+    p.add_argument("-n", type=_positive_int, default=None,
+                   help="number of samples (default: the run's sample.n, or the rows of --inputs)")
+    p.add_argument("--steps", type=_positive_int, default=None,
+                   help="reverse-process solver steps (default: the run's sample.steps)")
+    p.add_argument("--sampler", choices=SAMPLERS, default=None,
+                   help="reverse-process solver (default: the run's sample.sampler)")
+    p.add_argument("--guidance", type=_nonneg_float, default=None,
+                   help="drift guidance w of conditional tasks, 1 = none (default: the run's sample.guidance)")
     p.add_argument("--classifier-scale", type=_nonneg_float, default=None,
-                   help="conditional tasks: classifier guidance from the conditioning modality's head "
-                        "(default sample.classifier_scale)")
-    p.add_argument("--seed", type=int, default=0)
+                   help="conditional tasks: classifier guidance from the conditioning modality's head, 0 = off "
+                        "(default: the run's sample.classifier_scale)")
+    p.add_argument("--seed", type=int, default=0,
+                   help="seed of every random draw (initial noise, sampler noise, random masks)")
     p.add_argument("--labels", type=_label_list, default=None,
-                   help="class_to_image: classes to cycle, e.g. 3,1,4 (an inline 'labels' array)")
+                   help="class_to_image: classes to cycle, e.g. 3,1,4 (an inline 'labels' array; "
+                        "default: cycle over all classes)")
     p.add_argument("--inputs", type=Path, default=None,
                    help="an .npz of inputs: 'images' (read tasks, and tasks built from images such as inpaint; "
                         "default: the val split) and the conditioning modality's array under its key, e.g. "
                         "'labels', 'representations' (required for representation_to_image), 'masks' (N×H×W, "
                         "1 = visible; default: random), 'sources' (default: the built-in transform of the images)")
-    p.add_argument("--out", type=_npz_path, required=True, help="output .npz (a PNG grid is written beside it)")
+    p.add_argument("--out", type=_npz_path, required=True,
+                   help="output .npz (required; a PNG grid is written beside it)")
 
 
 def _read_npz(path: Path) -> Dict[str, "np.ndarray"]:
@@ -371,8 +423,14 @@ def _sample(args) -> int:
 
 # --- evaluate --------------------------------------------------------------------------------
 def _evaluate_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("run_dir", help="run folder")
-    p.add_argument("overrides", nargs="*", metavar="key=value", help="e.g. eval.n_samples=200")
+    p.add_argument("run_dir", help="run folder (model/, else its latest checkpoint's EMA weights)")
+    p.add_argument("overrides", nargs="*", metavar="key=value",
+                   help="overrides of the run's config, e.g. eval.n_samples=200 (default: none)")
+    p.add_argument("--seed", type=int, default=0,
+                   help="seed of every random draw of the evaluation (samples, timesteps, noise)")
+    p.add_argument("--out", type=_json_path, default=None, metavar="FILE.json",
+                   help="metrics file to write (default: RUN_DIR/metrics.json); an existing file there "
+                        "is kept as metrics.<timestamp>.json, never overwritten")
 
 
 def _print_metrics(metrics: Dict) -> None:
@@ -380,57 +438,126 @@ def _print_metrics(metrics: Dict) -> None:
         print(f"{k}: {v:.4f}" if isinstance(v, float) else f"{k}: {v}")
 
 
-@command("evaluate", "compute a run's metrics into RUN_DIR/metrics.json", _evaluate_args)
+@command("evaluate", "compute a run's metrics into RUN_DIR/metrics.json (with their provenance)", _evaluate_args)
 def _evaluate(args) -> int:
     from .evaluate import evaluate
 
-    metrics = evaluate(args.run_dir, args.overrides)
+    if args.out is not None and args.out.is_dir():
+        raise ConfigError(f"--out {str(args.out)!r} is a folder; give a file name ending in .json")
+    target = args.out if args.out is not None else Path(args.run_dir) / "metrics.json"
+    metrics = evaluate(args.run_dir, args.overrides, seed=args.seed, out_path=target)
     _print_metrics(metrics)
-    print(f"metrics: {Path(args.run_dir) / 'metrics.json'}")
+    print(f"metrics: {target}")
     return 0
 
 
 # --- run -------------------------------------------------------------------------------------
-@command("run", "train, sample (joint) and evaluate in one go", _add_config_args)
-def _run(args) -> int:
-    from .config import load_config
+_SEEDS_HELP = ("comma-separated seeds, e.g. 0,1,2: one {what} per seed named <name>_s<seed> with run.seed=<seed> "
+               "(evaluated with that seed), then <name>_seeds/summary.json and summary.md with mean ± std "
+               "per metric; overrides run.seed (default: none, one {what} with the config's run.seed)")
+
+
+def _run_args(p: argparse.ArgumentParser) -> None:
+    _add_config_args(p)
+    p.add_argument("--seeds", type=_seed_list, default=None, metavar="0,1,2", help=_SEEDS_HELP.format(what="run"))
+
+
+def _run_one(cfg, eval_seed: int):
+    """Train, sample (joint) and evaluate one run: ``(run folder, metrics)``."""
     from .evaluate import evaluate
     from .train import train
 
-    cfg = load_config(args.config, args.overrides)
     out = train(cfg)
     paths = None
     if cfg.image_head:
         paths = sample_to_file(out, "joint", None, None, None, None, cfg.run.seed, None, None, out / "samples" / "final.npz")
-    metrics = evaluate(out)
+    metrics = evaluate(out, seed=eval_seed)
     _print_metrics(metrics)
     if paths is not None:
         print(f"grid: {paths['grid']}")
     print(f"metrics: {out / 'metrics.json'}")
+    return out, metrics
+
+
+@command("run", "train, sample (joint) and evaluate in one go; --seeds: several seeds, mean ± std", _run_args)
+def _run(args) -> int:
+    from .config import load_config, run_dir
+    from .provenance import provenance
+    from .seeds import seed_dir, seed_name, write_summary
+
+    cfg = load_config(args.config, args.overrides)
+    if args.seeds is None:
+        _run_one(cfg, eval_seed=0)  # as always: the evaluation draws of seed 0
+        return 0
+    base_name, base_dir = cfg.run.name, cfg.run.dir
+    configs = {}
+    for seed in args.seeds:  # every seed's config validated before the first one trains
+        extra = [f"run.seed={seed}", f"run.name={seed_name(base_name, seed)}"]
+        if base_dir:
+            extra.append(f"run.dir={seed_dir(base_dir, seed)}")
+        configs[seed] = load_config(args.config, [*args.overrides, *extra])
+    runs, per_seed = {}, {}
+    for seed, seed_cfg in configs.items():
+        print(f"--- seed {seed}")
+        runs[seed], per_seed[seed] = _run_one(seed_cfg, eval_seed=seed)
+    folder = Path(f"{base_dir.rstrip('/')}_seeds") if base_dir else run_dir(cfg).with_name(f"{base_name}_seeds")
+    paths = write_summary(folder, f"{base_name}: {len(args.seeds)} seeds", args.seeds, runs, per_seed,
+                          config=str(args.config), provenance=provenance(overrides=args.overrides))
+    print(paths["md"].read_text(), end="")
+    print(f"summary: {paths['json']}")
     return 0
 
 
 # --- experiment ------------------------------------------------------------------------------
 def _experiment_args(p: argparse.ArgumentParser) -> None:
-    _add_config_args(p, "YAML experiment file (configs/experiments/*.yaml)")
+    _add_config_args(p, "YAML experiment file (configs/experiments/*.yaml)", "train.steps=100 experiment.n_cond=50")
+    p.add_argument("--seeds", type=_seed_list, default=None, metavar="0,1,2",
+                   help=_SEEDS_HELP.format(what="experiment").replace("<name>", "<experiment.name>"))
     p.epilog = ("overrides: run-config keys (train.steps=100) go to every arm; experiment.* keys "
                 "(experiment.n_cond=50) change the experiment itself")
 
 
 @command("experiment", "train and compare the arms of a DESIGN.md §4 experiment (rerun to resume)", _experiment_args)
 def _experiment(args) -> int:
-    from experiments import run_experiment  # the experiments package; the core never imports it
+    from experiments import load_experiment, run_experiment  # the experiments package; the core never imports it
 
-    out = run_experiment(args.config, args.overrides)
-    print((out / "results.md").read_text(), end="")
-    print(f"results: {out}")
+    from .provenance import provenance
+    from .seeds import seed_dir, seed_name, write_summary
+
+    if args.seeds is None:
+        out = run_experiment(args.config, args.overrides)
+        print((out / "results.md").read_text(), end="")
+        print(f"results: {out}")
+        return 0
+    base = load_experiment(args.config, args.overrides)  # validates; writes nothing
+    name, out_dir = base.spec.name, base.spec.out_dir
+    per_seed_overrides = {}
+    for seed in args.seeds:
+        extra = [f"run.seed={seed}", f"experiment.name={seed_name(name, seed)}"]
+        if out_dir:
+            extra.append(f"experiment.out_dir={seed_dir(out_dir, seed)}")
+        per_seed_overrides[seed] = [*args.overrides, *extra]
+        load_experiment(args.config, per_seed_overrides[seed])  # every seed valid before the first trains
+    runs, per_seed = {}, {}
+    for seed, overrides in per_seed_overrides.items():
+        print(f"--- seed {seed}")
+        out = run_experiment(args.config, overrides)
+        results = json.loads((out / "results.json").read_text())
+        runs[seed] = str(out)
+        per_seed[seed] = {f"{arm}/{k}": v for arm, r in results["arms"].items() for k, v in r["metrics"].items()}
+        print((out / "results.md").read_text(), end="")
+    folder = Path(f"{out_dir.rstrip('/')}_seeds") if out_dir else base.out_dir.with_name(f"{name}_seeds")
+    paths = write_summary(folder, f"{name}: {len(args.seeds)} seeds (metric keys are arm/metric)", args.seeds,
+                          runs, per_seed, config=str(args.config), provenance=provenance(overrides=args.overrides))
+    print(paths["md"].read_text(), end="")
+    print(f"summary: {paths['json']}")
     return 0
 
 
 # --- encoder ---------------------------------------------------------------------------------
 def _encoder_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("action", choices=("train",), help="train: fit the multi-tower encoder (cached)")
-    _add_config_args(p)
+    p.add_argument("action", choices=("train",), help="train: fit the multi-tower encoder (cached in encoder.out_dir)")
+    _add_config_args(p, "YAML encoder config with data and encoder sections (configs/encoders/*.yaml)", "encoder.steps=500")
 
 
 def load_encoder_config(path, overrides: Sequence[str] = ()):
@@ -480,13 +607,34 @@ def _encoder(args) -> int:
     return 0
 
 
+# --- plot ------------------------------------------------------------------------------------
+def _plot_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("run_dirs", nargs="+", metavar="RUN_DIR", help="one or more trained run folders (with log.jsonl)")
+    p.add_argument("--out", type=Path, default=None, metavar="DIR",
+                   help="folder for curves.png and metrics.png (default: RUN_DIR for one run, runs/plots for several)")
+
+
+@command("plot", "draw training curves (loss per head, lr, images/s, MoE balance) and metrics of runs as PNG", _plot_args)
+def _plot(args) -> int:
+    from .plots import plot_runs
+
+    out = args.out if args.out is not None else (Path(args.run_dirs[0]) if len(args.run_dirs) == 1 else Path("runs") / "plots")
+    if out.exists() and not out.is_dir():
+        raise ConfigError(f"--out {str(out)!r} exists and is not a folder")
+    for name, path in plot_runs(args.run_dirs, out).items():
+        print(f"{name}: {path}")
+    return 0
+
+
 # --- entry point -----------------------------------------------------------------------------
 def build_parser() -> argparse.ArgumentParser:
-    parser = _Parser(prog="unidiff", description="Unified multi-modal diffusion (see README.md).")
-    sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
+    parser = _Parser(prog="unidiff", description="Unified multi-modal diffusion (see README.md).",
+                     formatter_class=HelpFormatter)
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser,
+                                help="one of the commands below; `unidiff COMMAND --help` describes its arguments")
     sub.required = True
     for name, cmd in COMMANDS.items():
-        p = sub.add_parser(name, help=cmd.help, description=cmd.help)
+        p = sub.add_parser(name, help=cmd.help, description=cmd.help, formatter_class=HelpFormatter)
         cmd.add_arguments(p)
         p.set_defaults(_run=cmd.run)
     return parser

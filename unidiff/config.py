@@ -34,7 +34,7 @@ import yaml
 from omegaconf import DictConfig, ListConfig, OmegaConf, read_write
 from omegaconf.errors import OmegaConfBaseException
 
-from .choices import BetaSchedule, LRSchedule, MixedPrecision, Prediction, Sampler, Weighting
+from .choices import BetaSchedule, LRSchedule, MixedPrecision, Prediction, Sampler, Tracker, Weighting
 from .data import DataConfig
 from .errors import ConfigError
 
@@ -115,6 +115,8 @@ class TrainConfig:
     keep_last: int = 2
     compile: bool = False  # torch.compile the backbone
     resume: bool = True
+    # Experiment trackers fed through accelerate (README "Tracking and plots"); [] = log.jsonl only.
+    report_to: List[Tracker] = field(default_factory=lambda: [Tracker.tensorboard])
 
 
 @dataclass

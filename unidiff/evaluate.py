@@ -19,6 +19,11 @@ measures):
   reading of the generated image, and ``class_conditional_accuracy``: the reference classifier
   recovers the conditioning class of class→image samples, drift guidance ``eval.guidance``).
 Where two modalities give the same top-level key, the first one in the model's order wins.
+
+The file also holds ``provenance`` (:func:`unidiff.provenance.provenance`: the checkpoint, the
+sampler, steps, guidance, sample count, seed, overrides, the package version and git commit, the
+command); the returned dict does not. No result is overwritten silently: an existing metrics file
+at the target is first renamed ``metrics.<its mtime>.json`` (:func:`unidiff.provenance.keep_previous`).
 """
 
 from __future__ import annotations
@@ -34,6 +39,7 @@ from omegaconf import DictConfig
 from .errors import CheckpointError
 from .io import write_json
 from .modality import GenerationEval
+from .provenance import keep_previous, provenance
 
 
 def load_run_config(run_dir: str | os.PathLike, overrides: Sequence[str] = ()) -> DictConfig:
@@ -53,9 +59,13 @@ def _generate(model, schedule, task: str, n: int, batch_size: int, sampler: str,
               generator: torch.Generator, known_fn=None, classifier_scale: float = 0.0,
               classifier_modality: Optional[str] = None):
     """``n`` samples of ``task`` in batches: (images (n, C, H, W), {name: (n,) readouts})."""
+    from tqdm.auto import tqdm
+
     from .diffusion import sample
 
     images, aux = [], {}
+    # images/s in the bar (unit="img"); disable=None: no bar when stderr is not a terminal (logs, CI)
+    bar = tqdm(total=n, desc=f"evaluate: {task} samples", unit="img", leave=False, disable=None, dynamic_ncols=True)
     for start in range(0, n, batch_size):
         b = min(batch_size, n - start)
         known = known_fn(start, b) if known_fn is not None else None
@@ -66,6 +76,8 @@ def _generate(model, schedule, task: str, n: int, batch_size: int, sampler: str,
         for k, v in out.aux.items():
             if torch.is_tensor(v):
                 aux.setdefault(k, []).append(v.cpu())
+        bar.update(b)
+    bar.close()
     return torch.cat(images), {k: torch.cat(v) for k, v in aux.items()}
 
 
@@ -150,8 +162,11 @@ def _model_metrics(model, schedule, cfg, train_set, val_set, clf, g, device) -> 
 
 
 def evaluate(run: str | os.PathLike | DictConfig, overrides: Sequence[str] = (), device: Optional[str] = None,
-             seed: int = 0, datasets: Optional[Tuple[Any, Any, Any]] = None) -> Dict[str, Any]:
-    """Compute the metrics of a run, write ``RUN_DIR/metrics.json`` atomically and return them.
+             seed: int = 0, datasets: Optional[Tuple[Any, Any, Any]] = None,
+             out_path: Optional[str | os.PathLike] = None) -> Dict[str, Any]:
+    """Compute the metrics of a run, write ``RUN_DIR/metrics.json`` (or ``out_path``) atomically
+    and return them. ``seed`` seeds every random draw of the evaluation (samples, t, noise).
+    An existing file at the target is kept as ``metrics.<timestamp>.json`` (module docstring).
 
     ``run``: the run folder (its ``config.yaml`` is read), or the run's config itself (a
     :func:`unidiff.config.load_config` result; the folder is its ``run.dir``), as a caller that
@@ -192,5 +207,15 @@ def evaluate(run: str | os.PathLike | DictConfig, overrides: Sequence[str] = (),
     bad = [k for k, v in out.items() if isinstance(v, float) and not math.isfinite(v)]
     if bad:
         out["non_finite"] = bad
-    write_json(run_dir / "metrics.json", out)
+    # --- the metrics file: the numbers and what produced them; an earlier result is kept -----------
+    target = Path(out_path) if out_path is not None else run_dir / "metrics.json"
+    source = run_dir / "model" if meta.is_file() else last
+    record = provenance(seed=int(seed), overrides=overrides, run_dir=str(run_dir),
+                        checkpoint=str(source) if source is not None else None, step=out["step"],
+                        sampler=ev.sampler.value, steps=int(ev.steps), guidance=float(ev.guidance),
+                        classifier_scale=float(ev.classifier_scale), n_samples=int(ev.n_samples),
+                        t_read=int(ev.t_read), num_draws=int(ev.num_draws), device=str(device))
+    target.parent.mkdir(parents=True, exist_ok=True)
+    previous = keep_previous(target)
+    write_json(target, {**out, "provenance": {**record, "previous": str(previous) if previous else None}})
     return out

@@ -15,7 +15,7 @@ import math
 import os
 import shutil
 from pathlib import Path
-from typing import Any, Callable, Iterator, Optional
+from typing import Any, Callable, Iterator, Optional, Sequence
 
 import numpy as np
 import torch
@@ -127,24 +127,82 @@ def generator_for(*keys: int, device: str | torch.device = "cpu") -> torch.Gener
 
 
 # --- image grids ----------------------------------------------------------------------------------
-def image_grid(images: torch.Tensor, nrow: Optional[int] = None) -> torch.Tensor:
+# Grid cells are upscaled (nearest neighbour: no invented detail, pixels stay visible) to at least
+# this many pixels on their shorter side, so that an 8x8 or 28x28 sample is large enough to see.
+MIN_CELL = 64
+
+
+def _for_display(images: torch.Tensor, min_cell: int = 0) -> torch.Tensor:
+    """(N, C, H, W) -> (N, 1 or 3, kH, kW) float on the CPU, ``k`` the nearest-neighbour factor that
+    brings ``min(H, W)`` to at least ``min_cell`` (1 when it is already there or ``min_cell`` is 0)."""
+    x = images.detach().float().cpu()
+    x = x[:, :3] if x.shape[1] > 3 else (x[:, :1] if x.shape[1] == 2 else x)
+    k = max(1, math.ceil(min_cell / min(x.shape[-2:]))) if min_cell else 1
+    return torch.nn.functional.interpolate(x, scale_factor=k, mode="nearest") if k > 1 else x
+
+
+def image_grid(images: torch.Tensor, nrow: Optional[int] = None, min_cell: int = 0) -> torch.Tensor:
     """(N, C, H, W) in [-1, 1] -> (3 or 1, H', W') grid in [0, 1] (torchvision ``make_grid``).
 
-    More than 3 channels (e.g. latents) show the first 3; 2 channels show the first.
+    More than 3 channels (e.g. latents) show the first 3; 2 channels show the first. ``min_cell``:
+    upscale every cell by a whole factor (nearest neighbour) to at least that many pixels.
     """
     from torchvision.utils import make_grid
 
-    x = images.detach().float().cpu()
-    x = x[:, :3] if x.shape[1] > 3 else (x[:, :1] if x.shape[1] == 2 else x)
+    x = _for_display(images, min_cell)
     nrow = nrow or max(1, int(math.ceil(math.sqrt(x.shape[0]))))
     return make_grid((x + 1) / 2, nrow=nrow, padding=1, pad_value=1.0).clamp(0, 1)
 
 
-def save_grid(images: torch.Tensor, path: str | os.PathLike, nrow: Optional[int] = None) -> Path:
-    """Write a PNG grid of ``images`` (N, C, H, W) in [-1, 1] atomically."""
+def save_grid(images: torch.Tensor, path: str | os.PathLike, nrow: Optional[int] = None, min_cell: int = 0) -> Path:
+    """Write a PNG grid of ``images`` (N, C, H, W) in [-1, 1] atomically (``min_cell``: see :func:`image_grid`)."""
     from torchvision.utils import save_image
 
-    grid = image_grid(images, nrow)
+    grid = image_grid(images, nrow, min_cell)
+    return atomic_write(path, lambda p: save_image(grid, p, format="png"))
+
+
+def save_labelled_grid(images: torch.Tensor, labels: Optional[Sequence[Any]], path: str | os.PathLike,
+                       class_names: Optional[Sequence[str]] = None, nrow: Optional[int] = None,
+                       min_cell: int = MIN_CELL) -> Path:
+    """A PNG grid of ``images`` (N, C, H, W) in [-1, 1], each cell captioned with its label, atomically.
+
+    ``labels``: one per image, row-major like the cells (the generated label of a joint sample, the
+    conditioning class of class->image; ints, strings, or None for no caption), or None for no
+    captions at all. An int ``k`` shows ``class_names[k]`` when given, else ``k``; a caption wider than its cell is shortened with an ellipsis.
+    Cells are upscaled with nearest neighbour to at least ``min_cell`` pixels (:data:`MIN_CELL`);
+    the caption is drawn with PIL's built-in font under each cell.
+    """
+    from PIL import Image, ImageDraw, ImageFont
+    from torchvision.utils import make_grid, save_image
+
+    x = (_for_display(images, min_cell) + 1).div(2).clamp(0, 1)  # (N, c, h, w) in [0, 1]
+    if labels is None:
+        cells = x
+    else:
+        labels = [v.item() if torch.is_tensor(v) else v for v in labels]
+        if len(labels) != x.shape[0]:
+            raise ValueError(f"{len(labels)} labels for {x.shape[0]} images")
+        font = ImageFont.load_default(size=max(10, min(16, x.shape[-1] // 5)))
+        band = font.size + 6  # caption band under each cell, in pixels
+        cells = []
+        for img, label in zip(x, labels):
+            rgb = img.expand(3, -1, -1) if img.shape[0] == 1 else img
+            canvas = Image.new("RGB", (rgb.shape[-1], rgb.shape[-2] + band), "white")
+            canvas.paste(Image.fromarray((rgb.permute(1, 2, 0).numpy() * 255).round().astype(np.uint8)), (0, 0))
+            if label is not None:
+                text = str(label)
+                if class_names is not None and isinstance(label, (int, np.integer)) and 0 <= label < len(class_names):
+                    text = str(class_names[label])
+                draw = ImageDraw.Draw(canvas)
+                while len(text) > 1 and draw.textlength(text, font=font) > canvas.width - 2:
+                    text = text[:-2] + "…"  # shorten a long class name to the cell's width
+                width = draw.textlength(text, font=font)
+                draw.text(((canvas.width - width) / 2, rgb.shape[-2] + 2), text, fill="black", font=font)
+            cells.append(torch.from_numpy(np.asarray(canvas, dtype=np.float32) / 255).permute(2, 0, 1))
+        cells = torch.stack(cells)
+    nrow = nrow or max(1, int(math.ceil(math.sqrt(cells.shape[0]))))
+    grid = make_grid(cells, nrow=nrow, padding=2, pad_value=1.0)
     return atomic_write(path, lambda p: save_image(grid, p, format="png"))
 
 

@@ -24,7 +24,7 @@ import math
 import sys
 import time
 from pathlib import Path
-from typing import Any, Dict, Optional
+from typing import Any, Dict, List, Optional, Sequence
 
 import torch
 from omegaconf import DictConfig
@@ -33,7 +33,7 @@ from torch import nn
 from . import checkpoint as ckpt
 from .config import ConfigError, build_model, build_schedule, resolve_with_data, run_dir, to_container, to_yaml
 from .errors import CheckpointError
-from .io import save_grid, seed_for, write_text
+from .io import save_labelled_grid, seed_for, write_text
 from .runtime import apply_threads
 
 # Config sections a resumed run must share with the run that wrote the checkpoint (the rest,
@@ -62,18 +62,68 @@ def param_groups(model: nn.Module, weight_decay: float) -> list:
 
 
 @torch.no_grad()
-def sample_grid(model, schedule, cfg: DictConfig, path: Path, seed: int) -> Dict[str, Any]:
+def sample_grid(model, schedule, cfg: DictConfig, path: Path, seed: int,
+                class_names: Optional[Sequence[str]] = None) -> Dict[str, Any]:
     """Joint samples (§3) from ``model`` as a PNG grid at ``path`` plus ``<path>.json`` with the
-    generated auxiliary read-outs (e.g. the label of every cell, row-major)."""
+    generated auxiliary read-outs (e.g. the label of every cell, row-major). Each cell is captioned
+    with the first integer read-out (the generated class, named by ``class_names``)."""
     from .diffusion import sample
 
     g = torch.Generator(device=model.device).manual_seed(seed)
     out = sample(model, schedule, "joint", batch_size=cfg.sample.n, scheduler=cfg.sample.sampler.value,
                  num_steps=cfg.sample.steps, generator=g)
-    save_grid(out.image, path)
     caption = {name: v.tolist() for name, v in out.aux.items() if torch.is_tensor(v) and v.ndim == 1}
+    labels = next((v.tolist() for v in out.aux.values() if torch.is_tensor(v) and v.ndim == 1
+                   and not v.is_floating_point()), None)
+    save_labelled_grid(out.image, labels, path, class_names=class_names)
     write_text(path.with_suffix(".json"), json.dumps(caption))
     return caption
+
+
+# --- tracking (README "Tracking and plots") ------------------------------------------------------
+def tracker_names(cfg: DictConfig) -> List[str]:
+    """``train.report_to`` as accelerate's tracker names; ConfigError naming one not installed
+    (only tensorboard is a dependency: wandb, mlflow, aim, ... are used when present)."""
+    from accelerate.tracking import get_available_trackers
+
+    available = {str(t.value if hasattr(t, "value") else t) for t in get_available_trackers()}
+    names = list(dict.fromkeys(t.value for t in cfg.train.report_to))  # order kept, repeats dropped
+    for name in names:
+        if name not in available:
+            raise ConfigError(f"train.report_to: tracker {name!r} is not installed here (pip install {name}); "
+                              f"available: {sorted(available)}")
+    return names
+
+
+def truncate_log(path: Path, step: int) -> None:
+    """Keep the records of ``log.jsonl`` with ``step <= step`` (atomically; a torn line goes too):
+    a run resumed from the checkpoint of ``step`` then logs every later step exactly once."""
+    if not path.is_file():
+        return
+    kept = []
+    for line in path.read_text().splitlines():
+        try:
+            if json.loads(line)["step"] <= step:
+                kept.append(line)
+        except (json.JSONDecodeError, KeyError, TypeError):
+            continue  # an interrupted append
+    write_text(path, "".join(f"{line}\n" for line in kept))
+
+
+def flat_config(cfg: DictConfig) -> Dict[str, Any]:
+    """The resolved config as ``{"train.lr": 3e-4, ...}`` with str/int/float/bool values (lists and
+    None as strings): what trackers' hyper-parameter tables accept."""
+    out: Dict[str, Any] = {}
+
+    def walk(node, prefix):
+        for k, v in node.items():
+            if isinstance(v, dict):
+                walk(v, f"{prefix}{k}.")
+            else:
+                out[f"{prefix}{k}"] = v if isinstance(v, (str, int, float, bool)) else str(v)
+
+    walk(to_container(cfg), "")
+    return out
 
 
 def build_objective(cfg: DictConfig, model: nn.Module):
@@ -121,12 +171,14 @@ def train(cfg: DictConfig, stop_at: Optional[int] = None) -> Path:
     if cfg.run.threads is not None:  # an explicit count beats the CLI's start-up choice (unidiff/runtime.py)
         print(apply_threads(cfg.run.threads, key="run.threads"), file=sys.stderr)
     # --- accelerate, seed, data, model: every check before the first file is written ----------
+    trackers = tracker_names(cfg) or None  # train.report_to (its own error, not mixed precision's)
     try:
         # broadcast_buffers=False: DDP would otherwise copy rank 0's MoE token counts over every rank's
         # before update_moe_biases all-reduces them (the biases stay identical anyway: same update).
         ddp = DistributedDataParallelKwargs(broadcast_buffers=False)
         accelerator = Accelerator(mixed_precision=tc.mixed_precision.value, gradient_accumulation_steps=tc.grad_accum,
-                                  log_with=None, kwargs_handlers=[ddp])
+                                  log_with=trackers, project_dir=str(run_dir(cfg)),
+                                  kwargs_handlers=[ddp])
     except (ValueError, RuntimeError) as err:
         raise ConfigError(f"train.mixed_precision={tc.mixed_precision.value!r} is not usable here: {err}") from None
     set_seed(cfg.run.seed)  # identical initial weights on every process
@@ -193,11 +245,18 @@ def train(cfg: DictConfig, stop_at: Optional[int] = None) -> Path:
                                num_workers=cfg.data.num_workers, rank=rank, world_size=world)  # this rank's rows
     micro = step * tc.grad_accum
 
-    log_path, writer = out_dir / "log.jsonl", None
+    # --- logging: log.jsonl + accelerate's trackers, each step once across resumes -------------
+    log_path = out_dir / "log.jsonl"
     if accelerator.is_main_process:
-        from torch.utils.tensorboard import SummaryWriter
-
-        writer = SummaryWriter(str(out_dir / "tb"))
+        truncate_log(log_path, step)  # drop what a kill after the last checkpoint had logged
+    # TensorBoard logs into RUN_DIR/tb; purge_step = the first step this invocation logs makes it
+    # discard a previous invocation's events from there on (SummaryWriter(purge_step=...)), so
+    # TensorBoard, too, shows each step once. Only non-TensorBoard trackers get the config
+    # (TensorBoard's add_hparams would start a second event folder; config.yaml is beside it).
+    accelerator.init_trackers("tb", init_kwargs={"tensorboard": {"purge_step": step + 1}})
+    for tracker in accelerator.trackers:
+        if tracker.name != "tensorboard":
+            tracker.store_init_configuration(flat_config(cfg))
     end = tc.steps if stop_at is None else min(tc.steps, int(stop_at))
     sums: Dict[str, torch.Tensor] = {}
     counts: Dict[str, int] = {}
@@ -250,9 +309,7 @@ def train(cfg: DictConfig, stop_at: Optional[int] = None) -> Path:
             if accelerator.is_main_process:
                 with open(log_path, "a") as f:
                     f.write(json.dumps(record) + "\n")
-                for k, v in record.items():
-                    if k != "step":
-                        writer.add_scalar(k, v, step)
+            accelerator.log({k: v for k, v in record.items() if k != "step"}, step=step)  # main process only
             bar.set_postfix(loss=f"{record['loss']:.4f}", img_s=f"{record['images_per_s']:.0f}")
             sums, counts, n_micro = {}, {}, 0
 
@@ -260,7 +317,7 @@ def train(cfg: DictConfig, stop_at: Optional[int] = None) -> Path:
             if accelerator.is_main_process:
                 ema_net = ckpt.ema_model_from(net, ema)
                 sample_grid(ema_net, schedule, cfg, out_dir / "samples" / f"step_{step:06d}.png",
-                            seed_for(cfg.run.seed, step, 7))
+                            seed_for(cfg.run.seed, step, 7), class_names=list(info.class_names))
                 del ema_net
             accelerator.wait_for_everyone()
 
@@ -271,8 +328,10 @@ def train(cfg: DictConfig, stop_at: Optional[int] = None) -> Path:
     if step == tc.steps and accelerator.is_main_process:
         # The inference snapshot (EDM2's second checkpoint kind): what `sample`/`evaluate` load.
         ckpt.export_model(ckpt.ema_model_from(net, ema), out_dir / "model")
-    if writer is not None:
-        writer.close()
     accelerator.wait_for_everyone()
-    accelerator.end_training()
+    accelerator.end_training()  # closes the trackers
+    if accelerator.is_main_process:  # the run's curves so far (unidiff plot draws the same figure)
+        from .plots import plot_curves
+
+        plot_curves([out_dir], out_dir / "curves.png")
     return out_dir

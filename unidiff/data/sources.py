@@ -61,6 +61,9 @@ def stratified_split(labels: np.ndarray, val_fraction: float, seed: int) -> Tupl
 
     The validation split has exactly ``round(val_fraction * N)`` items, spread over the classes in
     proportion to their sizes (largest remainder), so every class with enough items appears in it.
+    Not scikit-learn's ``train_test_split(stratify=...)``/``StratifiedShuffleSplit``: those draw
+    with their own ``RandomState`` and round the per-class counts their own way, so the same seed
+    would give another split and change the main job's numbers.
     """
     labels = np.asarray(labels)
     rng = np.random.default_rng(seed)

@@ -7,10 +7,10 @@ exact inverses (a test says so) and are what every image-shaped head uses.
 
 from __future__ import annotations
 
-import math
 from typing import Tuple
 
 import torch
+from diffusers.models.embeddings import get_timestep_embedding
 from einops import rearrange
 from torch import nn
 
@@ -32,6 +32,9 @@ def sincos_2d(dim: int, grid: Tuple[int, int], temperature: float = 10000.0) -> 
     """Fixed 2-D sin-cos position embedding (MAE / DiT): (gh*gw, dim), row-major.
 
     Half the channels encode the row, half the column, each as [sin, cos] of geometric frequencies.
+    Not diffusers' ``get_2d_sincos_pos_embed``: it puts the column half first and rescales the grid
+    by ``base_size``/``interpolation_scale``, so it gives other numbers at initialisation (the main
+    job's digits would change); same frequencies otherwise.
     """
     if dim % 4 != 0:
         raise ConfigError(f"hidden_size={dim} must be divisible by 4 for the 2-D sin-cos position embedding")
@@ -44,7 +47,12 @@ def sincos_2d(dim: int, grid: Tuple[int, int], temperature: float = 10000.0) -> 
 
 
 class PatchEmbed(nn.Module):
-    """Conv patch embedding of a (B, C, H, W) input into (B, L, D) tokens plus fixed 2-D positions."""
+    """Conv patch embedding of a (B, C, H, W) input into (B, L, D) tokens plus fixed 2-D positions.
+
+    Not diffusers' ``PatchEmbed``: that one adds its own position table (above) and flattens with
+    ``flatten(2).transpose(1, 2)``; its ``proj`` is the same ``Conv2d``, but the checkpoint keys
+    (``pos`` is a non-persistent buffer here) and the positions would differ.
+    """
 
     def __init__(self, in_channels: int, input_size: Tuple[int, int], patch_size: int, hidden_size: int):
         super().__init__()
@@ -74,11 +82,15 @@ class TimestepEmbedder(nn.Module):
         self.mlp = nn.Sequential(nn.Linear(freq_dim, hidden_size), nn.SiLU(), nn.Linear(hidden_size, hidden_size))
 
     def frequencies(self, t: torch.Tensor) -> torch.Tensor:
-        """(B,) -> (B, freq_dim) [cos, sin] features, computed in fp32 (timesteps up to 1000)."""
-        half = self.freq_dim // 2
-        freqs = torch.exp(-math.log(self.max_period) * torch.arange(half, device=t.device, dtype=torch.float32) / half)
-        args = t.float()[:, None] * freqs[None]
-        return torch.cat([torch.cos(args), torch.sin(args)], dim=-1)
+        """(B,) -> (B, freq_dim) [cos, sin] features, computed in fp32 (timesteps up to 1000).
+
+        diffusers' ``get_timestep_embedding`` with ``flip_sin_to_cos=True, downscale_freq_shift=0``
+        is ``[cos(t ω_i), sin(t ω_i)]``, ``ω_i = max_period^(-i/half)``: DiT's features, bit for bit.
+        The MLP stays ours (diffusers' ``TimestepEmbedding`` is the same Linear-SiLU-Linear, but
+        under other state-dict keys: existing checkpoints would not load).
+        """
+        return get_timestep_embedding(t, self.freq_dim, flip_sin_to_cos=True, downscale_freq_shift=0,
+                                      max_period=self.max_period)
 
     def forward(self, t: torch.Tensor) -> torch.Tensor:
         f = self.frequencies(t)

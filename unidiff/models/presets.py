@@ -2,8 +2,8 @@
 
 A preset is a dict of :class:`~unidiff.models.backbone.HybridBackbone` keyword arguments; configs
 pick one with ``model.preset`` and override single keys with ``model.backbone.<key>=...``.
-``python -m unidiff.models.presets`` prints every preset's total and active parameter count for a
-given image space (the table in README.md comes from it).
+``python -m unidiff.models.presets`` prints every preset's layout and total and active parameter
+count for a given image space as the markdown table README.md shows (``--json``: the counts).
 
 Widths follow DiT's S/B/L/XL (384/768/1024/1152). The patterns repeat Nemotron-H's unit ``MEMEM*E``
 (2 Mamba, 2-3 MoE, 1 attention per 7 sublayers); ``nano`` is Nemotron 3 Nano's 52-sublayer layout
@@ -69,7 +69,33 @@ def parameter_table(image_shape=(4, 32, 32)) -> Dict[str, Dict[str, int]]:
     return table
 
 
+def _layout(pattern: str) -> str:
+    """The sublayers column: the pattern itself when short, else its counts per kind."""
+    if len(pattern) <= 14:
+        return f"{len(pattern)} (`{pattern}`)"
+    counts = " / ".join(f"{pattern.count(k)} `{k}`" for k in "ME*-" if k in pattern)
+    return f"{len(pattern)} ({counts})"
+
+
+def markdown_table(image_shape=(4, 32, 32)) -> str:
+    """README.md's preset table for an image space: layout, width, routed experts, total and active
+    parameters (millions); what ``python -m unidiff.models.presets`` prints."""
+    counts = parameter_table(image_shape)
+    lines = ["| preset | sublayers | width | routed experts | parameters | active |", "|---|---|---|---|---|---|"]
+    for name, kw in PRESETS.items():
+        experts = f"{kw['num_experts']} top-{kw['top_k']}" + (", LatentMoE" if kw.get("latent_size") else "")
+        c = counts[name]
+        lines.append(f"| `{name}` | {_layout(kw['pattern'])} | {kw['hidden_size']} | {experts} | "
+                     f"{c['total'] / 1e6:.2f}M | {c['active'] / 1e6:.2f}M |")
+    return "\n".join(lines)
+
+
 if __name__ == "__main__":
-    ap = argparse.ArgumentParser(description="Print parameter counts of the backbone presets as JSON.")
-    ap.add_argument("--image-shape", type=int, nargs=3, default=[4, 32, 32], metavar=("C", "H", "W"))
-    print(json.dumps(parameter_table(tuple(ap.parse_args().image_shape)), indent=1))
+    ap = argparse.ArgumentParser(description="Print the backbone presets' table (README.md's) for an image space.",
+                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    ap.add_argument("--image-shape", type=int, nargs=3, default=[4, 32, 32], metavar=("C", "H", "W"),
+                    help="channels, height and width of the diffusion space")
+    ap.add_argument("--json", action="store_true", help="print the counts as JSON instead of the markdown table")
+    args = ap.parse_args()
+    shape = tuple(args.image_shape)
+    print(json.dumps(parameter_table(shape), indent=1) if args.json else markdown_table(shape))
