@@ -19,8 +19,11 @@ with code 2, without a traceback; run outputs are written only after validation,
 from __future__ import annotations
 
 import argparse
+import math
 import os
 import sys
+import zipfile
+import zlib
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Callable, Dict, List, Optional, Sequence
@@ -80,8 +83,18 @@ def _nonneg_float(text: str) -> float:
         value = float(text)
     except ValueError:
         raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
-    if not value >= 0:
-        raise argparse.ArgumentTypeError(f"expected a number >= 0, got {text!r}")
+    if not (math.isfinite(value) and value >= 0):
+        raise argparse.ArgumentTypeError(f"expected a finite number >= 0, got {text!r}")
+    return value
+
+
+def _seed(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer seed, got {text!r}") from None
+    if not 0 <= value < 1 << 32:
+        raise argparse.ArgumentTypeError(f"expected a seed in [0, 2**32), got {text!r}")
     return value
 
 
@@ -114,11 +127,27 @@ def _train_args(p: argparse.ArgumentParser) -> None:
                    help="resolve and validate the config, build the model, print it and its size; write nothing")
 
 
-def _dry_run(cfg) -> None:
-    from .config import to_yaml
+def preflight(cfg):
+    """Everything that can reject a run config before training writes a file: the run folder is
+    writable, what training builds builds (``prepare_run``: data, resolved config, model, schedule),
+    and one no-grad training step on two items runs. Returns ``prepare_run``'s tuple.
+
+    ``train`` builds its own (seeded) model again afterwards, so the numbers of a run are those
+    it would have without this check."""
+    from .config import check_run_folder, check_training_step
     from .train import prepare_run
 
-    cfg, train_set, val_set, info, model = prepare_run(cfg)
+    check_run_folder(cfg)
+    prepared = prepare_run(cfg)
+    check_training_step(prepared[0], prepared[4], prepared[1])
+    return prepared
+
+
+def _dry_run(cfg) -> None:
+    """``train --dry-run``: the :func:`preflight`, then the config and the sizes; writes nothing."""
+    from .config import to_yaml
+
+    cfg, train_set, val_set, info, model = preflight(cfg)
     print(to_yaml(cfg), end="")
     total = sum(p.numel() for p in model.parameters())
     backbone = sum(p.numel() for p in model.backbone.parameters())
@@ -138,6 +167,7 @@ def _train(args) -> int:
     if args.dry_run:
         _dry_run(cfg)
         return 0
+    preflight(cfg)
     out = train(cfg)
     if int(os.environ.get("RANK", "0")) == 0:  # once under `accelerate launch`
         print(f"run folder: {out}")
@@ -165,14 +195,16 @@ def _sample_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--classifier-scale", type=_nonneg_float, default=None,
                    help="conditional tasks: classifier guidance from the conditioning modality's head "
                         "(default sample.classifier_scale)")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=_seed, default=0, help="sampling seed in [0, 2**32)")
     p.add_argument("--labels", type=_label_list, default=None,
                    help="class_to_image: classes to cycle, e.g. 3,1,4 (an inline 'labels' array)")
     p.add_argument("--inputs", type=Path, default=None,
                    help="an .npz of inputs: 'images' (read tasks, and tasks built from images such as inpaint; "
                         "default: the val split) and the conditioning modality's array under its key, e.g. "
                         "'labels', 'representations' (required for representation_to_image), 'masks' (N×H×W, "
-                        "1 = visible; default: random), 'sources' (default: the built-in transform of the images)")
+                        "1 = visible; default: random), 'sources' (default: the built-in transform of the images). "
+                        "'images' are uint8 N×H×W×C; other integer types are converted when within 0..255, "
+                        "floats must lie in [-1, 1]")
     p.add_argument("--out", type=_npz_path, required=True, help="output .npz (a PNG grid is written beside it)")
 
 
@@ -182,10 +214,40 @@ def _read_npz(path: Path) -> Dict[str, "np.ndarray"]:
     if not path.is_file():
         raise DataError(f"--inputs file {str(path)!r} does not exist")
     try:
-        with np.load(path) as f:
+        with np.load(path, allow_pickle=False) as f:
+            if not hasattr(f, "keys"):  # a bare .npy, not an archive of named arrays
+                raise ValueError("not an .npz archive of named arrays")
             return {k: f[k] for k in f.keys()}
-    except (OSError, ValueError) as err:
-        raise DataError(f"--inputs file {str(path)!r} cannot be read: {err}") from None
+    except (OSError, ValueError, EOFError, KeyError, zipfile.BadZipFile, zlib.error) as err:
+        msg = str(err).splitlines()[0] if str(err) else type(err).__name__
+        raise DataError(f"--inputs file {str(path)!r} cannot be read as .npz ({msg})") from None
+
+
+def _input_images(array: "np.ndarray", where: str) -> "np.ndarray":
+    """The ``images`` array of ``--inputs``, as the model reads it: uint8 as is; other integer
+    types converted to uint8 when every value is in 0..255; floats (the [-1, 1] scale) kept when
+    finite and inside [-1, 1]. Anything else is a DataError naming the dtype and range, so no
+    value is silently clamped."""
+    import numpy as np
+
+    if array.dtype == np.uint8:
+        return array
+    if array.size == 0:
+        raise DataError(f"{where} is empty")
+    if array.dtype == np.bool_ or np.issubdtype(array.dtype, np.integer):
+        lo, hi = int(array.min()), int(array.max())
+        if lo < 0 or hi > 255:
+            raise DataError(f"{where}: {array.dtype} values span {lo}..{hi}; images must be 0..255 (uint8)")
+        return array.astype(np.uint8)
+    if np.issubdtype(array.dtype, np.floating):
+        if not np.isfinite(array).all():
+            raise DataError(f"{where}: {array.dtype} images hold non-finite values")
+        lo, hi = float(array.min()), float(array.max())
+        if lo < -1 or hi > 1:
+            raise DataError(f"{where}: {array.dtype} values span {lo:g}..{hi:g}; float images must lie in [-1, 1] "
+                            "(or store uint8 0..255)")
+        return array
+    raise DataError(f"{where}: dtype {array.dtype} is not an image type (uint8 0..255, or float in [-1, 1])")
 
 
 def _task_spec(task: str, run_dir):
@@ -258,7 +320,7 @@ def sample_to_file(run_dir, task: str, n: Optional[int], steps: Optional[int], s
     import torch
 
     from .checkpoint import load_model
-    from .config import build_schedule
+    from .config import build_schedule, check_writable
     from .diffusion import sample
     from .evaluate import load_run_config
     from .io import save_grid, write_npz
@@ -274,8 +336,15 @@ def sample_to_file(run_dir, task: str, n: Optional[int], steps: Optional[int], s
     classifier_scale = cfg.sample.classifier_scale if classifier_scale is None else classifier_scale
     if classifier_scale and (spec is None or not generate):
         raise ConfigError("--classifier-scale only applies to a conditional task (e.g. --task class_to_image)")
+    T = cfg.diffusion.num_train_timesteps
+    if not 1 <= steps <= T:
+        raise ConfigError(f"--steps {steps} exceeds the run's diffusion.num_train_timesteps={T}")
     if not out.parent.is_dir():
         raise ConfigError(f"--out folder {str(out.parent)!r} does not exist")
+    for path in (out, out.with_suffix(".png")):
+        if path.is_dir():
+            raise ConfigError(f"--out: {str(path)!r} is a folder, not a file")
+    check_writable(out.parent, "--out")
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     model = load_model(run_dir, device)
     schedule = build_schedule(cfg)
@@ -292,6 +361,8 @@ def sample_to_file(run_dir, task: str, n: Optional[int], steps: Optional[int], s
         raise ConfigError(f"--inputs does not apply to --task {task}")
     arrays = _read_npz(inputs) if inputs is not None else {}
     sources = {key: f"--inputs {str(inputs)!r} array {key!r}" for key in arrays}  # what errors name
+    if "images" in arrays:
+        arrays["images"] = _input_images(arrays["images"], sources["images"])
     if labels is not None:
         if "labels" in arrays:
             raise ConfigError(f"--labels and the 'labels' array of --inputs {str(inputs)!r} both give the labels")
@@ -397,6 +468,7 @@ def _run(args) -> int:
     from .train import train
 
     cfg = load_config(args.config, args.overrides)
+    preflight(cfg)
     out = train(cfg)
     paths = None
     if cfg.image_head:
@@ -506,6 +578,12 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     except UnidiffError as err:
         msg = " ".join(str(err).split("\n")).strip()
         print(f"unidiff: error: {msg}", file=sys.stderr)
+        return 2
+    except OSError as err:  # the file system said no (full disk, read-only, permissions): one line too
+        if err.errno is None:
+            raise
+        where = f": {err.filename!r}" if err.filename else ""
+        print(f"unidiff: error: {err.strerror or err}{where}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("unidiff: interrupted", file=sys.stderr)
