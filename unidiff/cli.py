@@ -214,9 +214,10 @@ def _read_npz(path: Path) -> Dict[str, "np.ndarray"]:
     if not path.is_file():
         raise DataError(f"--inputs file {str(path)!r} does not exist")
     try:
-        with np.load(path, allow_pickle=False) as f:
-            if not hasattr(f, "keys"):  # a bare .npy, not an archive of named arrays
-                raise ValueError("not an .npz archive of named arrays")
+        loaded = np.load(path, allow_pickle=False)
+        if not isinstance(loaded, np.lib.npyio.NpzFile):  # a bare .npy array, not named arrays
+            raise ValueError("a single .npy array, not an .npz archive of named arrays")
+        with loaded as f:
             return {k: f[k] for k in f.keys()}
     except (OSError, ValueError, EOFError, KeyError, zipfile.BadZipFile, zlib.error) as err:
         msg = str(err).splitlines()[0] if str(err) else type(err).__name__
