@@ -14,6 +14,9 @@ Subcommands live in one table, :data:`COMMANDS` (name -> help, argument builder,
 subcommand is one :func:`command` registration. Anything the user got wrong (a config key, a
 missing run folder, a bad argument) prints one line ``unidiff: error: ...`` on stderr and exits
 with code 2, without a traceback; run outputs are written only after validation, atomically.
+``train`` and ``run`` first run :func:`preflight` (what ``--dry-run`` checks: the run folder,
+the built model, one training step), and an ``OSError`` from the file system (a full disk) is one
+line too.
 """
 
 from __future__ import annotations

@@ -8,7 +8,13 @@ A run is described by one YAML file and optional ``key=value`` overrides::
 returns a read-only ``DictConfig``. Unknown keys, wrong types and bad choices raise
 :class:`ConfigError` naming the full dotted key (``train.stepz``, ``modalities[0].weight``); a missing or malformed YAML file
 names the file (and the line when YAML reports one). String options are Enums, so a typo in
-``model.prediction`` fails at load, not an hour into training.
+``model.prediction`` fails at load, not an hour into training. Validation also rejects what
+would fail or hang later (issue 13, README "What survives what"): non-finite numbers anywhere,
+unresolvable interpolations, ``run.name`` that is not one plain folder name, seeds outside
+``[0, 2**32)``, sizes beyond :data:`MAX_TIMESTEPS`/:data:`MAX_BATCH`/:data:`MAX_GRID`, backbone
+sizes below 1, sampler steps above the training timesteps, grids without an image head.
+:func:`check_writable`/:func:`check_run_folder` check output folders, and
+:func:`check_training_step` runs one no-grad step (the CLI's preflight and ``--dry-run``).
 
 What a config cannot know until the data is read (the image shape, the number of classes) is
 filled by :func:`resolve_with_data`; the resolved config is what ``train`` writes to
