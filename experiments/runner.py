@@ -20,7 +20,7 @@ from omegaconf import DictConfig
 from tqdm.auto import tqdm
 
 from unidiff.checkpoint import load_model
-from unidiff.config import build_schedule, load_config, resolve_with_data, to_container
+from unidiff.config import build_model, build_schedule, check_writable, load_config, resolve_with_data, to_container
 from unidiff.data import build_datasets, iter_batches
 from unidiff.errors import ConfigError, DataError
 from unidiff.evaluate import evaluate
@@ -60,6 +60,21 @@ def is_trained(cfg: DictConfig, run_dir: Path, info) -> bool:
     return saved["run"]["seed"] == new["run"]["seed"] and all(saved[k] == new[k] for k in _TRAINING_SECTIONS)
 
 
+def check_arms(exp: Experiment, datasets: Datasets) -> None:
+    """What training would reject, for every arm, before anything is written: the config against
+    its data (``resolve_with_data``), the model and schedule built from it, and a writable
+    experiment folder. Errors name the arm (``experiment.arms.<arm>: ...``)."""
+    check_writable(exp.out_dir, "experiment.out_dir")
+    for arm, cfg in exp.arms.items():
+        try:
+            info = datasets(cfg)[2]
+            resolved = resolve_with_data(cfg, info)
+            build_model(resolved, info.image_shape)
+            build_schedule(resolved)
+        except ConfigError as err:
+            raise ConfigError(f"experiment.arms.{arm}: {err}") from None
+
+
 def build_context(exp: Experiment, datasets: Datasets) -> Context:
     """The shared evaluation inputs of an experiment: the first ``n_cond`` val items, then what
     the setting adds (:meth:`Setting.prepare`)."""
@@ -86,11 +101,11 @@ def run_experiment(config_path: str | os.PathLike, overrides: Sequence[str] = ()
     exp = load_experiment(config_path, overrides)
     spec, setting = exp.spec, exp.setting
     device = torch.device(spec.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    datasets = Datasets()
+    check_arms(exp, datasets)  # rejected means nothing written: every check before the first file
+    ctx = build_context(exp, datasets)
     exp.out_dir.mkdir(parents=True, exist_ok=True)
     write_text(exp.out_dir / "base.yaml", yaml.safe_dump(exp.base, sort_keys=False))
-
-    datasets = Datasets()
-    ctx = build_context(exp, datasets)
     arms = setting.arm_configs(exp)  # e.g. the representation arms read the vectors prepare() wrote
 
     first = next(iter(arms.values()))

@@ -552,3 +552,89 @@ def test_experiment_with_seeds_names_each_seed_and_summarises_per_arm(tmp_path, 
     assert set(summary["metrics"]) == {f"{arm}/fid" for arm in arms}
     e = summary["metrics"][f"{arms[0]}/fid"]
     assert e["values"] == [12.0, 15.0] and e["mean"] == 13.5 and e["std"] == pytest.approx(math.sqrt(4.5))
+
+
+# --- issue 13: faults in the inputs of sample / evaluate (README "What survives what") -------------
+def test_sample_input_dtypes_convert_exactly_or_fail_in_one_line(trained_run, tmp_path, capsys):
+    """uint16/int32 images within 0..255 are the uint8 images (same read labels, same stored
+    images); out-of-range integers and floats outside [-1, 1] are an error naming the dtype."""
+    images = np.random.default_rng(1).integers(0, 256, size=(3, 8, 8, 1), dtype=np.uint8)
+    read = {}
+    for dtype in ("uint8", "uint16", "int32"):
+        np.savez(tmp_path / f"{dtype}.npz", images=images.astype(dtype))
+        rc, _, err = _run(capsys, "sample", str(trained_run), "--task", "image_to_label", "--seed", "5",
+                          "--inputs", str(tmp_path / f"{dtype}.npz"), "--out", str(tmp_path / f"o_{dtype}.npz"))
+        assert rc == 0, err
+        with np.load(tmp_path / f"o_{dtype}.npz") as f:
+            assert (f["images"] == images).all()
+            read[dtype] = f["labels"].tolist()
+    assert read["uint16"] == read["uint8"] == read["int32"]
+    bad = {"int32": images.astype(np.int32) + 300, "float64": images.astype(np.float64),
+           "uint16": np.full((2, 8, 8, 1), 65535, np.uint16), "complex64": images.astype(np.complex64)}
+    for name, array in bad.items():
+        np.savez(tmp_path / f"bad_{name}.npz", images=array)
+        rc, _, err = _run(capsys, "sample", str(trained_run), "--task", "image_to_label",
+                          "--inputs", str(tmp_path / f"bad_{name}.npz"), "--out", str(tmp_path / "b.npz"))
+        _assert_one_line_error(rc, err, "--inputs", "'images'", name)
+    assert not (tmp_path / "b.npz").exists()
+
+
+def test_truncated_or_empty_inputs_are_one_line(trained_run, tmp_path, capsys):
+    np.savez(tmp_path / "full.npz", images=np.zeros((4, 8, 8, 1), np.uint8))
+    data = (tmp_path / "full.npz").read_bytes()
+    (tmp_path / "cut.npz").write_bytes(data[: len(data) // 2])
+    (tmp_path / "empty.npz").write_bytes(b"")
+    np.save(tmp_path / "bare.npy", np.zeros(3))
+    (tmp_path / "bare.npz").write_bytes((tmp_path / "bare.npy").read_bytes())
+    for name in ("cut.npz", "empty.npz", "bare.npz"):
+        rc, _, err = _run(capsys, "sample", str(trained_run), "--task", "image_to_label",
+                          "--inputs", str(tmp_path / name), "--out", str(tmp_path / "o.npz"))
+        _assert_one_line_error(rc, err, "--inputs", name)
+    assert not (tmp_path / "o.npz").exists()
+
+
+def test_sample_steps_above_the_training_timesteps(trained_run, tmp_path, capsys):
+    rc, _, err = _run(capsys, "sample", str(trained_run), "--steps", "101", "--out", str(tmp_path / "o.npz"))
+    _assert_one_line_error(rc, err, "--steps", "101", "num_train_timesteps=100")
+    rc, _, err = _run(capsys, "sample", str(trained_run), "--steps", "100", "-n", "2", "--out", str(tmp_path / "o.npz"))
+    assert rc == 0, err  # the limit itself runs
+
+
+def test_sample_out_naming_a_folder_leaves_no_tmp(trained_run, tmp_path, capsys):
+    (tmp_path / "d.npz").mkdir()
+    rc, _, err = _run(capsys, "sample", str(trained_run), "-n", "2", "--out", str(tmp_path / "d.npz"))
+    _assert_one_line_error(rc, err, "--out", "folder")
+    (tmp_path / "g.png").mkdir()  # the grid beside the .npz
+    rc, _, err = _run(capsys, "sample", str(trained_run), "-n", "2", "--out", str(tmp_path / "g.npz"))
+    _assert_one_line_error(rc, err, "--out", "g.png")
+    assert _files(tmp_path) == ["d.npz", "g.png"]
+
+
+@pytest.mark.parametrize("argv, needle", [
+    (["--seed", "-1"], "--seed"), (["--seed", "4294967296"], "--seed"), (["--guidance", "inf"], "--guidance"),
+    (["--classifier-scale", "nan"], "--classifier-scale"), (["--steps", "0"], "--steps"),
+])
+def test_sample_argument_ranges(trained_run, tmp_path, capsys, argv, needle):
+    rc, _, err = _run(capsys, "sample", str(trained_run), *argv, "--out", str(tmp_path / "o.npz"))
+    _assert_one_line_error(rc, err, needle)
+    assert _files(tmp_path) == []
+
+
+def test_evaluate_read_only_run_folder_fails_before_any_metric(trained_run, capsys, monkeypatch):
+    """Permissions do not stop root, so the read-only folder is injected into os.access (what the
+    check asks); the metrics must not even start (the reference classifier would train first)."""
+    import os
+
+    import unidiff.metrics
+
+    def never(*args, **kwargs):
+        raise AssertionError("evaluate computed metrics for a folder it cannot write")
+
+    real = os.access
+    monkeypatch.setattr(unidiff.metrics, "get_reference_classifier", never)
+    monkeypatch.setattr(os, "access", lambda p, mode, **kw: False if Path(p) == trained_run and mode & os.W_OK
+                        else real(p, mode, **kw))
+    before = _files(trained_run)
+    rc, _, err = _run(capsys, "evaluate", str(trained_run))
+    _assert_one_line_error(rc, err, "run folder", "not writable")
+    assert _files(trained_run) == before

@@ -81,6 +81,11 @@ class TrainState:
         self.step = int(state["step"])
 
 
+class CheckpointWriteError(CheckpointError, RuntimeError):
+    """A checkpoint could not be written (a full disk): one line for the CLI, and still the
+    ``RuntimeError`` torch raised for it."""
+
+
 def save_checkpoint(accelerator, ckpt_root: str | os.PathLike, step: int, keep_last: int,
                     model_config: Optional[Dict[str, Any]] = None) -> Path:
     """Write the full training state for ``step`` atomically; keep the newest ``keep_last``.
@@ -97,12 +102,19 @@ def save_checkpoint(accelerator, ckpt_root: str | os.PathLike, step: int, keep_l
         if tmp.exists():  # leftover of a crash at this very step
             shutil.rmtree(tmp)
     accelerator.wait_for_everyone()
-    accelerator.save_state(output_dir=str(tmp))
-    accelerator.wait_for_everyone()
+    try:
+        accelerator.save_state(output_dir=str(tmp))
+        accelerator.wait_for_everyone()
+        if accelerator.is_main_process:
+            if model_config is not None:
+                (tmp / "model_config.json").write_text(json.dumps(model_config, indent=1, default=_jsonable))
+            (tmp / DONE).write_text(f"{step}\n")
+    except (OSError, RuntimeError) as err:  # a full disk: OSError, or torch's "inline_container.cc" RuntimeError
+        if accelerator.is_main_process:
+            shutil.rmtree(tmp, ignore_errors=True)
+        first = str(err).splitlines()[0] if str(err) else type(err).__name__
+        raise CheckpointWriteError(f"cannot write checkpoint {str(final)!r}: {first}") from None
     if accelerator.is_main_process:
-        if model_config is not None:
-            (tmp / "model_config.json").write_text(json.dumps(model_config, indent=1, default=_jsonable))
-        (tmp / DONE).write_text(f"{step}\n")
         if final.exists():  # re-saving a step (e.g. a resumed run that ends where it started)
             shutil.rmtree(final)
         os.replace(tmp, final)

@@ -16,14 +16,20 @@ subcommand is one :func:`command` registration. Anything the user got wrong (a c
 missing run folder, a bad argument) prints one line ``unidiff: error: ...`` on stderr and exits
 with code 2, without a traceback; run outputs are written only after validation, atomically.
 ``--help`` of every command describes every argument and shows its default (:class:`HelpFormatter`).
+``train`` and ``run`` first run :func:`preflight` (what ``--dry-run`` checks: the run folder,
+the built model, one training step), and an ``OSError`` from the file system (a full disk) is one
+line too.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import sys
+import zipfile
+import zlib
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Callable, Dict, List, Optional, Sequence
@@ -108,8 +114,18 @@ def _nonneg_float(text: str) -> float:
         value = float(text)
     except ValueError:
         raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
-    if not value >= 0:
-        raise argparse.ArgumentTypeError(f"expected a number >= 0, got {text!r}")
+    if not (math.isfinite(value) and value >= 0):
+        raise argparse.ArgumentTypeError(f"expected a finite number >= 0, got {text!r}")
+    return value
+
+
+def _seed(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer seed, got {text!r}") from None
+    if not 0 <= value < 1 << 32:
+        raise argparse.ArgumentTypeError(f"expected a seed in [0, 2**32), got {text!r}")
     return value
 
 
@@ -160,11 +176,27 @@ def _train_args(p: argparse.ArgumentParser) -> None:
                    help="resolve and validate the config, build the model, print it and its size; write nothing")
 
 
-def _dry_run(cfg) -> None:
-    from .config import to_yaml
+def preflight(cfg):
+    """Everything that can reject a run config before training writes a file: the run folder is
+    writable, what training builds builds (``prepare_run``: data, resolved config, model, schedule),
+    and one no-grad training step on two items runs. Returns ``prepare_run``'s tuple.
+
+    ``train`` builds its own (seeded) model again afterwards, so the numbers of a run are those
+    it would have without this check."""
+    from .config import check_run_folder, check_training_step
     from .train import prepare_run
 
-    cfg, train_set, val_set, info, model = prepare_run(cfg)
+    check_run_folder(cfg)
+    prepared = prepare_run(cfg)
+    check_training_step(prepared[0], prepared[4], prepared[1])
+    return prepared
+
+
+def _dry_run(cfg) -> None:
+    """``train --dry-run``: the :func:`preflight`, then the config and the sizes; writes nothing."""
+    from .config import to_yaml
+
+    cfg, train_set, val_set, info, model = preflight(cfg)
     print(to_yaml(cfg), end="")
     total = sum(p.numel() for p in model.parameters())
     backbone = sum(p.numel() for p in model.backbone.parameters())
@@ -184,6 +216,7 @@ def _train(args) -> int:
     if args.dry_run:
         _dry_run(cfg)
         return 0
+    preflight(cfg)
     out = train(cfg)
     if int(os.environ.get("RANK", "0")) == 0:  # once under `accelerate launch`
         print(f"run folder: {out}")
@@ -215,8 +248,8 @@ def _sample_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--classifier-scale", type=_nonneg_float, default=None,
                    help="conditional tasks: classifier guidance from the conditioning modality's head, 0 = off "
                         "(default: the run's sample.classifier_scale)")
-    p.add_argument("--seed", type=int, default=0,
-                   help="seed of every random draw (initial noise, sampler noise, random masks)")
+    p.add_argument("--seed", type=_seed, default=0,
+                   help="seed of every random draw (initial noise, sampler noise, random masks), in [0, 2**32)")
     p.add_argument("--labels", type=_label_list, default=None,
                    help="class_to_image: classes to cycle, e.g. 3,1,4 (an inline 'labels' array; "
                         "default: cycle over all classes)")
@@ -224,9 +257,10 @@ def _sample_args(p: argparse.ArgumentParser) -> None:
                    help="an .npz of inputs: 'images' (read tasks, and tasks built from images such as inpaint; "
                         "default: the val split) and the conditioning modality's array under its key, e.g. "
                         "'labels', 'representations' (required for representation_to_image), 'masks' (N×H×W, "
-                        "1 = visible; default: random), 'sources' (default: the built-in transform of the images)")
-    p.add_argument("--out", type=_npz_path, required=True,
-                   help="output .npz (required; a PNG grid is written beside it)")
+                        "1 = visible; default: random), 'sources' (default: the built-in transform of the images). "
+                        "'images' are uint8 N×H×W×C; other integer types are converted when within 0..255, "
+                        "floats must lie in [-1, 1]")
+    p.add_argument("--out", type=_npz_path, required=True, help="output .npz (required; a PNG grid is written beside it)")
 
 
 def _read_npz(path: Path) -> Dict[str, "np.ndarray"]:
@@ -235,10 +269,41 @@ def _read_npz(path: Path) -> Dict[str, "np.ndarray"]:
     if not path.is_file():
         raise DataError(f"--inputs file {str(path)!r} does not exist")
     try:
-        with np.load(path) as f:
+        loaded = np.load(path, allow_pickle=False)
+        if not isinstance(loaded, np.lib.npyio.NpzFile):  # a bare .npy array, not named arrays
+            raise ValueError("a single .npy array, not an .npz archive of named arrays")
+        with loaded as f:
             return {k: f[k] for k in f.keys()}
-    except (OSError, ValueError) as err:
-        raise DataError(f"--inputs file {str(path)!r} cannot be read: {err}") from None
+    except (OSError, ValueError, EOFError, KeyError, zipfile.BadZipFile, zlib.error) as err:
+        msg = str(err).splitlines()[0] if str(err) else type(err).__name__
+        raise DataError(f"--inputs file {str(path)!r} cannot be read as .npz ({msg})") from None
+
+
+def _input_images(array: "np.ndarray", where: str) -> "np.ndarray":
+    """The ``images`` array of ``--inputs``, as the model reads it: uint8 as is; other integer
+    types converted to uint8 when every value is in 0..255; floats (the [-1, 1] scale) kept when
+    finite and inside [-1, 1]. Anything else is a DataError naming the dtype and range, so no
+    value is silently clamped."""
+    import numpy as np
+
+    if array.dtype == np.uint8:
+        return array
+    if array.size == 0:
+        raise DataError(f"{where} is empty")
+    if array.dtype == np.bool_ or np.issubdtype(array.dtype, np.integer):
+        lo, hi = int(array.min()), int(array.max())
+        if lo < 0 or hi > 255:
+            raise DataError(f"{where}: {array.dtype} values span {lo}..{hi}; images must be 0..255 (uint8)")
+        return array.astype(np.uint8)
+    if np.issubdtype(array.dtype, np.floating):
+        if not np.isfinite(array).all():
+            raise DataError(f"{where}: {array.dtype} images hold non-finite values")
+        lo, hi = float(array.min()), float(array.max())
+        if lo < -1 or hi > 1:
+            raise DataError(f"{where}: {array.dtype} values span {lo:g}..{hi:g}; float images must lie in [-1, 1] "
+                            "(or store uint8 0..255)")
+        return array
+    raise DataError(f"{where}: dtype {array.dtype} is not an image type (uint8 0..255, or float in [-1, 1])")
 
 
 def _task_spec(task: str, run_dir):
@@ -311,7 +376,7 @@ def sample_to_file(run_dir, task: str, n: Optional[int], steps: Optional[int], s
     import torch
 
     from .checkpoint import load_model
-    from .config import build_schedule
+    from .config import build_schedule, check_writable
     from .diffusion import sample
     from .evaluate import load_run_config
     from .io import save_grid, write_npz
@@ -327,8 +392,15 @@ def sample_to_file(run_dir, task: str, n: Optional[int], steps: Optional[int], s
     classifier_scale = cfg.sample.classifier_scale if classifier_scale is None else classifier_scale
     if classifier_scale and (spec is None or not generate):
         raise ConfigError("--classifier-scale only applies to a conditional task (e.g. --task class_to_image)")
+    T = cfg.diffusion.num_train_timesteps
+    if not 1 <= steps <= T:
+        raise ConfigError(f"--steps {steps} exceeds the run's diffusion.num_train_timesteps={T}")
     if not out.parent.is_dir():
         raise ConfigError(f"--out folder {str(out.parent)!r} does not exist")
+    for path in (out, out.with_suffix(".png")):
+        if path.is_dir():
+            raise ConfigError(f"--out: {str(path)!r} is a folder, not a file")
+    check_writable(out.parent, "--out")
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     model = load_model(run_dir, device)
     schedule = build_schedule(cfg)
@@ -345,6 +417,8 @@ def sample_to_file(run_dir, task: str, n: Optional[int], steps: Optional[int], s
         raise ConfigError(f"--inputs does not apply to --task {task}")
     arrays = _read_npz(inputs) if inputs is not None else {}
     sources = {key: f"--inputs {str(inputs)!r} array {key!r}" for key in arrays}  # what errors name
+    if "images" in arrays:
+        arrays["images"] = _input_images(arrays["images"], sources["images"])
     if labels is not None:
         if "labels" in arrays:
             raise ConfigError(f"--labels and the 'labels' array of --inputs {str(inputs)!r} both give the labels")
@@ -467,6 +541,7 @@ def _run_one(cfg, eval_seed: int):
     from .evaluate import evaluate
     from .train import train
 
+    preflight(cfg)
     out = train(cfg)
     paths = None
     if cfg.image_head:
@@ -658,6 +733,12 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     except UnidiffError as err:
         msg = " ".join(str(err).split("\n")).strip()
         print(f"unidiff: error: {msg}", file=sys.stderr)
+        return 2
+    except OSError as err:  # the file system said no (full disk, read-only, permissions): one line too
+        if err.errno is None:
+            raise
+        where = f": {err.filename!r}" if err.filename else ""
+        print(f"unidiff: error: {err.strerror or err}{where}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("unidiff: interrupted", file=sys.stderr)

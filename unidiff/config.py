@@ -8,7 +8,13 @@ A run is described by one YAML file and optional ``key=value`` overrides::
 returns a read-only ``DictConfig``. Unknown keys, wrong types and bad choices raise
 :class:`ConfigError` naming the full dotted key (``train.stepz``, ``modalities[0].weight``); a missing or malformed YAML file
 names the file (and the line when YAML reports one). String options are Enums, so a typo in
-``model.prediction`` fails at load, not an hour into training.
+``model.prediction`` fails at load, not an hour into training. Validation also rejects what
+would fail or hang later (issue 13, README "What survives what"): non-finite numbers anywhere,
+unresolvable interpolations, ``run.name`` that is not one plain folder name, seeds outside
+``[0, 2**32)``, sizes beyond :data:`MAX_TIMESTEPS`/:data:`MAX_BATCH`/:data:`MAX_GRID`, backbone
+sizes below 1, sampler steps above the training timesteps, grids without an image head.
+:func:`check_writable`/:func:`check_run_folder` check output folders, and
+:func:`check_training_step` runs one no-grad step (the CLI's preflight and ``--dry-run``).
 
 What a config cannot know until the data is read (the image shape, the number of classes) is
 filled by :func:`resolve_with_data`; the resolved config is what ``train`` writes to
@@ -25,6 +31,7 @@ configs, experiment specs, encoder configs).
 from __future__ import annotations
 
 import copy
+import math
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -36,18 +43,29 @@ from omegaconf.errors import OmegaConfBaseException
 
 from .choices import BetaSchedule, LRSchedule, MixedPrecision, Prediction, Sampler, Tracker, Weighting
 from .data import DataConfig
-from .errors import ConfigError
+from .errors import ConfigError, DataError
 
 # The string options (BetaSchedule, Prediction, Weighting, Sampler, LRSchedule, MixedPrecision)
 # are defined once in unidiff/choices.py, beside nothing heavy, and re-exported here.
+
+# Upper bounds that keep an accepted config runnable (each would otherwise fail or hang later):
+MAX_TIMESTEPS = 100_000  # the schedule is a table of T entries (diffusers' standard T is 1000)
+MAX_BATCH = 1 << 20  # train.batch_size: the batch order materialises B indices per step
+MAX_GRID = 10_000  # sample.n: one batch of samples, one PNG grid (100 x 100 cells)
+SEED_LIMIT = 1 << 32  # run.seed in [0, 2**32): numpy's seed range (accelerate's set_seed)
+# Backbone integers that are sizes or divisors (0 would divide by zero or build an empty layer).
+_POSITIVE_BACKBONE_KEYS = ("hidden_size", "patch_size", "num_heads", "num_kv_heads", "d_state", "d_conv", "expand",
+                           "headdim", "n_groups", "chunk_size", "num_experts", "top_k", "n_group", "topk_group",
+                           "freq_dim")
 
 
 # --- schemas ---------------------------------------------------------------------------------
 @dataclass
 class RunConfig:
-    """name: run name; dir: run folder (default ``runs/<name>``); seed: the one seed of the run;
-    threads: intra-op CPU threads of training (None: chosen at start from the free cores,
-    ``unidiff/runtime.py``; ``OMP_NUM_THREADS`` is respected)."""
+    """name: run name, a plain string that is one path component (no ``/``, not ``.``/``..``/empty)
+    unless ``dir`` is given; dir: run folder (default ``runs/<name>``); seed: the one seed of the
+    run, in ``[0, 2**32)``; threads: intra-op CPU threads of training (None: chosen at start from
+    the free cores, ``unidiff/runtime.py``; ``OMP_NUM_THREADS`` is respected)."""
 
     name: str = "run"
     dir: Optional[str] = None
@@ -127,7 +145,7 @@ class SampleConfig:
     steps: int = 50
     guidance: float = 1.0  # 1 = no classifier-free guidance
     classifier_scale: float = 0.0  # classifier guidance from the label head (§3); 0 = off
-    n: int = 64
+    n: int = 64  # at most MAX_GRID
 
 
 @dataclass
@@ -257,6 +275,8 @@ def load_config(source: ConfigSource = None, overrides: Sequence[str] = ()) -> D
             data["modalities"] = _merge_modalities(data["modalities"])
         if isinstance(data.get("train"), dict) and data["train"].get("mixed_precision") is False:
             data["train"]["mixed_precision"] = "no"  # YAML 1.1 reads a bare `no` as false
+        if isinstance(data.get("run"), dict) and "name" in data["run"]:
+            _check_name_is_text(data["run"]["name"], str(data["run"]["name"]), f"in {where}")
         try:
             cfg = OmegaConf.merge(cfg, data)
         except OmegaConfBaseException as err:
@@ -264,7 +284,18 @@ def load_config(source: ConfigSource = None, overrides: Sequence[str] = ()) -> D
     # keep accelerate's `no` a string, not YAML's false
     overrides = ["train.mixed_precision='no'" if override_key(item) == "train.mixed_precision"
                  and item.split("=", 1)[1].strip() == "no" else item for item in overrides]
+    for item in overrides:
+        if override_key(item) == "run.name":
+            try:
+                value = OmegaConf.select(OmegaConf.from_dotlist([item]), "run.name")
+            except (OmegaConfBaseException, ValueError, yaml.YAMLError):
+                value = ""  # apply_overrides reports it
+            _check_name_is_text(value, item.split("=", 1)[1].strip(), f"in override {item!r}")
     apply_overrides(cfg, overrides)
+    try:  # an interpolation that points nowhere (train.steps=${nope}) fails here, naming its key
+        OmegaConf.resolve(cfg)
+    except OmegaConfBaseException as err:
+        raise config_error(err) from None
     validate(cfg)
     OmegaConf.set_readonly(cfg, True)
     return cfg
@@ -275,6 +306,32 @@ def _check(cond: bool, key: str, msg: str) -> None:
         raise ConfigError(f"{key}: {msg}")
 
 
+def _check_name_is_text(value: Any, text: str, where: str) -> None:
+    """``run.name`` as written (``text``) must be a string: YAML reads ``no``/``on``/``1e3`` as a bool
+    or a number, which the schema would silently turn into the folder name ``False``/``1000.0``."""
+    _check(isinstance(value, str) or value is None, "run.name",
+           f"must be a plain string, got {type(value).__name__} {value!r} {where} (quote it: run.name='{text}')")
+
+
+def _check_finite(node: Any, key: str) -> None:
+    """Every float of the (plain) config is finite; the error names the dotted key."""
+    if isinstance(node, dict):
+        for k, v in node.items():
+            _check_finite(v, f"{key}.{k}" if key else str(k))
+    elif isinstance(node, (list, tuple)):
+        for i, v in enumerate(node):
+            _check_finite(v, f"{key}[{i}]")
+    elif isinstance(node, float):
+        _check(math.isfinite(node), key, f"must be a finite number, got {node}")
+
+
+def _is_path_component(name: str) -> bool:
+    """One plain folder name: not empty, not ``.``/``..``, no separator or control character, no
+    leading or trailing blank."""
+    return (bool(name) and name not in (".", "..") and name == name.strip()
+            and not any(c in name for c in "/\\") and all(c.isprintable() for c in name))
+
+
 def validate(cfg: DictConfig) -> None:
     """Range and consistency checks the types alone cannot express (raise ConfigError naming the key)."""
     from .models.presets import PRESETS
@@ -282,10 +339,23 @@ def validate(cfg: DictConfig) -> None:
     _check(cfg.model.preset in PRESETS, "model.preset", f"unknown preset {cfg.model.preset!r}; available: {sorted(PRESETS)}")
     from .models.backbone import validate_backbone_options
 
+    _check_finite(to_container(cfg), "")
+    r = cfg.run
+    if not r.dir:
+        _check(_is_path_component(r.name), "run.name",
+               f"{r.name!r} must be one plain folder name under runs/ (no '/', not '.' or '..' or empty); "
+               "to write elsewhere give run.dir")
+    _check(0 <= r.seed < SEED_LIMIT, "run.seed", f"must be in [0, 2**32), got {r.seed}")
+
     validate_backbone_options(dict(cfg.model.backbone))
     _check(cfg.run.threads is None or cfg.run.threads >= 1, "run.threads", f"must be a positive integer or null, got {cfg.run.threads}")
+    for key, value in backbone_kwargs(cfg).items():
+        if key in _POSITIVE_BACKBONE_KEYS and value is not None and isinstance(value, (int, float)):
+            where = f"model.backbone.{key}" if key in cfg.model.backbone else f"model.backbone.{key} (preset {cfg.model.preset!r})"
+            _check(value >= 1, where, f"must be >= 1, got {value}")
     d = cfg.diffusion
-    _check(d.num_train_timesteps >= 2, "diffusion.num_train_timesteps", f"must be >= 2, got {d.num_train_timesteps}")
+    _check(2 <= d.num_train_timesteps <= MAX_TIMESTEPS, "diffusion.num_train_timesteps",
+           f"must be in [2, {MAX_TIMESTEPS}], got {d.num_train_timesteps}")
     _check(0 < d.beta_start < d.beta_end < 1, "diffusion.beta_start", f"need 0 < beta_start < beta_end < 1, got {d.beta_start}, {d.beta_end}")
     _check(d.gamma >= 0, "diffusion.gamma", f"must be >= 0, got {d.gamma}")
     _check(0 <= d.p_drop <= 1, "diffusion.p_drop", f"must be in [0, 1], got {d.p_drop}")
@@ -314,12 +384,17 @@ def validate(cfg: DictConfig) -> None:
     _check(len(t.betas) == 2 and all(0 <= b < 1 for b in t.betas), "train.betas", f"must be two numbers in [0, 1), got {list(t.betas)}")
     _check(t.grad_clip >= 0, "train.grad_clip", f"must be >= 0, got {t.grad_clip}")
     _check(0 <= t.ema_decay < 1, "train.ema_decay", f"must be in [0, 1), got {t.ema_decay}")
+    _check(t.batch_size <= MAX_BATCH, "train.batch_size", f"must be <= {MAX_BATCH}, got {t.batch_size}")
     _check(t.batch_size % t.grad_accum == 0, "train.batch_size",
            f"{t.batch_size} is not divisible by train.grad_accum={t.grad_accum}")
+    _check(cfg.image_head or t.sample_every == 0, "train.sample_every",
+           f"must be 0 with image_head=false (sample grids draw images), got {t.sample_every}")
     for sec in ("sample", "eval"):
-        _check(cfg[sec].steps >= 1, f"{sec}.steps", f"must be >= 1, got {cfg[sec].steps}")
+        _check(1 <= cfg[sec].steps <= d.num_train_timesteps, f"{sec}.steps",
+               f"must be in [1, diffusion.num_train_timesteps={d.num_train_timesteps}], got {cfg[sec].steps}")
         _check(cfg[sec].guidance >= 0, f"{sec}.guidance", f"must be >= 0, got {cfg[sec].guidance}")
-    _check(cfg.sample.n >= 1, "sample.n", f"must be >= 1, got {cfg.sample.n}")
+        _check(cfg[sec].classifier_scale >= 0, f"{sec}.classifier_scale", f"must be >= 0, got {cfg[sec].classifier_scale}")
+    _check(1 <= cfg.sample.n <= MAX_GRID, "sample.n", f"must be in [1, {MAX_GRID}], got {cfg.sample.n}")
     _check(cfg.eval.n_samples >= 1, "eval.n_samples", f"must be >= 1, got {cfg.eval.n_samples}")
     _check(cfg.eval.batch_size >= 1, "eval.batch_size", f"must be >= 1, got {cfg.eval.batch_size}")
     _check(0 <= cfg.eval.t_read < d.num_train_timesteps, "eval.t_read",
@@ -354,6 +429,61 @@ def resolve_with_data(cfg: DictConfig, info: Any) -> DictConfig:
 def run_dir(cfg: DictConfig) -> Path:
     """The run folder: ``run.dir`` or ``runs/<run.name>``."""
     return Path(cfg.run.dir) if cfg.run.dir else Path("runs") / cfg.run.name
+
+
+def check_writable(path: str | os.PathLike, what: str) -> None:
+    """``path`` is a folder this process may write, or one it may create: ConfigError naming
+    ``what`` (the key or argument that chose the path) otherwise. Creates nothing.
+
+    Checked on the path itself when it exists, else on its nearest existing ancestor (where
+    ``mkdir -p`` would start); ``os.access`` sees permissions and read-only file systems.
+    """
+    path = Path(path)
+    probe = path
+    while not probe.exists() and probe.parent != probe:
+        probe = probe.parent
+    if not probe.is_dir():
+        raise ConfigError(f"{what}: {str(probe)!r} is a file, not a folder" if probe == path
+                          else f"{what}: cannot create {str(path)!r}: {str(probe)!r} is a file, not a folder")
+    if not os.access(probe, os.W_OK | os.X_OK):
+        raise ConfigError(f"{what}: {str(probe)!r} is not writable" if probe == path
+                          else f"{what}: cannot create {str(path)!r}: {str(probe)!r} is not writable")
+
+
+def check_run_folder(cfg: DictConfig) -> None:
+    """The run folder (:func:`run_dir`) can be written; ConfigError naming ``run.dir``/``run.name``."""
+    check_writable(run_dir(cfg), "run.dir" if cfg.run.dir else "run.name")
+
+
+def check_training_step(cfg: DictConfig, model, dataset) -> None:
+    """What the first training step computes, on two items of ``dataset``, without gradients: each
+    modality's value from a batch, then the training losses (DESIGN.md §2). Raises ConfigError
+    naming the modality or the model when that fails (the ``--dry-run`` check: a config it accepts
+    does not fail at step 1). Leaves the parameters untouched (buffers such as MoE token counts
+    may move: call it on a model that will not be trained)."""
+    import torch
+
+    from .data import iter_batches
+    from .diffusion import training_losses
+
+    batch = next(iter(iter_batches(dataset, 2)), None)
+    if batch is None:
+        raise DataError("data: the train split is empty")
+    g = torch.Generator(device=model.device).manual_seed(0)
+    batch = {k: v.to(model.device) for k, v in batch.items()}
+    for i, (name, mod) in enumerate(model.modalities.items()):
+        try:
+            mod.from_batch(batch, generator=g)
+        except KeyError:
+            raise ConfigError(f"modalities[{i}].name: the data batch has no entry {name!r} (it has {sorted(batch)}); "
+                              "name the modality after its data entry") from None
+    try:
+        with torch.no_grad():
+            training_losses(model, build_schedule(cfg), batch, weighting=cfg.diffusion.weighting.value,
+                            p_drop=cfg.diffusion.p_drop, generator=g)
+    except (RuntimeError, ValueError, TypeError, KeyError, IndexError, ZeroDivisionError) as err:
+        msg = str(err).splitlines()[0] if str(err) else type(err).__name__
+        raise ConfigError(f"model: the first training step fails with this config: {msg}") from None
 
 
 def to_container(cfg: DictConfig) -> Dict[str, Any]:
@@ -404,7 +534,7 @@ def build_model(cfg: DictConfig, image_shape: Sequence[int]):
         return UnifiedModel(**kwargs)
     except ConfigError:
         raise
-    except (TypeError, ValueError) as err:
+    except (TypeError, ValueError, ZeroDivisionError) as err:
         raise ConfigError(f"model: cannot build the model from this config: {err}") from None
 
 

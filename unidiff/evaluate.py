@@ -176,7 +176,7 @@ def evaluate(run: str | os.PathLike | DictConfig, overrides: Sequence[str] = (),
     """
     from . import metrics as M
     from .checkpoint import latest, load_model, step_of
-    from .config import build_schedule, load_config
+    from .config import build_schedule, check_writable, load_config
     from .config import run_dir as folder_of
     from .data import build_datasets
 
@@ -186,6 +186,7 @@ def evaluate(run: str | os.PathLike | DictConfig, overrides: Sequence[str] = (),
     else:
         run_dir = Path(run)
         cfg = load_run_config(run_dir, overrides)
+    check_writable(run_dir, "run folder")  # metrics.json goes there: say so before computing anything
     ev = cfg.eval
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     model = load_model(run_dir, device)
