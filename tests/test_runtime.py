@@ -133,13 +133,16 @@ def test_importing_the_module_does_not_import_torch():
     assert out.stdout.strip() == "False"
 
 
-def test_cli_prints_its_thread_choice_and_rejects_a_bad_run_threads(capsys, monkeypatch):
+def test_cli_applies_its_thread_choice_and_rejects_a_bad_run_threads(capsys, monkeypatch):
+    """The CLI decides before any torch work (stderr stays the one-line error channel); a bad
+    run.threads is a config error at load."""
     from unidiff.cli import main
 
     cfg = str(Path(__file__).resolve().parents[1] / "configs" / "debug.yaml")
     monkeypatch.setenv("OMP_NUM_THREADS", "1")
     assert main(["train", cfg, "--dry-run"]) == 0
-    assert "threads: 1 (OMP_NUM_THREADS=1)" in capsys.readouterr().err
+    assert runtime.last_threads() == "threads: 1 (OMP_NUM_THREADS=1)"
+    assert capsys.readouterr().err == ""
     assert main(["train", cfg, "run.threads=0", "--dry-run"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
-    assert err[-1] == "unidiff: error: run.threads: must be a positive integer or null, got 0"
+    assert err == ["unidiff: error: run.threads: must be a positive integer or null, got 0"]

@@ -36,7 +36,7 @@ from typing import TYPE_CHECKING, Callable, Dict, List, Optional, Sequence
 
 from .choices import Sampler, values
 from .errors import ConfigError, DataError, UnidiffError
-from .runtime import apply_threads
+from .runtime import apply_threads, last_threads
 
 if TYPE_CHECKING:  # heavy imports stay inside the commands: `unidiff --help` is instant
     import numpy as np
@@ -491,7 +491,7 @@ def sample_to_file(run_dir, task: str, n: Optional[int], steps: Optional[int], s
 def _sample(args) -> int:
     paths = sample_to_file(args.run_dir, args.task, args.n, args.steps, args.sampler, args.guidance, args.seed,
                            args.labels, args.inputs, args.out, args.classifier_scale)
-    print(f"samples: {paths['npz']}\ngrid: {paths['grid']}")
+    print(f"samples: {paths['npz']}\ngrid: {paths['grid']}\n{last_threads()}")
     return 0
 
 
@@ -521,7 +521,7 @@ def _evaluate(args) -> int:
     target = args.out if args.out is not None else Path(args.run_dir) / "metrics.json"
     metrics = evaluate(args.run_dir, args.overrides, seed=args.seed, out_path=target)
     _print_metrics(metrics)
-    print(f"metrics: {target}")
+    print(f"metrics: {target}\n{last_threads()}")
     return 0
 
 
@@ -727,8 +727,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             else:
                 parser.error(f"unrecognized arguments: {' '.join(extra)}")
         # Before any torch work: PyTorch's default (every core) was measured 8-12x slower than one
-        # thread on a busy 2-core machine. train() re-applies run.threads when a config sets it.
-        print(apply_threads(None), file=sys.stderr)
+        # thread on a busy 2-core machine. train() re-applies run.threads when a config sets it and
+        # prints the choice in its header; sample/evaluate print it with their results (stdout:
+        # stderr stays the one-line error channel).
+        apply_threads(None)
         return int(args._run(args) or 0)
     except UnidiffError as err:
         msg = " ".join(str(err).split("\n")).strip()

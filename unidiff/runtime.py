@@ -129,7 +129,21 @@ def apply_threads(
     # knows whether the command needs torch at all (start-up time).
     import torch
 
+    global _LAST
     n, reason = choose_threads(requested, environ=environ, cores=cores, load=load, key=key)
     if requested is not None or omp_num_threads(environ) is None:
         torch.set_num_threads(n)
-    return f"threads: {n} ({reason})"
+    _LAST = f"threads: {n} ({reason})"
+    return _LAST
+
+
+_LAST: Optional[str] = None
+
+
+def last_threads() -> str:
+    """The message of the last :func:`apply_threads` in this process, or torch's own count."""
+    if _LAST is not None:
+        return _LAST
+    import torch
+
+    return f"threads: {torch.get_num_threads()} (PyTorch default)"

@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import json
 import math
-import sys
 import time
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence
@@ -34,7 +33,7 @@ from . import checkpoint as ckpt
 from .config import ConfigError, build_model, build_schedule, resolve_with_data, run_dir, to_container, to_yaml
 from .errors import CheckpointError
 from .io import save_labelled_grid, seed_for, write_text
-from .runtime import apply_threads
+from .runtime import apply_threads, last_threads
 
 # Config sections a resumed run must share with the run that wrote the checkpoint (the rest,
 # e.g. train.steps or the logging periods, may change between invocations).
@@ -169,7 +168,7 @@ def train(cfg: DictConfig, stop_at: Optional[int] = None) -> Path:
     # previous run's accelerator settings (the process group, if any, is kept).
     AcceleratorState._reset_state()
     if cfg.run.threads is not None:  # an explicit count beats the CLI's start-up choice (unidiff/runtime.py)
-        print(apply_threads(cfg.run.threads, key="run.threads"), file=sys.stderr)
+        apply_threads(cfg.run.threads, key="run.threads")
     # --- accelerate, seed, data, model: every check before the first file is written ----------
     trackers = tracker_names(cfg) or None  # train.report_to (its own error, not mixed precision's)
     try:
@@ -262,7 +261,7 @@ def train(cfg: DictConfig, stop_at: Optional[int] = None) -> Path:
     counts: Dict[str, int] = {}
     n_micro, t_last = 0, time.time()
     accelerator.print(f"training {cfg.run.name}: steps {step}->{end}, global batch {tc.batch_size}, "
-                      f"{world} process(es), {sum(p.numel() for p in net.parameters()):,} parameters")
+                      f"{world} process(es), {sum(p.numel() for p in net.parameters()):,} parameters, {last_threads()}")
     bar = tqdm(total=tc.steps, initial=step, disable=not accelerator.is_local_main_process, desc=cfg.run.name,
                dynamic_ncols=True)
 
