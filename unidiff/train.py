@@ -33,6 +33,7 @@ from . import checkpoint as ckpt
 from .config import ConfigError, build_model, build_schedule, resolve_with_data, run_dir, to_container, to_yaml
 from .errors import CheckpointError
 from .io import save_grid, seed_for, write_text
+from .latents import decode_samples
 
 # Config sections a resumed run must share with the run that wrote the checkpoint (the rest,
 # e.g. train.steps or the logging periods, may change between invocations).
@@ -68,7 +69,7 @@ def sample_grid(model, schedule, cfg: DictConfig, path: Path, seed: int) -> Dict
     g = torch.Generator(device=model.device).manual_seed(seed)
     out = sample(model, schedule, "joint", batch_size=cfg.sample.n, scheduler=cfg.sample.sampler.value,
                  num_steps=cfg.sample.steps, generator=g)
-    save_grid(out.image, path)
+    save_grid(decode_samples(out.image, cfg), path)  # latent runs: VAE decode to pixels (unidiff.latents)
     caption = {name: v.tolist() for name, v in out.aux.items() if torch.is_tensor(v) and v.ndim == 1}
     write_text(path.with_suffix(".json"), json.dumps(caption))
     return caption
