@@ -12,7 +12,9 @@ from unidiff.config import ConfigError, build_model, load_config, resolve_with_d
 from unidiff.data import DataInfo, build_datasets
 
 ROOT = Path(__file__).resolve().parents[1]
-CONFIGS = sorted((ROOT / "configs").rglob("*.yaml"))
+# The ImageNet configs need ImageNet (and the latent ones a VAE cache): tests/test_imagenet_configs.py
+# dry-runs each of them on a stand-in dataset and builds its full-size model.
+CONFIGS = sorted(p for p in (ROOT / "configs").rglob("*.yaml") if not p.name.startswith("imagenet"))
 
 
 def _info(num_classes=10, shape=(1, 8, 8)):

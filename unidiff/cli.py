@@ -10,6 +10,7 @@
     unidiff experiment CONFIG [key=value ...] [--seeds 0,1,2]  # multi-task vs single-task
     unidiff encoder train CONFIG [key=value ...]  # the multi-tower representation encoder
     unidiff plot RUN_DIR [RUN_DIR ...] [--out DIR]  # curves.png, metrics.png
+    unidiff latents CONFIG [key=value ...]        # encode data.* into the VAE latent cache data.latents
 
 Subcommands live in one table, :data:`COMMANDS` (name -> help, argument builder, handler): a new
 subcommand is one :func:`command` registration. Anything the user got wrong (a config key, a
@@ -380,6 +381,7 @@ def sample_to_file(run_dir, task: str, n: Optional[int], steps: Optional[int], s
     from .diffusion import sample
     from .evaluate import load_run_config
     from .io import save_grid, write_npz
+    from .latents import decode_samples
     from .modality import images_from_array, images_to_uint8
 
     spec = _task_spec(task, run_dir)
@@ -481,6 +483,7 @@ def sample_to_file(run_dir, task: str, n: Optional[int], steps: Optional[int], s
             array = m.to_array(res.aux[m_name]) if m.npz_key and m.npz_key not in written else None
             if array is not None:
                 written[m.npz_key] = array
+    result_images = decode_samples(result_images, cfg)  # latent runs: VAE decode to pixels (unidiff.latents)
     write_npz(out, images=images_to_uint8(result_images), **written)
     grid = out.with_suffix(".png")
     save_grid(result_images.cpu(), grid)
@@ -698,6 +701,30 @@ def _plot(args) -> int:
         raise ConfigError(f"--out {str(out)!r} exists and is not a folder")
     for name, path in plot_runs(args.run_dirs, out).items():
         print(f"{name}: {path}")
+
+
+# --- latents ---------------------------------------------------------------------------------
+def _latents_args(p: argparse.ArgumentParser) -> None:
+    _add_config_args(p, "YAML run config with model.vae.path and data.latents (e.g. configs/imagenet256_latent_*.yaml)")
+    p.add_argument("--shard-size", type=_positive_int, default=10_000, help="items per shard (default 10000)")
+    p.add_argument("--batch-size", type=_positive_int, default=64, help="images per VAE encode call (default 64)")
+    p.add_argument("--dtype", choices=("fp16", "fp32"), default="fp16", help="storage dtype (default fp16)")
+    p.add_argument("--posterior", choices=("mean", "sample"), default="mean",
+                   help="cache the posterior mean (default) or one seeded draw from it")
+    p.add_argument("--device", default=None, help="encode on this device (default cuda when available)")
+    p.epilog = ("rerun the same command to resume: shards whose checksum verifies are kept; with data.hflip=true "
+                "the train shards also hold the latents of the mirrored images")
+
+
+@command("latents", "encode a config's data once into its VAE latent cache (data.latents; rerun to resume)", _latents_args)
+def _latents(args) -> int:
+    from .config import load_config
+    from .latents import build_latent_cache
+
+    cfg = load_config(args.config, args.overrides)
+    folder = build_latent_cache(cfg, shard_size=args.shard_size, batch_size=args.batch_size, dtype=args.dtype,
+                                posterior=args.posterior, device=args.device)
+    print(f"latent cache: {folder}")
     return 0
 
 

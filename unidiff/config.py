@@ -44,6 +44,7 @@ from omegaconf.errors import OmegaConfBaseException
 from .choices import BetaSchedule, LRSchedule, MixedPrecision, Prediction, Sampler, Tracker, Weighting
 from .data import DataConfig
 from .errors import ConfigError, DataError
+from .latents import resolve_vae
 
 # The string options (BetaSchedule, Prediction, Weighting, Sampler, LRSchedule, MixedPrecision)
 # are defined once in unidiff/choices.py, beside nothing heavy, and re-exported here.
@@ -74,13 +75,26 @@ class RunConfig:
 
 
 @dataclass
+class VAEConfig:
+    """The latent space (``unidiff.latents``): ``path`` an ``AutoencoderKL`` folder or hub id (None:
+    pixel space); the factors of ``(z - shift_factor) * scaling_factor``, None = the VAE's own config
+    (the resolved config holds the values the latent cache was encoded with)."""
+
+    path: Optional[str] = None
+    scaling_factor: Optional[float] = None
+    shift_factor: Optional[float] = None
+
+
+@dataclass
 class ModelConfig:
     """preset: a name in ``unidiff.models.presets.PRESETS``; backbone: keys merged onto the preset
-    (checked by :class:`HybridBackbone`); prediction: the image head's target."""
+    (checked by :class:`HybridBackbone`); prediction: the image head's target; vae: the latent space
+    the model works in (sampling and evaluation decode through it)."""
 
     preset: str = "debug"
     backbone: Dict[str, Any] = field(default_factory=dict)
     prediction: Prediction = Prediction.epsilon
+    vae: VAEConfig = field(default_factory=VAEConfig)
 
 
 @dataclass
@@ -407,12 +421,14 @@ def validate(cfg: DictConfig) -> None:
 def resolve_with_data(cfg: DictConfig, info: Any) -> DictConfig:
     """Fill what only the data knows: each modality kind's ``Modality.resolve_options`` (a label's
     ``num_classes`` from ``info.num_classes``; a value the data contradicts is an error naming
-    ``modalities[i].options.<option>``). Returns a new read-only config.
+    ``modalities[i].options.<option>``), and ``model.vae`` from a latent cache
+    (:func:`unidiff.latents.resolve_vae`). Returns a new read-only config.
     """
     import heads
 
     cfg = copy.deepcopy(cfg)
     with read_write(cfg):
+        resolve_vae(cfg, info)
         for i, m in enumerate(cfg.modalities):
             options = OmegaConf.to_container(m.options, resolve=True)
             try:

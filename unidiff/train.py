@@ -34,6 +34,7 @@ from .config import ConfigError, build_model, build_schedule, resolve_with_data,
 from .errors import CheckpointError
 from .io import save_labelled_grid, seed_for, write_text
 from .runtime import apply_threads, last_threads
+from .latents import decode_samples
 
 # Config sections a resumed run must share with the run that wrote the checkpoint (the rest,
 # e.g. train.steps or the logging periods, may change between invocations).
@@ -74,7 +75,8 @@ def sample_grid(model, schedule, cfg: DictConfig, path: Path, seed: int,
     caption = {name: v.tolist() for name, v in out.aux.items() if torch.is_tensor(v) and v.ndim == 1}
     labels = next((v.tolist() for v in out.aux.values() if torch.is_tensor(v) and v.ndim == 1
                    and not v.is_floating_point()), None)
-    save_labelled_grid(out.image, labels, path, class_names=class_names)
+    # latent runs: VAE decode to pixels first (unidiff.latents); pixel runs pass through
+    save_labelled_grid(decode_samples(out.image, cfg), labels, path, class_names=class_names)
     write_text(path.with_suffix(".json"), json.dumps(caption))
     return caption
 

@@ -20,6 +20,8 @@ The package owns everything between a ``data:`` config section and a batch on th
 - ``cache``: downsampled ImageNet converted once into memory-mapped arrays with a manifest
   (:func:`npz_cache`, :func:`verify_cache`);
 - ``extras``: per-item extra tensors (``data.extra_file``; :func:`save_extra_file`);
+- ``latents``: the ``data.latents`` source, a VAE latent cache (:class:`LatentDataset`,
+  :func:`load_latent_cache`; written by :func:`unidiff.latents.build_latent_cache`);
 - ``batches``: the deterministic training order (:class:`BatchOrder`, a function of
   ``(seed, step)`` only, so a resumed run sees the batches an uninterrupted one would), each
   process's share of it (:func:`infinite_batches` with ``rank``/``world_size``), and the in-order
@@ -34,6 +36,7 @@ from .cache import npz_cache, verify_cache
 from .datasets import (BAD_FILES_KEY, RESERVED_KEYS, AnyDataset, ArrayDataset, FolderDataset, ImageFileDataset,
                        InMemoryDataset, decode_pixels, load_image, report_bad_files)
 from .extras import save_extra_file
+from .latents import LatentDataset, load_latent_cache
 from .readers import center_crop_arr, read_idx, read_npz_batch, scan_imagenet
 from .sources import (AUTO_MEMORY_BYTES, DATASET_NAMES, DIGIT_NAMES, FASHION_NAMES, FASHION_ROOT, SOURCES,
                       stratified_split)
@@ -46,5 +49,6 @@ __all__ = [
     "BAD_FILES_KEY", "load_image", "decode_pixels", "report_bad_files",
     "read_idx", "read_npz_batch", "scan_imagenet", "center_crop_arr", "npz_cache", "verify_cache",
     "save_extra_file",
+    "LatentDataset", "load_latent_cache",
     "BatchOrder", "infinite_batches", "iter_batches", "rank_rows",
 ]

@@ -135,7 +135,8 @@ def infinite_batches(
     ``batch_size`` is the global batch B of one step; process ``rank`` of ``world_size`` gets its
     ``B / world_size`` rows (:func:`rank_rows`; B must divide evenly) and loads only those items.
     The order is :class:`BatchOrder`'s; random flips (when ``dataset.hflip``) are drawn from
-    ``(seed, step)`` too. In-memory data is indexed directly (on the dataset's device); folder
+    ``(seed, step)`` too (a latent cache takes its stored latents of the flipped images instead of
+    flipping latents: :meth:`unidiff.data.LatentDataset.flipped_batch`). In-memory data is indexed directly (on the dataset's device); folder
     data goes through a DataLoader with ``num_workers`` workers.
     """
     rows = rank_rows(batch_size, rank, world_size)
@@ -144,8 +145,12 @@ def infinite_batches(
     if isinstance(dataset, InMemoryDataset):
         step = start_step
         while True:
-            batch = dataset.batch(order.indices(step, rows).to(dataset.images.device))
-            yield _apply_flips(batch, order.flips(step, rows)) if hflip else batch
+            index = order.indices(step, rows).to(dataset.images.device)
+            if hflip and hasattr(dataset, "flipped_batch"):  # a latent cache: the mirrored images' latents
+                yield dataset.flipped_batch(index, order.flips(step, rows))
+            else:
+                batch = dataset.batch(index)
+                yield _apply_flips(batch, order.flips(step, rows)) if hflip else batch
             step += 1
     # One loader iterator for the whole run: its workers live as long as training (persistent).
     loader = _loader(dataset, num_workers, batch_sampler=_StepSampler(order, start_step, rows))

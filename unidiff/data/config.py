@@ -4,11 +4,12 @@ function that turns the first into ``(train, val, info)``."""
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import List, Literal, Optional, Tuple
+from typing import Any, Dict, List, Literal, Optional, Tuple
 
 from ..errors import ConfigError, DataError
 from .datasets import AnyDataset
 from .extras import attach_extras
+from .latents import load_latent_cache
 from .sources import DATASET_NAMES, SOURCES
 
 # The choices of data.name are the registry's keys (omegaconf validates a Literal at load).
@@ -43,6 +44,8 @@ class DataConfig:
     on_bad_file:  ``imagenet`` folders: an unreadable image is skipped (its batch slot taken by the
                   next readable item; counted, with a warning) or a one-line error naming the file.
     cache_dir:    where ``imagenet32``/``imagenet64`` are converted once into memory-mapped arrays.
+    latents:      a VAE latent cache folder (``unidiff latents CONFIG`` writes it from the other keys;
+                  :mod:`unidiff.data.latents`): when set, the splits are its latents.
     """
 
     name: DatasetName = "digits"
@@ -61,6 +64,7 @@ class DataConfig:
     extra_file: Optional[str] = None
     on_bad_file: OnBadFile = "error"
     cache_dir: str = "runs/.cache/data"
+    latents: Optional[str] = None
 
 
 @dataclass
@@ -69,6 +73,7 @@ class DataInfo:
 
     image_shape:  (C, H, W) of ``"image"``: the diffusion space S.
     source_shape: (C, H, W) of ``"source"`` for paired data, else None.
+    latents:      for a latent cache (``data.latents``): its folder, VAE and pixel shape, else None.
     """
 
     name: str
@@ -76,6 +81,7 @@ class DataInfo:
     num_classes: int
     class_names: List[str] = field(default_factory=list)
     source_shape: Optional[Tuple[int, int, int]] = None
+    latents: Optional[Dict[str, Any]] = None
 
 
 def validate_data_config(cfg) -> None:
@@ -108,7 +114,11 @@ def build_datasets(cfg: DataConfig) -> Tuple[AnyDataset, AnyDataset, DataInfo]:
     """Build ``(train, val, info)`` from a :class:`DataConfig` (or its omegaconf node): the source's
     builder (:data:`~unidiff.data.sources.SOURCES`), the ``num_classes`` guard, then the extras."""
     validate_data_config(cfg)
-    train, val, class_names = SOURCES[str(cfg.name)](cfg)
+    latents = None
+    if getattr(cfg, "latents", None) is not None:  # a VAE latent cache made from this data config (unidiff latents)
+        train, val, class_names, latents = load_latent_cache(cfg)
+    else:
+        train, val, class_names = SOURCES[str(cfg.name)](cfg)
     num_classes = len(class_names)
     if cfg.num_classes is not None and cfg.num_classes != num_classes:
         raise DataError(f"data.num_classes={cfg.num_classes} but the {cfg.name} data has {num_classes} classes")
@@ -122,5 +132,6 @@ def build_datasets(cfg: DataConfig) -> Tuple[AnyDataset, AnyDataset, DataInfo]:
         class_names=class_names,
         # Any source whose items carry a "source" image (today: paired) has a source shape.
         source_shape=_shape(train, "source") if "source" in train[0] else None,
+        latents=latents,
     )
     return train, val, info
