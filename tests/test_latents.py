@@ -100,10 +100,11 @@ def test_train_sample_decode_end_to_end(vae_dir, cache, tmp_path, capsys):
     assert main(["train", DEBUG, *args]) == 0
     resolved = load_config(run / "config.yaml")
     assert resolved.model.vae.path == str(vae_dir) and resolved.model.vae.scaling_factor == SCALE
-    from PIL import Image
 
-    with Image.open(run / "samples" / "step_000003.png") as im:  # 4 decoded 16x16 images, 2x2 grid, padding 1
-        assert im.size == (2 * 17 + 1, 2 * 17 + 1)
+    # The training grid is written from decoded samples (decode_samples is checked against diffusers
+    # below; the grid's cells are upscaled to a minimum size, so its size cannot tell 8x8 latents
+    # from 16x16 pixels).
+    assert (run / "samples" / "step_000003.png").is_file()
     out = tmp_path / "s.npz"
     assert main(["sample", str(run), "--task", "class_to_image", "-n", "3", "--steps", "2", "--out", str(out)]) == 0
     with np.load(out) as f:
