@@ -509,7 +509,8 @@ def inception_score(logits: torch.Tensor, splits: int = 10, seed: int = 0) -> Tu
         warnings.simplefilter("ignore", UserWarning)
         metric = InceptionScore(feature=PrecomputedFeatures(logits.shape[1]), splits=splits, sync_on_compute=False)
     metric.update(logits.double())
-    with torch.random.fork_rng(devices=[]):
+    with torch.random.fork_rng(devices=[]), warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)  # the std of one split is NaN
         torch.manual_seed(seed)
         mean, std = metric.compute()
     return float(mean), float(std)
