@@ -6,10 +6,13 @@ turned back into override strings) and, optionally, the datasets already built f
 Metrics (each only where it applies to the run; none is faked for a run without the part it
 measures):
 
-- ``fid``: reference-classifier features of joint samples (§3) against the val split;
-  ``fid_floor``: the same distance between as many real train images and the val split (the best
-  a model can reach at this sample size); ``reference_accuracy``: the reference classifier's own
-  val accuracy (how much its readings can be trusted). Need an image head and labelled data.
+- ``fid``: reference-classifier features of joint samples (§3) against the ``eval.reference``
+  split (default val); ``fid_floor``: the same distance between as many real images of the other
+  split and the reference (the best a model can reach at this sample size);
+  ``reference_accuracy``: the reference classifier's own val accuracy (how much its readings can be
+  trusted). Need an image head and labelled data, or ``eval.features=inception`` (the standard FID
+  Inception-v3, any data). ``eval.metrics`` adds ``inception_score`` (+ ``_std``), ``kid``
+  (+ ``_std``), ``precision`` and ``recall`` in the same features (README "Metrics for natural images").
 - ``bits_per_dim``: the variational bound of §2 on val (Monte-Carlo over t). Needs an image head.
 - per auxiliary modality ``m``: ``image_to_<m>/<metric>``, the head read from val images alone
   (§3 image→aux at ``eval.t_read``, ``eval.num_draws`` noise draws), scored by the modality's own
@@ -19,6 +22,12 @@ measures):
   reading of the generated image, and ``class_conditional_accuracy``: the reference classifier
   recovers the conditioning class of class→image samples, drift guidance ``eval.guidance``).
 Where two modalities give the same top-level key, the first one in the model's order wins.
+
+Every sample stream (joint samples, each modality's conditional samples) is generated in
+resumable shards (:class:`SampleStore`, :mod:`unidiff.shards`), shard ``i`` of a stream seeded by
+``seed_for(seed_for(seed, stream), i)``; bits/dim and the read-outs draw from
+``torch.Generator().manual_seed(seed)``. Every number is a function of the run, the settings and
+the seed, whether the evaluation ran in one go, was resumed, or ran on several processes.
 """
 
 from __future__ import annotations
@@ -180,12 +189,12 @@ def _generation(model, store: SampleStore, cfg, clf, device) -> Tuple[torch.Tens
 
 
 @torch.no_grad()
-def _image_metrics(fake: torch.Tensor, cfg, train_set, val_set, clf, device, seed: int) -> Dict[str, Any]:
-    """``eval.metrics`` of the joint samples against the ``eval.reference`` split, and ``fid_floor``."""
+def _image_metrics(fake: torch.Tensor, cfg, train_set, val_set, feats, seed: int) -> Dict[str, Any]:
+    """``eval.metrics`` of the joint samples against the ``eval.reference`` split, and ``fid_floor``,
+    in the features of ``feats`` (:func:`_feature_module`; None: no such metrics)."""
     from . import metrics as M
 
     ev, bs = cfg.eval, cfg.eval.batch_size
-    feats = _feature_module(ev, clf, device)
     if feats is None:
         return {}
     reference, other = (train_set, val_set) if ev.reference == "train" else (val_set, train_set)
@@ -271,8 +280,6 @@ def evaluate(run: str | os.PathLike | DictConfig, overrides: Sequence[str] = (),
     model = load_model(run_dir, device)
     schedule = build_schedule(cfg)
     train_set, val_set, info = datasets if datasets is not None else build_datasets(cfg.data)
-    if ev.features == "inception" and model.image_head is not None:  # a missing weights file fails first
-        M.inception_weights_path(ev.inception_weights)
     out: Dict[str, Any] = {"step": None, "n_samples": int(ev.n_samples)}
     meta = run_dir / "model" / "config.json"
     out["model"] = "model/" if meta.is_file() else "latest checkpoint (EMA)"
@@ -286,6 +293,9 @@ def evaluate(run: str | os.PathLike | DictConfig, overrides: Sequence[str] = (),
             acc.wait_for_everyone()
         out["reference_accuracy"] = float(ref_acc)
 
+    feats = None
+    if model.image_head is not None and acc.is_main_process:  # a missing Inception file fails before sampling
+        feats = _feature_module(ev, clf, device)
     generated: Dict[str, Any] = {}
     if model.image_head is not None:  # every process takes its share of the sample shards
         store = SampleStore(model, schedule, cfg, run_dir, device, seed, acc, on_shard)
@@ -293,7 +303,7 @@ def evaluate(run: str | os.PathLike | DictConfig, overrides: Sequence[str] = (),
     if not acc.is_main_process:
         return {}
     if model.image_head is not None:
-        out.update(_image_metrics(fake, cfg, train_set, val_set, clf, device, seed))
+        out.update(_image_metrics(fake, cfg, train_set, val_set, feats, seed))
     g = torch.Generator(device=device).manual_seed(seed)
     out.update(_model_metrics(model, schedule, cfg, val_set, g, device))
     for k, v in generated.items():  # after the read-out aliases, which win a tie (as they always did)
