@@ -225,3 +225,115 @@ def test_fid_on_the_gpu_matches_the_cpu(digits):
     feats = LinearFeatures(64, 8)
     expected = compute_fid(train.images, val.images, feats)
     assert compute_fid(train.images, val.images, feats.cuda()) == pytest.approx(expected, rel=1e-4)
+
+
+# ----------------------------------------------------------------------------------------------
+# metrics from features: FID, IS, KID, precision/recall against independent references
+
+
+def _features(n, d, seed, shift=0.0):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(n, d, generator=g, dtype=torch.float64) * torch.linspace(0.5, 2.0, d, dtype=torch.float64) + shift
+
+
+def test_fid_of_two_feature_sets_matches_scipy_sqrtm():
+    a, b = _features(300, 12, 0), _features(200, 12, 1, shift=0.3)
+    got = metrics.frechet_distance(metrics.FeatureStats.from_features(a), metrics.FeatureStats.from_features(b))
+    assert got == pytest.approx(_scipy_fid(a.numpy(), b.numpy()), rel=1e-5)
+    stats = metrics.FeatureStats.from_features(a, keep=7)
+    np.testing.assert_allclose(stats.mu.numpy(), a.numpy().mean(0), rtol=1e-12)
+    np.testing.assert_allclose(stats.sigma.numpy(), np.cov(a.numpy(), rowvar=False), rtol=1e-9, atol=1e-12)
+    assert stats.features.shape == (7, 12) and stats.n == 300
+
+
+def test_inception_score_matches_its_definition():
+    logits = _features(40, 6, 2) * 2
+    p = torch.softmax(logits, 1).numpy()
+    marginal = p.mean(0)
+    expected = math.exp(np.mean(np.sum(p * (np.log(p) - np.log(marginal)), axis=1)))
+    mean, _ = metrics.inception_score(logits, splits=1)
+    assert mean == pytest.approx(expected, rel=1e-6)
+    # the random split assignment is a function of the seed
+    assert metrics.inception_score(logits, splits=4, seed=3) == metrics.inception_score(logits, splits=4, seed=3)
+
+
+def test_kid_matches_the_unbiased_polynomial_mmd():
+    x, y = _features(25, 5, 3).numpy(), _features(25, 5, 4, shift=0.5).numpy()
+    d = x.shape[1]
+
+    def k(a, b):
+        return (a @ b.T / d + 1.0) ** 3
+
+    kxx, kyy, kxy = k(x, x), k(y, y), k(x, y)
+    m, n = len(x), len(y)
+    mmd = ((kxx.sum() - np.trace(kxx)) / (m * (m - 1)) + (kyy.sum() - np.trace(kyy)) / (n * (n - 1))
+           - 2 * kxy.mean())
+    # one subset of every item (subset_size is capped at the set size): no randomness left
+    mean, std = metrics.kernel_inception_distance(torch.from_numpy(x), torch.from_numpy(y), subsets=1, subset_size=10**6)
+    assert mean == pytest.approx(mmd, rel=1e-6) and std == 0.0
+
+
+def _brute_precision_recall(real, fake, k):
+    """Kynkäänniemi et al. 2019 from the definition, one pair of points at a time."""
+
+    def dist(a, b):
+        return math.sqrt(sum((float(u) - float(v)) ** 2 for u, v in zip(a, b)))
+
+    def radii(points):
+        return [sorted(dist(p, q) for j, q in enumerate(points) if j != i)[k - 1] for i, p in enumerate(points)]
+
+    def share_inside(points, centres):
+        r = radii(centres)
+        return sum(any(dist(p, c) <= r[j] for j, c in enumerate(centres)) for p in points) / len(points)
+
+    return share_inside(fake, real), share_inside(real, fake)
+
+
+@pytest.mark.parametrize("k", [1, 3])
+def test_precision_recall_matches_brute_force(k):
+    real, fake = _features(40, 4, 5), _features(30, 4, 6, shift=1.5) * 0.7
+    got = metrics.precision_recall(real, fake, k=k, chunk=7)
+    assert got == pytest.approx(_brute_precision_recall(real.tolist(), fake.tolist(), k))
+    assert 0.0 < got[0] < 1.0 and 0.0 < got[1] < 1.0  # the sets overlap partly: a real test
+    assert metrics.precision_recall(real, real, k=k) == (1.0, 1.0)
+    with pytest.raises(ValueError, match="k=3"):
+        metrics.precision_recall(real[:3], fake, k=3)
+
+
+def test_generative_metrics_names_and_choices():
+    ref = metrics.FeatureStats.from_features(_features(50, 4, 7), keep=50)
+    fake = {"features": _features(20, 4, 8), "logits": _features(20, 3, 9)}
+    out = metrics.generative_metrics(ref, fake, ["fid", "is", "kid", "pr"], kid_subset_size=10)
+    assert set(out) == {"fid", "inception_score", "inception_score_std", "kid", "kid_std", "precision", "recall"}
+    assert all(math.isfinite(v) for v in out.values())
+    with pytest.raises(ValueError, match="ssim"):
+        metrics.generative_metrics(ref, fake, ["ssim"])
+    with pytest.raises(ValueError, match="logits"):
+        metrics.generative_metrics(ref, {"features": fake["features"]}, ["is"])
+
+
+def test_reference_statistics_are_cached_per_data_and_features(digits, tmp_path, monkeypatch):
+    train, val, _ = digits
+    torch.manual_seed(0)
+    feats = LinearFeatures(64, 8)
+    stats = metrics.reference_statistics(val, feats, str(tmp_path), batch_size=50, keep=20)
+    with torch.no_grad():
+        direct = feats(val.images).double()
+    np.testing.assert_allclose(stats.mu.numpy(), direct.mean(0).numpy(), rtol=1e-6, atol=1e-9)
+    assert stats.n == len(val) and stats.features.shape == (20, 8)
+    (entry,) = tmp_path.glob("refstats_*.npz")
+    with np.load(entry) as f:  # ADM-style mu/sigma beside the sums
+        np.testing.assert_allclose(f["sigma"], np.cov(direct.numpy(), rowvar=False), rtol=1e-5, atol=1e-8)
+
+    def no_features(*args, **kwargs):
+        raise AssertionError("recomputed instead of loading the cache")
+
+    monkeypatch.setattr(metrics, "extract_features", no_features)
+    again = metrics.reference_statistics(val, feats, str(tmp_path), batch_size=50, keep=20)
+    torch.testing.assert_close(again.feature_cov_sum, stats.feature_cov_sum, rtol=0, atol=0)
+    other = LinearFeatures(64, 8)  # other weights: another extractor
+    for args in ((val, other, str(tmp_path)), (train, feats, str(tmp_path))):
+        with pytest.raises(AssertionError, match="recomputed"):
+            metrics.reference_statistics(*args, batch_size=50, keep=20)
+    with pytest.raises(AssertionError, match="recomputed"):
+        metrics.reference_statistics(val, feats, str(tmp_path), batch_size=50, max_items=10, keep=20)

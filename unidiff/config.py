@@ -164,8 +164,9 @@ class SampleConfig:
 
 @dataclass
 class EvalConfig:
-    """``unidiff evaluate``: sample counts, solver, the image->label read-out (t_read, num_draws)
-    and the reference classifier's cache folder."""
+    """``unidiff evaluate``: sample counts, solver, the image->label read-out (t_read, num_draws),
+    the reference classifier's cache folder, the generative metrics and their features
+    (README "Metrics for natural images") and the resumable sample shards."""
 
     n_samples: int = 500
     sampler: Sampler = Sampler.ddim
@@ -178,6 +179,15 @@ class EvalConfig:
     bpd_num_t: int = 32  # Monte-Carlo draws of t for bits/dim (on up to n_samples val images)
     cache_dir: str = "runs/.cache"
     reference_steps: int = 600  # training steps of the reference classifier (cached per data + steps)
+    metrics: List[str] = field(default_factory=lambda: ["fid"])  # of fid, is, kid, pr
+    features: str = "classifier"  # classifier (reference classifier) | inception (standard FID Inception-v3)
+    inception_weights: Optional[str] = None  # local FID Inception weights; else env UNIDIFF_INCEPTION_WEIGHTS
+    reference: str = "val"  # the split whose statistics the samples are compared with: train | val
+    reference_features: int = 10000  # reference items whose features are kept for kid and pr
+    kid_subsets: int = 100
+    kid_subset_size: int = 1000  # at most the number of samples / kept reference features
+    pr_k: int = 3  # k-th neighbour radius of precision/recall
+    shard_size: int = 0  # samples per resumable shard (RUN_DIR/eval_shards/); 0 = eval.batch_size
 
 
 @dataclass
@@ -416,6 +426,15 @@ def validate(cfg: DictConfig) -> None:
     _check(cfg.eval.reference_steps >= 1, "eval.reference_steps", f"must be >= 1, got {cfg.eval.reference_steps}")
     _check(cfg.eval.bpd_num_t >= 1, "eval.bpd_num_t", f"must be >= 1, got {cfg.eval.bpd_num_t}")
     _check(cfg.eval.num_draws >= 1, "eval.num_draws", f"must be >= 1, got {cfg.eval.num_draws}")
+    ev = cfg.eval
+    bad = sorted(set(ev.metrics) - {"fid", "is", "kid", "pr"})
+    _check(not bad, "eval.metrics", f"unknown metric(s) {bad}; choices: fid, is, kid, pr")
+    _check(ev.features in ("classifier", "inception"), "eval.features",
+           f"must be classifier or inception, got {ev.features!r}")
+    _check(ev.reference in ("train", "val"), "eval.reference", f"must be train or val, got {ev.reference!r}")
+    for key in ("reference_features", "kid_subsets", "kid_subset_size", "pr_k"):
+        _check(ev[key] >= 1, f"eval.{key}", f"must be >= 1, got {ev[key]}")
+    _check(ev.shard_size >= 0, "eval.shard_size", f"must be >= 0 (0 = eval.batch_size), got {ev.shard_size}")
 
 
 def resolve_with_data(cfg: DictConfig, info: Any) -> DictConfig:

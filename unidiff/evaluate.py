@@ -6,10 +6,13 @@ turned back into override strings) and, optionally, the datasets already built f
 Metrics (each only where it applies to the run; none is faked for a run without the part it
 measures):
 
-- ``fid``: reference-classifier features of joint samples (§3) against the val split;
-  ``fid_floor``: the same distance between as many real train images and the val split (the best
-  a model can reach at this sample size); ``reference_accuracy``: the reference classifier's own
-  val accuracy (how much its readings can be trusted). Need an image head and labelled data.
+- ``fid``: reference-classifier features of joint samples (§3) against the ``eval.reference``
+  split (default val); ``fid_floor``: the same distance between as many real images of the other
+  split and the reference (the best a model can reach at this sample size);
+  ``reference_accuracy``: the reference classifier's own val accuracy (how much its readings can be
+  trusted). Need an image head and labelled data, or ``eval.features=inception`` (the standard FID
+  Inception-v3, any data). ``eval.metrics`` adds ``inception_score`` (+ ``_std``), ``kid``
+  (+ ``_std``), ``precision`` and ``recall`` in the same features (README "Metrics for natural images").
 - ``bits_per_dim``: the variational bound of §2 on val (Monte-Carlo over t). Needs an image head.
 - per auxiliary modality ``m``: ``image_to_<m>/<metric>``, the head read from val images alone
   (§3 image→aux at ``eval.t_read``, ``eval.num_draws`` noise draws), scored by the modality's own
@@ -24,14 +27,22 @@ The file also holds ``provenance`` (:func:`unidiff.provenance.provenance`: the c
 sampler, steps, guidance, sample count, seed, overrides, the package version and git commit, the
 command); the returned dict does not. No result is overwritten silently: an existing metrics file
 at the target is first renamed ``metrics.<its mtime>.json`` (:func:`unidiff.provenance.keep_previous`).
+
+Every sample stream (joint samples, each modality's conditional samples) is generated in
+resumable shards (:class:`SampleStore`, :mod:`unidiff.shards`), shard ``i`` of a stream seeded by
+``seed_for(seed_for(seed, stream), i)``; bits/dim and the read-outs draw from
+``torch.Generator().manual_seed(seed)``. Every number is a function of the run, the settings and
+the seed, whether the evaluation ran in one go, was resumed, or ran on several processes.
 """
 
 from __future__ import annotations
 
+import hashlib
+import json
 import math
 import os
 from pathlib import Path
-from typing import Any, Dict, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, Optional, Sequence, Tuple
 
 import torch
 from omegaconf import DictConfig
@@ -54,31 +65,87 @@ def load_run_config(run_dir: str | os.PathLike, overrides: Sequence[str] = ()) -
     return load_config(run_dir / "config.yaml", overrides)
 
 
-@torch.no_grad()
-def _generate(model, schedule, task: str, n: int, batch_size: int, sampler: str, steps: int, guidance: float,
-              generator: torch.Generator, known_fn=None, classifier_scale: float = 0.0,
-              classifier_modality: Optional[str] = None):
-    """``n`` samples of ``task`` in batches: (images (n, C, H, W), {name: (n,) readouts})."""
-    from tqdm.auto import tqdm
+# Sub-seeds of ``seed`` for the sample streams (each shard is then seeded by its index).
+JOINT_STREAM, CONDITIONAL_STREAM = 1, 2
 
-    from .diffusion import sample
 
-    images, aux = [], {}
-    # images/s in the bar (unit="img"); disable=None: no bar when stderr is not a terminal (logs, CI)
-    bar = tqdm(total=n, desc=f"evaluate: {task} samples", unit="img", leave=False, disable=None, dynamic_ncols=True)
-    for start in range(0, n, batch_size):
-        b = min(batch_size, n - start)
-        known = known_fn(start, b) if known_fn is not None else None
-        out = sample(model, schedule, task, batch_size=b, known=known, scheduler=sampler, num_steps=steps,
-                     guidance_scale=guidance if known else 1.0, classifier_scale=classifier_scale if known else 0.0,
-                     classifier_modality=classifier_modality if known else None, generator=generator)
-        images.append(out.image.float().cpu())
-        for k, v in out.aux.items():
-            if torch.is_tensor(v):
-                aux.setdefault(k, []).append(v.cpu())
-        bar.update(b)
-    bar.close()
-    return torch.cat(images), {k: torch.cat(v) for k, v in aux.items()}
+def _digest(value: Any) -> str:
+    """A content hash of a conditioning value (a tensor or a dict of tensors)."""
+    h = hashlib.sha256()
+    if isinstance(value, dict):
+        for k in sorted(value):
+            h.update(k.encode())
+            h.update(_digest(value[k]).encode())
+        return h.hexdigest()
+    t = torch.as_tensor(value).detach().cpu().contiguous()
+    h.update(f"{t.dtype}:{tuple(t.shape)}".encode())
+    h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()
+
+
+class SampleStore:
+    """The evaluation's sharded sample streams (:func:`unidiff.shards.generate_sharded`).
+
+    Each stream lives in ``RUN_DIR/eval_shards/<hash>/``, the hash covering everything that decides
+    its samples (the evaluated weights, the task, the conditioning values, ``n``, the shard size,
+    the seed, the solver and guidance), so a rerun of a killed ``unidiff evaluate`` picks up its
+    shards and a changed setting starts a new folder. Shard ``i`` of a stream is seeded by
+    ``seed_for(stream seed, i)``: the samples do not depend on the number of processes.
+    """
+
+    def __init__(self, model, schedule, cfg, run_dir: Path, device, seed: int, accelerator, on_shard=None):
+        from .metrics import module_fingerprint
+
+        self.model, self.schedule, self.ev, self.device = model, schedule, cfg.eval, device
+        self.seed, self.accelerator, self.on_shard = int(seed), accelerator, on_shard
+        self.root = run_dir / "eval_shards"
+        self.shard_size = int(self.ev.shard_size or self.ev.batch_size)
+        self.model_id = module_fingerprint(model)
+
+    @torch.no_grad()
+    def generate(self, task: str, n: int, stream: int, known: Any = None, name: Optional[str] = None
+                 ) -> Tuple[torch.Tensor, Dict[str, torch.Tensor]]:
+        """``n`` samples of ``task``: (images (n, C, H, W) float32 on the CPU, {modality: (n, ...) readouts}).
+
+        ``known``: the conditioning value of modality ``name`` (``n`` rows), with the evaluation's
+        guidance and classifier guidance; None for joint samples (no guidance).
+        """
+        from .diffusion import sample
+        from .io import seed_for
+        from .shards import generate_sharded
+
+        ev, bs, device = self.ev, int(self.ev.batch_size), self.device
+        guided = known is not None
+        settings = {"model": self.model_id, "task": task, "name": name, "known": _digest(known) if guided else None,
+                    "sampler": ev.sampler.value, "steps": int(ev.steps),
+                    "guidance": float(ev.guidance) if guided else 1.0,
+                    "classifier_scale": float(ev.classifier_scale) if guided else 0.0}
+        stream_seed = seed_for(self.seed, stream)
+        plan = {"n": int(n), "shard_size": self.shard_size, "seed": stream_seed, **settings}
+        folder = self.root / hashlib.sha256(json.dumps(plan, sort_keys=True).encode()).hexdigest()[:16]
+
+        def one_shard(shard):
+            g = torch.Generator(device=device).manual_seed(shard.seed)
+            images, aux = [], {}
+            for start in range(shard.start, shard.start + shard.count, bs):  # batches within the shard
+                b = min(bs, shard.start + shard.count - start)
+                rows = {name: _rows(known, start, start + b, device)} if guided else None
+                out = sample(self.model, self.schedule, task, batch_size=b, known=rows, scheduler=ev.sampler.value,
+                             num_steps=ev.steps, guidance_scale=settings["guidance"],
+                             classifier_scale=settings["classifier_scale"], classifier_modality=name if guided else None,
+                             generator=g)
+                images.append(out.image.float().cpu())
+                for k, v in out.aux.items():
+                    if torch.is_tensor(v):
+                        aux.setdefault(k, []).append(v.cpu())
+            return {"image": torch.cat(images), **{f"aux.{k}": torch.cat(v) for k, v in aux.items()}}
+
+        image_shape = tuple(int(s) for s in self.model.image_shape)
+        arrays = generate_sharded(one_shard, int(n), self.shard_size, stream_seed, folder, settings=settings,
+                                  spec={"image": ("float32", image_shape)}, accelerator=self.accelerator,
+                                  on_shard=self.on_shard)
+        aux = {k[len("aux."):]: torch.from_numpy(v) for k, v in arrays.items() if k.startswith("aux.")}
+        return torch.from_numpy(arrays["image"]), aux
 
 
 @torch.no_grad()
@@ -99,24 +166,61 @@ def _rows(value: Any, start: int, stop: int, device) -> Any:
     return value[start:stop].to(device)
 
 
-@torch.no_grad()
-def _model_metrics(model, schedule, cfg, train_set, val_set, clf, g, device) -> Dict[str, Any]:
-    """The metrics that run the model (no gradients); see the module docstring."""
+def _feature_module(ev, clf, device):
+    """The features of the generative metrics (``eval.features``); None when they are unavailable."""
     from . import metrics as M
+
+    if ev.features == "inception":
+        return M.inception_feature_module(M.inception_weights_path(ev.inception_weights)).to(device)
+    return M.ClassifierFeatures(clf) if clf is not None else None
+
+
+@torch.no_grad()
+def _generation(model, store: SampleStore, cfg, clf, device) -> Tuple[torch.Tensor, Dict[str, Any]]:
+    """Every sample-generating metric stream, on every process: the joint samples and each
+    modality's ``generation_metrics`` (its conditional samples). Returns (joint images, metrics)."""
+    ev, bs, out = cfg.eval, cfg.eval.batch_size, {}
+    fake, fake_aux = store.generate("joint", ev.n_samples, JOINT_STREAM)
+    classify = (lambda images: _classify(clf, images, bs, device)) if clf is not None else None
+    for i, (name, mod) in enumerate(model.modalities.items()):
+
+        def generate(value, name=name, i=i):
+            images, _ = store.generate("conditional", _batch_size_of(value), CONDITIONAL_STREAM + i, known=value, name=name)
+            return images
+
+        values = fake_aux.get(name)
+        for k, v in mod.generation_metrics(GenerationEval(fake, values, classify, generate, int(ev.n_samples))).items():
+            out.setdefault(k, v)
+    return fake, out
+
+
+@torch.no_grad()
+def _image_metrics(fake: torch.Tensor, cfg, train_set, val_set, feats, seed: int) -> Dict[str, Any]:
+    """``eval.metrics`` of the joint samples against the ``eval.reference`` split, and ``fid_floor``,
+    in the features of ``feats`` (:func:`_feature_module`; None: no such metrics)."""
+    from . import metrics as M
+
+    ev, bs = cfg.eval, cfg.eval.batch_size
+    if feats is None:
+        return {}
+    reference, other = (train_set, val_set) if ev.reference == "train" else (val_set, train_set)
+    ref = M.reference_statistics(reference, feats, ev.cache_dir, bs, keep=ev.reference_features)
+    out = M.generative_metrics(ref, M.extract_features(fake, feats, bs), list(ev.metrics), seed=seed,
+                               kid_subsets=ev.kid_subsets, kid_subset_size=ev.kid_subset_size, pr_k=ev.pr_k)
+    if "fid" in ev.metrics:  # as many real images of the other split against the same reference
+        floor = M.reference_statistics(other, feats, ev.cache_dir, bs, max_items=ev.n_samples, keep=0)
+        out["fid_floor"] = M.frechet_distance(ref, floor)
+    return out
+
+
+@torch.no_grad()
+def _model_metrics(model, schedule, cfg, val_set, g, device) -> Dict[str, Any]:
+    """The metrics that run the model on real data (no gradients): bits/dim, image->aux."""
     from .data import iter_batches
     from .diffusion import bits_per_dim, image_to_aux
 
     ev, bs, out = cfg.eval, cfg.eval.batch_size, {}
-    has_image = model.image_head is not None
-
-    # --- image quality and the bound ------------------------------------------------------------
-    if has_image:
-        fake, fake_aux = _generate(model, schedule, "joint", ev.n_samples, bs, ev.sampler.value, ev.steps, 1.0, g)
-        if clf is not None:
-            feats = M.ClassifierFeatures(clf)
-            real_train = torch.cat([b["image"] for b in iter_batches(train_set, bs)])[: ev.n_samples]
-            out["fid"] = M.compute_fid(val_set, fake, feats, batch_size=bs)
-            out["fid_floor"] = M.fid_floor(real_train, val_set, feats, batch_size=bs)
+    if model.image_head is not None:
         bpd = []
         seen = 0
         for batch in iter_batches(val_set, bs):
@@ -141,29 +245,13 @@ def _model_metrics(model, schedule, cfg, train_set, val_set, clf, g, device) -> 
             out[f"image_to_{name}/{k}"] = sum(v * n for v, n in vals) / sum(n for _, n in vals)
             if k in mod.metric_aliases:
                 out.setdefault(mod.metric_aliases[k], out[f"image_to_{name}/{k}"])
-
-    # --- generated samples, scored by each modality (e.g. class -> image read back) ---------------
-    if has_image:
-        classify = (lambda images: _classify(clf, images, bs, device)) if clf is not None else None
-        for name, mod in model.modalities.items():
-
-            def generate(value, name=name):
-                n = _batch_size_of(value)
-                images, _ = _generate(model, schedule, "conditional", n, bs, ev.sampler.value, ev.steps, ev.guidance, g,
-                                      lambda start, b: {name: _rows(value, start, start + b, device)},
-                                      classifier_scale=ev.classifier_scale, classifier_modality=name)
-                return images
-
-            values = fake_aux.get(name)
-            for k, v in mod.generation_metrics(GenerationEval(fake, values, classify, generate, int(ev.n_samples))).items():
-                out.setdefault(k, v)
-
     return out
 
 
 def evaluate(run: str | os.PathLike | DictConfig, overrides: Sequence[str] = (), device: Optional[str] = None,
              seed: int = 0, datasets: Optional[Tuple[Any, Any, Any]] = None,
-             out_path: Optional[str | os.PathLike] = None) -> Dict[str, Any]:
+             out_path: Optional[str | os.PathLike] = None, accelerator: Any = None,
+             on_shard: Optional[Callable[[Any], None]] = None) -> Dict[str, Any]:
     """Compute the metrics of a run, write ``RUN_DIR/metrics.json`` (or ``out_path``) atomically
     and return them. ``seed`` seeds every random draw of the evaluation (samples, t, noise).
     An existing file at the target is kept as ``metrics.<timestamp>.json`` (module docstring).
@@ -173,7 +261,16 @@ def evaluate(run: str | os.PathLike | DictConfig, overrides: Sequence[str] = (),
     holds the config passes it (the experiment runner: its ``eval`` section wins over the saved one).
     ``overrides``: ``key=value`` items on top (``eval.n_samples=100``). ``datasets``: the
     ``(train, val, info)`` of the config's ``data`` section when the caller has built them already.
+
+    Samples are generated in resumable shards under ``RUN_DIR/eval_shards/`` (:class:`SampleStore`):
+    rerunning a killed evaluation reuses them and ends with the same numbers. Under
+    ``accelerate launch`` every process generates its share of the shards (``accelerator``:
+    default ``accelerate.Accelerator()``; ``device``: default its device); the main process then
+    computes the metrics and writes the file, the others return ``{}``. ``on_shard(shard)`` is
+    called after each shard written (progress; the resume test's kill switch).
     """
+    from accelerate import Accelerator
+
     from . import metrics as M
     from .checkpoint import latest, load_model, step_of
     from .config import build_schedule, check_writable, load_config
@@ -188,21 +285,39 @@ def evaluate(run: str | os.PathLike | DictConfig, overrides: Sequence[str] = (),
         cfg = load_run_config(run_dir, overrides)
     check_writable(run_dir, "run folder")  # metrics.json goes there: say so before computing anything
     ev = cfg.eval
-    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    acc = accelerator if accelerator is not None else Accelerator()
+    device = torch.device(device) if device else acc.device
     model = load_model(run_dir, device)
     schedule = build_schedule(cfg)
     train_set, val_set, info = datasets if datasets is not None else build_datasets(cfg.data)
-    g = torch.Generator(device=device).manual_seed(seed)
     out: Dict[str, Any] = {"step": None, "n_samples": int(ev.n_samples)}
     meta = run_dir / "model" / "config.json"
     out["model"] = "model/" if meta.is_file() else "latest checkpoint (EMA)"
 
     clf = None
-    if info.num_classes >= 2:  # trains (with gradients) on first use, then cached
-        clf, ref_acc = M.get_reference_classifier(train_set, val_set, info, ev.cache_dir, device=device,
-                                                  steps=ev.reference_steps)
+    if info.num_classes >= 2:  # trains (with gradients) on first use, then cached: the main process first
+        for turn in (True, False):
+            if acc.is_main_process == turn:
+                clf, ref_acc = M.get_reference_classifier(train_set, val_set, info, ev.cache_dir, device=device,
+                                                          steps=ev.reference_steps)
+            acc.wait_for_everyone()
         out["reference_accuracy"] = float(ref_acc)
-    out.update(_model_metrics(model, schedule, cfg, train_set, val_set, clf, g, device))
+
+    feats = None
+    if model.image_head is not None and acc.is_main_process:  # a missing Inception file fails before sampling
+        feats = _feature_module(ev, clf, device)
+    generated: Dict[str, Any] = {}
+    if model.image_head is not None:  # every process takes its share of the sample shards
+        store = SampleStore(model, schedule, cfg, run_dir, device, seed, acc, on_shard)
+        fake, generated = _generation(model, store, cfg, clf, device)
+    if not acc.is_main_process:
+        return {}
+    if model.image_head is not None:
+        out.update(_image_metrics(fake, cfg, train_set, val_set, feats, seed))
+    g = torch.Generator(device=device).manual_seed(seed)
+    out.update(_model_metrics(model, schedule, cfg, val_set, g, device))
+    for k, v in generated.items():  # after the read-out aliases, which win a tie (as they always did)
+        out.setdefault(k, v)
     last = latest(run_dir / "checkpoints")
     out["step"] = step_of(last) if last is not None else None
     bad = [k for k, v in out.items() if isinstance(v, float) and not math.isfinite(v)]

@@ -1,4 +1,5 @@
-"""Evaluation metrics: FID with pluggable features, a reference classifier, image and retrieval scores.
+"""Evaluation metrics: FID, IS, KID, precision/recall with pluggable features, a reference
+classifier, image and retrieval scores.
 
 FID needs a feature extractor that knows the data. Inception-v3 is the standard for natural
 images, but it says little about 8x8 digits, so for small labelled datasets we train a
@@ -6,6 +7,11 @@ images, but it says little about 8x8 digits, so for small labelled datasets we t
 FID features (the same idea as the LeNet features of MNIST-FID papers). Its validation accuracy is
 reported beside every FID so a reader knows how good the features are, and it doubles as the judge
 of class-conditional samples (DESIGN.md §4: "class→image": is the sample of the asked class?).
+
+Natural images use the standard FID Inception-v3 (:func:`inception_feature_module`, loaded only
+from a local weights file). Every image set is turned into features once (:func:`extract_features`);
+the metrics are computed from features (:func:`generative_metrics`), and the statistics of a real
+set are cached per dataset and feature extractor (:func:`reference_statistics`).
 
 All public functions return plain Python floats (or dicts of them) so results go straight to JSON.
 Images are (B, C, H, W) float in [-1, 1] throughout.
@@ -18,15 +24,17 @@ import json
 import math
 import os
 import warnings
+from dataclasses import dataclass
 from typing import Dict, Iterable, Iterator, Optional, Sequence, Tuple, Union
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from .data import AnyDataset, DataInfo, infinite_batches, iter_batches
-from .errors import CheckpointError
-from .io import atomic_write
+from .errors import CheckpointError, UnidiffError
+from .io import atomic_write, write_npz
 
 Images = Union[torch.Tensor, AnyDataset, Iterable[torch.Tensor]]
 
@@ -214,34 +222,67 @@ class ClassifierFeatures(nn.Module):
         self.classifier = classifier.eval().requires_grad_(False)
         self.num_features = int(classifier.feature_dim)
 
+    def extract(self, x: torch.Tensor) -> Dict[str, torch.Tensor]:
+        """(B, C, H, W) -> {"features": (B, F), "logits": (B, K)} (the logits give an Inception
+        Score in the classifier's classes)."""
+        f = self.classifier.features(x.float())
+        return {"features": f, "logits": self.classifier.head(f)}
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.classifier.features(x.float())  # (B, F)
 
 
 class InceptionFeatures(nn.Module):
-    """torchmetrics' FID Inception-v3 (2048-d pool features) taking (B, C, H, W) in [-1, 1].
+    """The standard FID Inception-v3 (torch-fidelity's port of TF's ``pt_inception-2015-12-05``)
+    taking (B, C, H, W) in [-1, 1]: ``forward`` gives the 2048-d pool features (FID, KID,
+    precision/recall), :meth:`extract` those and the 1008 unbiased logits (Inception Score).
 
-    The Inception expects uint8 RGB images and resizes them to 299x299 itself; grey images are
-    repeated over three channels.
+    Images are rounded to uint8 RGB (as a saved sample would be), grey ones repeated over three
+    channels; the network resizes them to 299x299 with TF1's bilinear resize itself (ADM's and
+    torch-fidelity's convention; torchmetrics' default antialiased resize gives other numbers).
     """
 
     def __init__(self, inception: nn.Module):
         super().__init__()
-        self.inception = inception
+        self.inception = inception.eval().requires_grad_(False)
         self.num_features = 2048
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    @staticmethod
+    def to_uint8(x: torch.Tensor) -> torch.Tensor:
+        """(B, C, H, W) in [-1, 1] -> (B, 3, H, W) uint8."""
         x = ((x.float() + 1.0) * 127.5).round().clamp(0, 255).to(torch.uint8)
-        if x.shape[1] == 1:
-            x = x.expand(-1, 3, -1, -1)
-        return self.inception(x)  # (B, 2048)
+        return x.expand(-1, 3, -1, -1) if x.shape[1] == 1 else x
+
+    def extract(self, x: torch.Tensor) -> Dict[str, torch.Tensor]:
+        """(B, C, H, W) -> {"features": (B, 2048), "logits": (B, 1008)}."""
+        pool, logits = self.inception(self.to_uint8(x))
+        return {"features": pool, "logits": logits}
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.extract(x)["features"]  # (B, 2048)
+
+
+INCEPTION_ENV = "UNIDIFF_INCEPTION_WEIGHTS"
+
+
+def inception_weights_path(configured: Optional[str] = None) -> str:
+    """The Inception weights file: ``configured`` (``eval.inception_weights``), else the environment
+    variable ``UNIDIFF_INCEPTION_WEIGHTS``; :class:`CheckpointError` when neither names a file."""
+    path = configured or os.environ.get(INCEPTION_ENV) or None
+    if not path:
+        raise CheckpointError(
+            f"eval.inception_weights is not set (nor {INCEPTION_ENV}): Inception metrics need a local copy of "
+            "torch-fidelity's weights-inception-2015-12-05-6726825d.pth (it is never downloaded)")
+    return os.path.expanduser(str(path))
 
 
 def inception_feature_module(path: Optional[str]) -> InceptionFeatures:
     """Inception-v3 FID features loaded ONLY from a local weights file (never downloaded).
 
-    ``path`` is torch-fidelity's ``weights-inception-2015-12-05-6726825d.pth``. A missing or
-    unreadable file raises :class:`CheckpointError` naming it.
+    ``path`` is torch-fidelity's ``weights-inception-2015-12-05-6726825d.pth`` (the state dict of
+    its ``FeatureExtractorInceptionV3``). A missing or unreadable file raises
+    :class:`CheckpointError` naming it; a missing torch-fidelity (``pip install unidiff[metrics]``)
+    an :class:`UnidiffError`.
     """
     if not path or not os.path.isfile(os.path.expanduser(str(path))):
         raise CheckpointError(
@@ -251,22 +292,39 @@ def inception_feature_module(path: Optional[str]) -> InceptionFeatures:
     path = os.path.expanduser(str(path))
     try:
         # torch-fidelity reloads the file with weights_only=False; check first that it holds only tensors.
-        torch.load(path, map_location="cpu", weights_only=True)
+        state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # a truncated file, a pickle with code, not a state dict at all
         raise CheckpointError(f"cannot read the Inception weights file {path}: {e}") from e
-    from torchmetrics.image.fid import NoTrainInceptionV3
-
+    if not isinstance(state, dict):
+        raise CheckpointError(f"{path} is not an Inception-v3 FID state dict (it holds a {type(state).__name__})")
     try:
-        inception = NoTrainInceptionV3(
-            name="inception-v3-compat", features_list=["2048"], feature_extractor_weights_path=path
-        )
+        from torch_fidelity.feature_extractor_inceptionv3 import FeatureExtractorInceptionV3
+    except ImportError as e:
+        raise UnidiffError(f"Inception metrics need torch-fidelity (pip install 'unidiff[metrics]'): {e}") from None
+    try:
+        inception = FeatureExtractorInceptionV3("inception-v3-compat", ["2048", "logits_unbiased"],
+                                                feature_extractor_weights_path=path)
     except RuntimeError as e:  # wrong keys or shapes
-        raise CheckpointError(f"{path} is not an Inception-v3 FID state dict: {e}") from e
+        raise CheckpointError(f"{path} is not an Inception-v3 FID state dict: {str(e).splitlines()[0]}") from e
     return InceptionFeatures(inception)
 
 
+def module_fingerprint(module: nn.Module) -> str:
+    """A content hash of a module's class and state dict (names, dtypes, shapes, values).
+
+    The identity of a feature extractor (the reference statistics cache key) and of an evaluated
+    model (the evaluation shards' folder).
+    """
+    h = hashlib.sha256(type(module).__qualname__.encode())
+    for name, t in sorted(module.state_dict().items()):
+        t = t.detach().cpu().contiguous()
+        h.update(f"{name}:{t.dtype}:{tuple(t.shape)}".encode())
+        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()
+
+
 # ----------------------------------------------------------------------------------------------
-# FID
+# Features and their statistics
 
 
 def _image_batches(images: Images, batch_size: int, max_items: Optional[int] = None) -> Iterator[torch.Tensor]:
@@ -288,6 +346,131 @@ def _image_batches(images: Images, batch_size: int, max_items: Optional[int] = N
 
 
 @torch.no_grad()
+def extract_features(images: Images, feature_module: nn.Module, batch_size: int = 256,
+                     max_items: Optional[int] = None) -> Dict[str, torch.Tensor]:
+    """Features of (N, C, H, W) images in [-1, 1] on the CPU: ``{"features": (N, F)}`` and, when
+    the module has ``extract`` (:class:`ClassifierFeatures`, :class:`InceptionFeatures`), its other
+    outputs (``"logits"`` (N, K) for the Inception Score). Each image is seen once."""
+    device = next(feature_module.parameters()).device
+    parts: Dict[str, list] = {}
+    for x in _image_batches(images, batch_size, max_items):
+        x = x.to(device)
+        out = feature_module.extract(x) if hasattr(feature_module, "extract") else {"features": feature_module(x)}
+        for k, v in out.items():
+            parts.setdefault(k, []).append(v.cpu())
+    if not parts:
+        raise ValueError("extract_features got no images")
+    return {k: torch.cat(v) for k, v in parts.items()}
+
+
+@dataclass
+class FeatureStats:
+    """The moments of a feature set (what FID needs) and, for KID and precision/recall, the
+    features of its first ``len(features)`` items.
+
+    n: the number of items; feature_sum (F,) and feature_cov_sum (F, F) float64: ``Σ f`` and
+    ``Σ f fᵀ`` (torchmetrics' FID states); features (M, F) float32, M <= n.
+    """
+
+    n: int
+    feature_sum: torch.Tensor
+    feature_cov_sum: torch.Tensor
+    features: torch.Tensor
+
+    @classmethod
+    def from_features(cls, features: torch.Tensor, keep: Optional[int] = None) -> "FeatureStats":
+        """(N, F) features -> their stats, keeping the first ``keep`` rows (all when None)."""
+        f = features.double()
+        return cls(len(f), f.sum(0), f.T @ f, features[:keep].float().clone())
+
+    @property
+    def mu(self) -> torch.Tensor:
+        """(F,) float64 mean."""
+        return self.feature_sum / self.n
+
+    @property
+    def sigma(self) -> torch.Tensor:
+        """(F, F) float64 unbiased covariance."""
+        mu = self.mu
+        return (self.feature_cov_sum - self.n * torch.outer(mu, mu)) / (self.n - 1)
+
+
+class PrecomputedFeatures(nn.Module):
+    """The identity as a torchmetrics feature extractor: the metrics are fed features, not images."""
+
+    def __init__(self, num_features: int):
+        super().__init__()
+        self.num_features = int(num_features)
+
+    def forward(self, features: torch.Tensor) -> torch.Tensor:
+        return features
+
+
+def _stats_key(dataset: AnyDataset, feature_module: nn.Module, max_items: Optional[int], keep: int) -> str:
+    desc = {"version": 1, "data": [len(dataset), dataset.fingerprint()], "max_items": max_items, "keep": keep,
+            "features": getattr(feature_module, "fingerprint", None) or module_fingerprint(feature_module)}
+    return hashlib.sha256(json.dumps(desc, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def reference_statistics(
+    dataset: Images,
+    feature_module: nn.Module,
+    cache_dir: Optional[str] = None,
+    batch_size: int = 256,
+    max_items: Optional[int] = None,
+    keep: int = 10000,
+) -> FeatureStats:
+    """:class:`FeatureStats` of a real image set (the first ``max_items`` of it, all when None),
+    keeping the features of its first ``keep`` items; computed once and cached.
+
+    With a ``cache_dir`` and one of unidiff.data's datasets, cached as
+    ``cache_dir/refstats_<hash>.npz`` (``n``, ``feature_sum``, ``feature_cov_sum``, ``mu``,
+    ``sigma``, ``features``), the hash covering the dataset's length and fingerprint, ``max_items``,
+    ``keep`` and the feature extractor's identity (:func:`module_fingerprint` of its weights, or its
+    own ``fingerprint`` attribute). Written atomically; an unreadable entry is recomputed with a
+    warning. Only the main process should call this in a multi-process run (it writes files).
+    """
+    path = None
+    if cache_dir is not None and hasattr(dataset, "fingerprint"):
+        path = os.path.join(cache_dir, f"refstats_{_stats_key(dataset, feature_module, max_items, keep)}.npz")
+        if os.path.isfile(path):
+            try:
+                with np.load(path, allow_pickle=False) as f:
+                    return FeatureStats(int(f["n"]), torch.from_numpy(f["feature_sum"]),
+                                        torch.from_numpy(f["feature_cov_sum"]), torch.from_numpy(f["features"]))
+            except (OSError, KeyError, ValueError) as e:
+                warnings.warn(f"reference statistics cache {path} is unreadable ({e}); recomputing")
+    stats = FeatureStats.from_features(extract_features(dataset, feature_module, batch_size, max_items)["features"], keep)
+    if path is not None:
+        os.makedirs(cache_dir, exist_ok=True)
+        write_npz(path, n=np.int64(stats.n), feature_sum=stats.feature_sum.numpy(),
+                  feature_cov_sum=stats.feature_cov_sum.numpy(), mu=stats.mu.numpy(), sigma=stats.sigma.numpy(),
+                  features=stats.features.numpy())
+    return stats
+
+
+# ----------------------------------------------------------------------------------------------
+# FID, Inception Score, KID, precision/recall
+
+
+def frechet_distance(a: FeatureStats, b: FeatureStats) -> float:
+    """``‖μ_a - μ_b‖² + Tr(Σ_a + Σ_b - 2 (Σ_a Σ_b)^½)`` through torchmetrics' FID (float64 moments)."""
+    from torchmetrics.image.fid import FrechetInceptionDistance
+
+    if a.n < 2 or b.n < 2:
+        raise ValueError(f"FID needs at least 2 items in each set, got {a.n} and {b.n}")
+    fid = FrechetInceptionDistance(feature=PrecomputedFeatures(a.feature_sum.numel()), sync_on_compute=False)
+    fid.real_features_sum, fid.real_features_cov_sum = a.feature_sum.double(), a.feature_cov_sum.double()
+    fid.real_features_num_samples = torch.tensor(a.n)
+    fid.fake_features_sum, fid.fake_features_cov_sum = b.feature_sum.double(), b.feature_cov_sum.double()
+    fid.fake_features_num_samples = torch.tensor(b.n)
+    fid.orig_dtype = torch.float32  # the features' dtype (compute casts its result to it)
+    with warnings.catch_warnings():  # "compute called before update": the states were set instead
+        warnings.filterwarnings("ignore", message=".*before the ``update`` method.*")
+        return float(fid.compute())
+
+
+@torch.no_grad()
 def compute_fid(
     real_images: Images,
     fake_images: Images,
@@ -297,20 +480,14 @@ def compute_fid(
 ) -> float:
     """Fréchet distance between the feature Gaussians of real and generated images.
 
-    ``FID = ‖μ_r - μ_f‖² + Tr(Σ_r + Σ_f - 2 (Σ_r Σ_f)^½)`` through torchmetrics'
-    ``FrechetInceptionDistance(feature=feature_module)``, which accumulates the moments in float64.
+    ``FID = ‖μ_r - μ_f‖² + Tr(Σ_r + Σ_f - 2 (Σ_r Σ_f)^½)`` (:func:`frechet_distance`).
     Images: (N, C, H, W) in [-1, 1] (a tensor, a dataset, or an iterable of batches); each set
-    needs at least 2 images. ``feature_module`` maps such a batch to (B, F) and should expose
-    ``num_features`` (:class:`ClassifierFeatures`, :class:`InceptionFeatures` do).
+    needs at least 2 images. ``feature_module`` maps such a batch to (B, F)
+    (:class:`ClassifierFeatures`, :class:`InceptionFeatures`).
     """
-    from torchmetrics.image.fid import FrechetInceptionDistance
-
-    device = next(feature_module.parameters()).device
-    fid = FrechetInceptionDistance(feature=feature_module).to(device)
-    for real, images in ((True, real_images), (False, fake_images)):
-        for x in _image_batches(images, batch_size, max_items):
-            fid.update(x.to(device), real=real)
-    return float(fid.compute())
+    stats = [FeatureStats.from_features(extract_features(x, feature_module, batch_size, max_items)["features"], keep=0)
+             for x in (real_images, fake_images)]
+    return frechet_distance(*stats)
 
 
 def fid_floor(
@@ -321,6 +498,109 @@ def fid_floor(
     The best FID a model can hope for at this sample size: a generated set is compared with it.
     """
     return compute_fid(train, val, feature_module, batch_size, max_items)
+
+
+def inception_score(logits: torch.Tensor, splits: int = 10, seed: int = 0) -> Tuple[float, float]:
+    """Inception Score (mean, std over ``splits``) of (N, K) logits through torchmetrics'
+    ``InceptionScore``; its random split assignment is drawn from ``seed`` (reproducible)."""
+    from torchmetrics.image.inception import InceptionScore
+
+    with warnings.catch_warnings():  # "will save all extracted features": they are given
+        warnings.simplefilter("ignore", UserWarning)
+        metric = InceptionScore(feature=PrecomputedFeatures(logits.shape[1]), splits=splits, sync_on_compute=False)
+    metric.update(logits.double())
+    with torch.random.fork_rng(devices=[]), warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)  # the std of one split is NaN
+        torch.manual_seed(seed)
+        mean, std = metric.compute()
+    return float(mean), float(std)
+
+
+def kernel_inception_distance(real: torch.Tensor, fake: torch.Tensor, subsets: int = 100, subset_size: int = 1000,
+                              seed: int = 0) -> Tuple[float, float]:
+    """KID (mean, std over ``subsets`` random subsets) of (N, F) real and (M, F) fake features
+    through torchmetrics' ``KernelInceptionDistance`` (cubic polynomial kernel MMD²); subsets of
+    ``min(subset_size, N, M)`` items drawn from ``seed``."""
+    from torchmetrics.image.kid import KernelInceptionDistance
+
+    size = min(int(subset_size), len(real), len(fake))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)
+        metric = KernelInceptionDistance(feature=PrecomputedFeatures(real.shape[1]), subsets=subsets, subset_size=size,
+                                         sync_on_compute=False)
+    metric.update(real.double(), real=True)
+    metric.update(fake.double(), real=False)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        mean, std = metric.compute()
+    return float(mean), float(std)
+
+
+def _knn_radii(x: torch.Tensor, k: int, chunk: int) -> torch.Tensor:
+    """(N,) distance of each row of x (N, F) to its k-th nearest other row."""
+    radii = []
+    for start in range(0, len(x), chunk):
+        d = torch.cdist(x[start:start + chunk], x)  # (c, N); the row itself is at distance 0
+        radii.append(d.kthvalue(k + 1, dim=1).values)
+    return torch.cat(radii)
+
+
+def _coverage(points: torch.Tensor, centres: torch.Tensor, radii: torch.Tensor, chunk: int) -> float:
+    """Share of ``points`` inside at least one ball ``‖p - centres[j]‖ <= radii[j]``."""
+    inside = 0
+    for start in range(0, len(points), chunk):
+        d = torch.cdist(points[start:start + chunk], centres)  # (c, M)
+        inside += int((d <= radii[None, :]).any(dim=1).sum())
+    return inside / len(points)
+
+
+@torch.no_grad()
+def precision_recall(real: torch.Tensor, fake: torch.Tensor, k: int = 3, chunk: int = 1024) -> Tuple[float, float]:
+    """Improved precision and recall (Kynkäänniemi et al. 2019) of (N, F) real, (M, F) fake features.
+
+    Each set's manifold is the union of balls around its points with radius the distance to the
+    point's k-th nearest neighbour in the same set. Precision: the share of fake points inside the
+    real manifold (fidelity); recall: the share of real points inside the fake manifold (coverage).
+    Distances in the features' dtype; ``chunk`` rows of distances at a time.
+    """
+    if len(real) <= k or len(fake) <= k:
+        raise ValueError(f"precision/recall with k={k} needs more than {k} items in each set, got {len(real)} and {len(fake)}")
+    real, fake = real.to(fake.dtype), fake
+    precision = _coverage(fake, real, _knn_radii(real, k, chunk), chunk)
+    recall = _coverage(real, fake, _knn_radii(fake, k, chunk), chunk)
+    return precision, recall
+
+
+GENERATIVE_METRICS = ("fid", "is", "kid", "pr")
+
+
+def generative_metrics(reference: FeatureStats, fake: Dict[str, torch.Tensor], which: Sequence[str] = ("fid",),
+                       seed: int = 0, kid_subsets: int = 100, kid_subset_size: int = 1000, pr_k: int = 3,
+                       ) -> Dict[str, float]:
+    """The metrics ``which`` (of :data:`GENERATIVE_METRICS`) of generated features against a reference.
+
+    ``fake``: :func:`extract_features` of the samples. Keys: ``fid``; ``inception_score`` and
+    ``inception_score_std`` (from ``fake["logits"]``: the Inception's, or the reference
+    classifier's with its features); ``kid``, ``kid_std``; ``precision``, ``recall`` (k = ``pr_k``).
+    KID and precision/recall use the reference's kept features.
+    """
+    unknown = sorted(set(which) - set(GENERATIVE_METRICS))
+    if unknown:
+        raise ValueError(f"unknown generative metrics {unknown}; choices: {list(GENERATIVE_METRICS)}")
+    out: Dict[str, float] = {}
+    feats = fake["features"]
+    if "fid" in which:
+        out["fid"] = frechet_distance(reference, FeatureStats.from_features(feats, keep=0))
+    if "is" in which:
+        if "logits" not in fake:
+            raise ValueError("the Inception Score needs logits: a feature module with extract() giving 'logits'")
+        out["inception_score"], out["inception_score_std"] = inception_score(fake["logits"], seed=seed)
+    if "kid" in which:
+        out["kid"], out["kid_std"] = kernel_inception_distance(reference.features, feats, kid_subsets, kid_subset_size,
+                                                               seed=seed)
+    if "pr" in which:
+        out["precision"], out["recall"] = precision_recall(reference.features, feats.to(reference.features.dtype), pr_k)
+    return out
 
 
 # ----------------------------------------------------------------------------------------------
