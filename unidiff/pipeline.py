@@ -55,6 +55,7 @@ logs and notebooks stay quiet.
 
 from __future__ import annotations
 
+import inspect
 import json
 import os
 import time
@@ -409,8 +410,10 @@ class UnifiedDiffusionPipeline(DiffusionPipeline):
             scheduler, scheduler_kwargs = sampler, None
         else:  # the pipeline's scheduler: its class and its config, the betas being the schedule's
             scheduler = sampler_of(self.scheduler)
+            # A config carried over by from_config may hold another class's keys: keep this class's own.
+            accepted = inspect.signature(type(self.scheduler).__init__).parameters
             scheduler_kwargs = {k: v for k, v in self.scheduler.config.items()
-                                if not k.startswith("_") and k not in _SCHEDULE_KEYS}
+                                if k in accepted and k not in _SCHEDULE_KEYS}
         batch = int(batch_size or settings.num_images) if known is None else None  # else: the known values'
         # Known values without a named task (pipe.generate("joint", known)) are the generic conditional task.
         sample_task = task if spec is not None else ("conditional" if known else "joint")
