@@ -246,6 +246,11 @@ def test_output_types(run):
     assert torch.equal(pipe.image_to_label(u8, generator=gen(16)).aux["label"],
                        pipe.image_to_label(pil, generator=gen(16)).aux["label"])
     assert by_tensor.shape == (3,)
+    # output_type="np" (floats in [0, 1]) reads back as the same images.
+    assert torch.equal(pipe.image_to_label(arr, generator=gen(16), output_type="latent").images.float(),
+                       pipe.image_to_label(pt * 2 - 1, generator=gen(16), output_type="latent").images)
+    with pytest.raises(DataError, match=r"\[0, 1\]"):
+        pipe.image_to_label(arr * 2 - 1)
 
 
 def test_progress_bar_shows_images_per_second_only_when_asked(run):

@@ -253,8 +253,9 @@ def postprocess(images: torch.Tensor, output_type: str):
 
 
 def as_images(images: Any, shape: Sequence[int], device) -> torch.Tensor:
-    """Images as (N, C, H, W) float in [-1, 1] on ``device``: a tensor of that layout, a PIL image
-    or list of them, or a numpy N×H×W×C array (uint8, or float in [-1, 1], as sample files hold)."""
+    """Images as (N, C, H, W) float in [-1, 1] on ``device``, from what the output types give: a
+    tensor of that layout in [-1, 1] (``"latent"``), a PIL image or list of them (``"pil"``), a numpy
+    N×H×W×C array, uint8 or float in [0, 1] (``"np"``, diffusers' convention)."""
     if torch.is_tensor(images):
         x = images if images.ndim == 4 else images[None]
         if tuple(x.shape[1:]) != tuple(shape):
@@ -265,7 +266,13 @@ def as_images(images: Any, shape: Sequence[int], device) -> torch.Tensor:
     if isinstance(images, (list, tuple)) and images and isinstance(images[0], PIL.Image.Image):
         mode = "L" if shape[0] == 1 else "RGB"
         images = np.stack([np.asarray(im.convert(mode)) for im in images])
-    return images_from_array(np.asarray(images), "images", tuple(shape)).to(device)
+    arr = np.asarray(images)
+    if arr.dtype.kind == "f":
+        if arr.size and not (arr.min() >= 0 and arr.max() <= 1):
+            raise DataError(f"images: a float numpy array must be in [0, 1] (output_type='np'), got "
+                            f"[{arr.min():.3g}, {arr.max():.3g}]")
+        arr = arr * 2.0 - 1.0  # [0, 1] -> the model's [-1, 1]
+    return images_from_array(arr, "images", tuple(shape)).to(device)
 
 
 def _to_device(value: Any, device) -> Any:
