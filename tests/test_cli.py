@@ -143,7 +143,10 @@ def test_sample_each_task(trained_run, tmp_path, capsys, task):
     assert rc == 0, err
     with np.load(out) as f:
         images, labels = f["images"], f["labels"]
+        adm_images, adm_labels = f["arr_0"], f["arr_1"]  # ADM's evaluator layout, for FID tooling
     assert images.dtype == np.uint8 and images.shape == (5, 8, 8, 1)
+    assert adm_images.dtype == np.uint8 and np.array_equal(adm_images, images)
+    assert adm_labels.dtype == np.int64 and np.array_equal(adm_labels, labels)
     assert labels.dtype == np.int64 and labels.shape == (5,)
     assert ((labels >= 0) & (labels < 10)).all()
     if task == "class_to_image":

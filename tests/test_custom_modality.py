@@ -181,7 +181,8 @@ def test_read_task_in_a_fresh_process(ink_run, tmp_path):
     with np.load(tmp_path / "r.npz") as f:
         assert np.array_equal(f["images"], images)
         assert f["thickness"].shape == (2,) and f["thickness"].dtype == np.float32
-        assert set(f.keys()) == {"images", "thickness"}
+        assert set(f.keys()) == {"images", "thickness", "arr_0"}  # arr_0: ADM's layout of the images (no labels)
+        assert np.array_equal(f["arr_0"], images)
 
 
 def test_evaluate_scores_the_custom_head(ink_run, capsys):

@@ -147,7 +147,20 @@ def check_quickstart(out: Path, nb) -> dict:
     assert shown == len(s["figures"])
     text = text_outputs(nb)
     assert "image->label" in text and "inpainting MSE" in text
+    check_quiet(nb, len((Path(s["run_dir"]) / "log.jsonl").read_text().splitlines()))
     return s
+
+
+def check_quiet(nb, n_log_records: int) -> None:
+    """No flood of progress bars: no sampling bar at all (the pipeline's bars show on a terminal
+    only, and the notebook turns them off), and the training bar draws its first and last state
+    plus one update per logged record (TQDM_MININTERVAL set before tqdm is imported), not one per
+    step; no ipywidgets warning."""
+    stderr = "".join(o.text for c in nb.cells if c.cell_type == "code" for o in c.outputs
+                     if o.output_type == "stream" and o.name == "stderr")
+    assert "IProgress" not in stderr
+    assert "img/s" not in stderr  # the pipeline's bar (the training bar says img_s=)
+    assert stderr.count("\r") <= n_log_records + 2, stderr
 
 
 def test_quickstart_smoke(tmp_path, monkeypatch):

@@ -4,7 +4,8 @@ Layout of a run folder::
 
     RUN_DIR/config.yaml               resolved config (written once validation passed)
     RUN_DIR/checkpoints/step_000500/  accelerate ``save_state`` + DONE marker + model_config.json
-    RUN_DIR/model/                    the final EMA model, ``save_pretrained`` (what sample/evaluate load)
+    RUN_DIR/model/                    the final EMA model, ``save_pretrained`` (what sample/evaluate load),
+                                      + scheduler_config.json and sampling.json (unidiff/pipeline.py)
 
 The prepared module is the training objective (``unidiff.diffusion.MultiModalDiffusion``), so a
 checkpoint's ``model.safetensors`` holds the ``UnifiedModel`` weights under ``model.`` keys (older
@@ -143,11 +144,20 @@ def load_checkpoint(accelerator, path: str | os.PathLike) -> None:
         raise CheckpointError(f"checkpoint {str(path)!r} cannot be loaded: {str(err).splitlines()[0]}") from None
 
 
-def export_model(model: nn.Module, path: str | os.PathLike) -> Path:
-    """``save_pretrained`` into ``path`` atomically (``path.tmp`` then rename); replaces ``path``."""
+def export_model(model: nn.Module, path: str | os.PathLike, run_config: Optional[Any] = None) -> Path:
+    """``save_pretrained`` into ``path`` atomically (``path.tmp`` then rename); replaces ``path``.
+
+    ``run_config`` (the run's resolved config): also write what sampling needs besides the weights,
+    ``scheduler_config.json`` (betas, prediction, default solver) and ``sampling.json`` (γ, the
+    default sampler settings), so the folder samples on its own (:mod:`unidiff.pipeline`).
+    """
     path = Path(path)
     with atomic_dir(path) as tmp:
         model.save_pretrained(str(tmp))
+        if run_config is not None:
+            from .pipeline import write_sampling_files  # diffusers' pipeline machinery: only when exporting
+
+            write_sampling_files(tmp, run_config, model)
     return path
 
 

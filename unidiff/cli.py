@@ -349,12 +349,56 @@ def _n_rows(value) -> int:
     return int(value.shape[0])
 
 
-def _cat(parts: list):
+def adm_layout(arrays: Dict[str, "np.ndarray"]) -> Dict[str, "np.ndarray"]:
+    """ADM's evaluator layout of a sample file's arrays (guided-diffusion ``evaluator.py`` reads
+    ``arr_0``): ``arr_0`` the uint8 N×H×W×C images and, when there are labels, ``arr_1`` them."""
+    out = {"arr_0": arrays["images"]}
+    if "labels" in arrays:
+        out["arr_1"] = arrays["labels"]
+    return out
+
+
+def sample_batch(pipe, task: str, n: int, n_given: Optional[int], arrays: Dict[str, "np.ndarray"],
+                 sources: Dict[str, str], rows: Callable[[], Dict[str, "torch.Tensor"]], seed: int, *,
+                 steps: Optional[int] = None, sampler: Optional[str] = None, guidance: Optional[float] = None,
+                 classifier_scale: Optional[float] = None, inputs: Optional[Path] = None):
+    """One batch of a task's outputs for one seed, by ``pipe`` (a
+    :class:`unidiff.pipeline.UnifiedDiffusionPipeline`) on these inputs: its
+    :class:`~unidiff.pipeline.UnifiedPipelineOutput` with ``images`` the raw (N, C, H, W) samples in
+    [-1, 1] (or the read task's input images) and ``arrays`` the sample-file arrays (``images`` + each
+    modality's ``npz_key`` array, see :func:`sample_to_file`).
+
+    The seam of sharded sampling: ``arrays`` (the ``--inputs``/``--labels`` arrays), ``rows()`` (the
+    task's input rows: images and the data's own modality values) and ``n`` are this batch's;
+    ``n_given`` is the ``-n`` cut of the rows (None: all). One generator seeded with ``seed`` draws
+    everything in order (random masks, then the sampler). Settings left None take the pipeline's
+    defaults (``sampling.json``: a conditional task's guidance is the evaluation's).
+    """
     import torch
 
-    if isinstance(parts[0], dict):
-        return {k: _cat([p[k] for p in parts]) for k in parts[0]}
-    return torch.cat(parts)
+    task_spec, name = pipe.resolve_task(task)
+    model, device = pipe.model, pipe.device
+    mod = model.modalities[name] if name is not None else None
+    g = torch.Generator(device=device).manual_seed(seed)
+    if task_spec is not None and task_spec.action == "read":
+        return pipe.read(task, rows()["image"], generator=g, output_type="latent")
+    known = None
+    if mod is not None:
+        key = mod.npz_key
+        if key is not None and key in arrays:
+            entries = {k: _rows_of(v, 0, n_given) for k, v in mod.from_array(arrays[key], sources[key]).items()}
+            batch = {**rows(), **_to_device(entries, device)} if mod.needs_image else _to_device(entries, device)
+            value = mod.from_batch(batch, generator=g)
+        else:
+            if inputs is not None and "images" not in arrays:
+                raise DataError(f"--inputs file {str(inputs)!r} has neither {key!r} nor 'images' (has {sorted(arrays)})")
+            value = mod.default_inputs(n, rows, g)
+            if value is None:
+                raise DataError(f"--task {task} needs --inputs FILE.npz with a {key!r} array ({mod.npz_doc})")
+        known = {name: _to_device(value, device)}
+    return pipe.generate(task, known, batch_size=n if known is None else None, num_inference_steps=steps,
+                         sampler=sampler, guidance_scale=guidance, classifier_scale=classifier_scale, generator=g,
+                         output_type="latent")
 
 
 def sample_to_file(run_dir, task: str, n: Optional[int], steps: Optional[int], sampler: Optional[str],
@@ -362,36 +406,37 @@ def sample_to_file(run_dir, task: str, n: Optional[int], steps: Optional[int], s
                    out: Path, classifier_scale: Optional[float] = None) -> Dict[str, Path]:
     """Run one sampling task of a trained run (DESIGN.md §3); write ``out`` and a PNG grid beside it.
 
+    The run's pipeline (:class:`unidiff.pipeline.UnifiedDiffusionPipeline.from_run`: ``RUN_DIR/model``
+    with its schedule and sampler settings, or the run's ``config.yaml`` for older runs) does the
+    sampling; ``-n``, ``--steps``, ``--sampler``, ``--guidance``, ``--classifier-scale`` left out take
+    its defaults (``sample.n``, ``sample.steps``, ``sample.sampler``; a conditional task's guidance is
+    the one its evaluation used, ``eval.guidance``/``eval.classifier_scale``, see unidiff/pipeline.py).
+
     The .npz holds ``images`` (uint8 N×H×W×C: generated, or the inputs of a read task) and, per
     modality involved, its ``Modality.to_array`` under its ``npz_key`` (first modality of a key
     wins): for a conditional task the conditioning value, for joint and read tasks the generated or
     read values (``labels`` int64 N, ``representations`` float32 N×K, ``sources`` uint8 N×H×W×C,
-    ``masks`` uint8 N×H×W with 1 = visible, ...).
+    ``masks`` uint8 N×H×W with 1 = visible, ...); and ADM's evaluator layout (:func:`adm_layout`:
+    ``arr_0`` the images, ``arr_1`` the labels when there are labels), so FID tooling reads it.
 
     Inputs: ``--inputs`` arrays are read by the conditioning modality's ``from_array`` (all rows, or
     the first ``n``); without its array the modality's ``default_inputs`` gives the value from the
     task's input rows (the ``--inputs`` images or the val split, all or the first ``n``) or from the
-    sample count ``n`` (default ``sample.n``; a label cycles over the classes).
+    sample count ``n`` (a label cycles over the classes).
     """
     import numpy as np
     import torch
 
-    from .checkpoint import load_model
-    from .config import build_schedule, check_writable
-    from .diffusion import sample
+    from .config import check_writable
     from .evaluate import load_run_config
     from .io import save_grid, write_npz
     from .latents import decode_samples
     from .modality import images_from_array, images_to_uint8
+    from .pipeline import UnifiedDiffusionPipeline
 
     spec = _task_spec(task, run_dir)
     generate = spec is None or spec.action == "generate"
-    cfg = load_run_config(run_dir)
-    n_given, n = n, n or cfg.sample.n
-    steps = steps or cfg.sample.steps
-    sampler = sampler or cfg.sample.sampler.value
-    guidance = cfg.sample.guidance if guidance is None else guidance
-    classifier_scale = cfg.sample.classifier_scale if classifier_scale is None else classifier_scale
+    cfg = load_run_config(run_dir)  # the data of the default inputs; older runs' schedule
     if classifier_scale and (spec is None or not generate):
         raise ConfigError("--classifier-scale only applies to a conditional task (e.g. --task class_to_image)")
     T = cfg.diffusion.num_train_timesteps
@@ -404,8 +449,9 @@ def sample_to_file(run_dir, task: str, n: Optional[int], steps: Optional[int], s
             raise ConfigError(f"--out: {str(path)!r} is a folder, not a file")
     check_writable(out.parent, "--out")
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    model = load_model(run_dir, device)
-    schedule = build_schedule(cfg)
+    pipe = UnifiedDiffusionPipeline.from_run(run_dir, device)  # progress bars on a terminal only
+    model = pipe.model
+    n_given, n = n, n or pipe.sampling.num_images
     name = model.modality_of_kind(spec.kind) if spec is not None else None
     if spec is not None and name is None:
         kinds = sorted({m.kind for m in model.modalities.values()})
@@ -426,7 +472,6 @@ def sample_to_file(run_dir, task: str, n: Optional[int], steps: Optional[int], s
             raise ConfigError(f"--labels and the 'labels' array of --inputs {str(inputs)!r} both give the labels")
         arrays["labels"] = np.asarray([labels[i % len(labels)] for i in range(n)], dtype=np.int64)
         sources["labels"] = "--labels"
-    g = torch.Generator(device=device).manual_seed(seed)
 
     cache: Dict[str, Dict[str, "torch.Tensor"]] = {}
 
@@ -446,47 +491,15 @@ def sample_to_file(run_dir, task: str, n: Optional[int], steps: Optional[int], s
             cache["rows"] = {k: _to_device(_rows_of(v, 0, n_given), device) for k, v in batch.items()}
         return cache["rows"]
 
-    written = {}  # npz key -> array
-    if not generate:
-        images = rows()["image"]
-        read = []
-        for x in images.split(cfg.eval.batch_size):
-            res = sample(model, schedule, "image_to_aux", image=x, name=name, t_read=cfg.eval.t_read,
-                         num_draws=cfg.eval.num_draws, generator=g)
-            read.append(res.aux[name])
-        result_images = images
-        array = mod.to_array(_cat(read)) if mod.npz_key else None
-        if array is not None:
-            written[mod.npz_key] = array
-    else:
-        known = None
-        if mod is not None:
-            key = mod.npz_key
-            if key is not None and key in arrays:
-                entries = {k: _rows_of(v, 0, n_given) for k, v in mod.from_array(arrays[key], sources[key]).items()}
-                batch = {**rows(), **_to_device(entries, device)} if mod.needs_image else _to_device(entries, device)
-                value = mod.from_batch(batch, generator=g)
-            else:
-                if inputs is not None and "images" not in arrays:
-                    raise DataError(f"--inputs file {str(inputs)!r} has neither {key!r} nor 'images' (has {sorted(arrays)})")
-                value = mod.default_inputs(n, rows, g)
-                if value is None:
-                    raise DataError(f"--task {task} needs --inputs FILE.npz with a {key!r} array ({mod.npz_doc})")
-            known = {name: _to_device(value, device)}
-            n = _n_rows(value)
-        res = sample(model, schedule, "conditional" if known else "joint", batch_size=n, known=known,
-                     scheduler=sampler, num_steps=steps, guidance_scale=guidance if known else 1.0,
-                     classifier_scale=classifier_scale if known else 0.0,
-                     classifier_modality=name if known else None, generator=g)
-        result_images = res.image
-        for m_name, m in model.modalities.items():  # the known values, and every generated modality
-            array = m.to_array(res.aux[m_name]) if m.npz_key and m.npz_key not in written else None
-            if array is not None:
-                written[m.npz_key] = array
-    result_images = decode_samples(result_images, cfg)  # latent runs: VAE decode to pixels (unidiff.latents)
-    write_npz(out, images=images_to_uint8(result_images), **written)
+    result = sample_batch(pipe, task, n, n_given, arrays, sources, rows, seed, steps=steps, sampler=sampler,
+                          guidance=guidance, classifier_scale=classifier_scale, inputs=inputs)
+    pixels = result.images
+    if cfg.model.vae.path:  # latent runs: VAE decode to pixels (unidiff.latents)
+        pixels = decode_samples(result.images, cfg)
+        result.arrays["images"] = images_to_uint8(pixels)
+    write_npz(out, **result.arrays, **adm_layout(result.arrays))
     grid = out.with_suffix(".png")
-    save_grid(result_images.cpu(), grid)
+    save_grid(pixels.cpu(), grid)
     return {"npz": out, "grid": grid}
 
 

@@ -328,7 +328,7 @@ def train(cfg: DictConfig, stop_at: Optional[int] = None) -> Path:
     bar.close()
     if step == tc.steps and accelerator.is_main_process:
         # The inference snapshot (EDM2's second checkpoint kind): what `sample`/`evaluate` load.
-        ckpt.export_model(ckpt.ema_model_from(net, ema), out_dir / "model")
+        ckpt.export_model(ckpt.ema_model_from(net, ema), out_dir / "model", run_config=cfg)
     accelerator.wait_for_everyone()
     accelerator.end_training()  # closes the trackers
     if accelerator.is_main_process:  # the run's curves so far (unidiff plot draws the same figure)
