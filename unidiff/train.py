@@ -19,6 +19,7 @@ global batch of one optimiser step, split over processes and ``train.grad_accum`
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import signal
@@ -330,7 +331,9 @@ def train(cfg: DictConfig, stop_at: Optional[int] = None) -> Path:
     pending: List[Dict[str, torch.Tensor]] = []  # their log values
     bad = stop = False
     signals = StopSignals()
-    with signals:  # --- preemption: SIGTERM/SIGINT only set a flag here; the old handlers come back after
+    # --- preemption: inside, SIGTERM/SIGINT only set a flag (old handlers back on leaving); the bar
+    # is closed on any exit, so that a message below starts on its own line.
+    with signals, contextlib.closing(bar):
         ddp_objective.train()
         while step < end:
             # --- one micro-step (an optimiser step every grad_accum of them) ---------------------
@@ -372,8 +375,9 @@ def train(cfg: DictConfig, stop_at: Optional[int] = None) -> Path:
                 state.bad_steps += 1
                 state.bad_in_a_row += 1
                 _forget_moe_counts(net)  # the skipped step's routing counts must not steer the next update
-                accelerator.print(f"step {step + 1}: non-finite loss or gradient, optimiser step skipped "
-                                  f"({state.bad_in_a_row} in a row, {state.bad_steps} in all)")
+                if accelerator.is_main_process:  # above the progress bar
+                    tqdm.write(f"step {step + 1}: non-finite loss or gradient, optimiser step skipped "
+                               f"({state.bad_in_a_row} in a row, {state.bad_steps} in all)")
             else:
                 state.bad_in_a_row = 0
                 lr_scheduler.step()
@@ -389,7 +393,8 @@ def train(cfg: DictConfig, stop_at: Optional[int] = None) -> Path:
 
             if step % tc.log_every == 0 or step == end:
                 keys = sorted(sums)
-                avg = accelerator.reduce(torch.stack([sums[k] / counts[k] for k in keys]), reduction="mean").tolist() if keys else []
+                avg = (accelerator.reduce(torch.stack([sums[k] / counts[k] for k in keys]), reduction="mean").tolist()
+                       if keys else [])  # every step of the period skipped: no averages
                 record = {"step": step, **dict(zip(keys, avg)), "lr": lr_scheduler.get_last_lr()[0],
                           "bad_steps": state.bad_steps}
                 elapsed, t_last = time.time() - t_last, time.time()
@@ -425,7 +430,6 @@ def train(cfg: DictConfig, stop_at: Optional[int] = None) -> Path:
                 save(step)
             if stop:
                 break
-    bar.close()
 
     if step == tc.steps and accelerator.is_main_process:
         # The inference snapshot (EDM2's second checkpoint kind): what `sample`/`evaluate` load.
