@@ -15,6 +15,20 @@ therefore repeats exactly what an uninterrupted one does, whatever RNG state acc
 
 Multi-GPU: ``accelerate launch -m unidiff.cli train CONFIG`` gives DDP; ``train.batch_size`` is the
 global batch of one optimiser step, split over processes and ``train.grad_accum`` micro-steps.
+
+Faults (README "What survives what"), each in its own block of :func:`train`:
+
+- *resume-config check*: a rerun may change only :data:`MUTABLE_ON_RESUME`; ``config.yaml`` keeps
+  the first invocation's config and gets one appended comment line per later invocation.
+- *preemption*: inside :class:`StopSignals`, SIGTERM/SIGINT set a flag; after the optimiser step
+  that reads it (all ranks together) the loop checkpoints and raises :class:`TrainingInterrupted`
+  (exit code 128 + signal).
+- *finite check*: a step whose loss (any micro-step) or gradient norm is not finite on any rank
+  is skipped: no optimiser, LR, EMA or MoE-bias update, but the step counter and the data move on
+  (step k always sees the same batch). It costs one all-reduce + host sync per optimiser step (not
+  measurable on the debug config on CPU: ~0.13 s/step before and after). ``train.max_bad_steps``
+  in a row raise :class:`TrainingDiverged`, as do non-finite weights at a checkpoint, which is then
+  not written.
 """
 
 from __future__ import annotations
@@ -187,6 +201,8 @@ def train(cfg: DictConfig, stop_at: Optional[int] = None) -> Path:
     Rerunning with the same config resumes from the latest complete checkpoint (``train.resume``).
     ``stop_at`` ends the loop early at that step with a checkpoint, as an interruption would (the
     resume test uses it); the final EMA model is exported only when ``train.steps`` is reached.
+    Raises :class:`TrainingInterrupted` after a signal's checkpoint, :class:`TrainingDiverged` on
+    non-finite values, ConfigError for a rerun that changes a fixed key.
     """
     from accelerate import Accelerator
     from accelerate.state import AcceleratorState
