@@ -254,6 +254,7 @@ def multimodal_run(tmp_path_factory):
 @pytest.fixture(scope="module")
 def representation_run(tmp_path_factory):
     """An untrained run folder with a representation modality (model + resolved config)."""
+    from unidiff.checkpoint import export_model
     from unidiff.config import build_model, load_config, resolve_with_data, to_yaml
     from unidiff.data import build_datasets
 
@@ -261,9 +262,9 @@ def representation_run(tmp_path_factory):
     cfg = load_config(DEBUG, ["modalities=[{name: representation, kind: representation, options: {dim: 4}}]"])
     _, _, info = build_datasets(cfg.data)
     cfg = resolve_with_data(cfg, info)
-    (run_dir / "model").mkdir(parents=True)
+    run_dir.mkdir(parents=True)
     (run_dir / "config.yaml").write_text(to_yaml(cfg))
-    build_model(cfg, info.image_shape).save_pretrained(run_dir / "model")
+    export_model(build_model(cfg, info.image_shape), run_dir / "model")  # as training exports it (+ manifest)
     return run_dir
 
 

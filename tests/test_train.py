@@ -75,11 +75,16 @@ def test_checkpoint_contents_keep_last_and_weights_only(tmp_path):
     assert folders == ["step_000002", "step_000003"]  # keep-last-2, no .tmp leftovers
     last = out / "checkpoints" / "step_000003"
     assert (last / ckpt.DONE).is_file()
-    # Our own objects (EMA, LR schedule, train state) and the optimiser: tensors + plain containers.
-    for f in sorted(last.glob("custom_checkpoint_*.pkl")) + [last / "optimizer.bin"]:
-        torch.load(f, map_location="cpu", weights_only=True)
-    state = torch.load(last / f"custom_checkpoint_{ckpt.STATE_INDEX}.pkl", weights_only=True)
-    assert state == {"step": 3}
+    # No pickles of our own: EMA in safetensors, LR schedule and counters in JSON; accelerate's
+    # optimiser and RNG files load with weights_only=True; a manifest lists every file.
+    assert not list(last.glob("custom_checkpoint_*"))
+    torch.load(last / "optimizer.bin", map_location="cpu", weights_only=True)
+    plain = json.loads((last / ckpt.STATE_FILE).read_text())
+    assert plain["train"] == {"step": 3, "bad_steps": 0, "bad_in_a_row": 0}
+    assert plain["lr_scheduler"]["last_epoch"] == 3 and plain["ema"]["optimization_step"] == 3
+    listed = set(json.loads((last / ckpt.MANIFEST).read_text())["files"])
+    assert listed == {p.name for p in last.iterdir()} - {ckpt.MANIFEST, ckpt.DONE}
+    assert {"model.safetensors", "optimizer.bin", ckpt.EMA_FILE, ckpt.STATE_FILE, "model_config.json"} <= listed
     # ema_decay=0: the EMA is the live model, so the export equals the last live weights. The
     # checkpoint holds the prepared objective's state: the model's weights under "model.".
     raw = load_file(str(last / "model.safetensors"))
@@ -154,6 +159,8 @@ def test_latest_ignores_tmp_and_unmarked_folders(tmp_path):
     root = tmp_path / "checkpoints"
     for name, marked in (("step_000010", True), ("step_000020", False), ("step_000030.tmp", True), ("notes", True)):
         (root / name).mkdir(parents=True)
+        (root / name / "weights.safetensors").write_bytes(b"x" * 10)
+        ckpt.write_manifest(root / name)
         if marked:
             (root / name / ckpt.DONE).write_text("x")
     assert ckpt.latest(root).name == "step_000010"

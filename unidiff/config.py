@@ -149,6 +149,7 @@ class TrainConfig:
     resume: bool = True
     # Experiment trackers fed through accelerate (README "Tracking and plots"); [] = log.jsonl only.
     report_to: List[Tracker] = field(default_factory=lambda: [Tracker.tensorboard])
+    max_bad_steps: int = 10  # consecutive optimiser steps skipped for a non-finite loss/gradient before the run stops
 
 
 @dataclass
@@ -407,6 +408,7 @@ def validate(cfg: DictConfig) -> None:
     _check(t.weight_decay >= 0, "train.weight_decay", f"must be >= 0, got {t.weight_decay}")
     _check(len(t.betas) == 2 and all(0 <= b < 1 for b in t.betas), "train.betas", f"must be two numbers in [0, 1), got {list(t.betas)}")
     _check(t.grad_clip >= 0, "train.grad_clip", f"must be >= 0, got {t.grad_clip}")
+    _check(t.max_bad_steps >= 1, "train.max_bad_steps", f"must be >= 1, got {t.max_bad_steps}")
     _check(0 <= t.ema_decay < 1, "train.ema_decay", f"must be in [0, 1), got {t.ema_decay}")
     _check(t.batch_size <= MAX_BATCH, "train.batch_size", f"must be <= {MAX_BATCH}, got {t.batch_size}")
     _check(t.batch_size % t.grad_accum == 0, "train.batch_size",
