@@ -21,6 +21,7 @@ Two questions every entry point (training, evaluation, sampling) asks before it 
 
 from __future__ import annotations
 
+import atexit
 import os
 from pathlib import Path
 from typing import Mapping, NamedTuple, Optional, Set, Tuple
@@ -119,3 +120,22 @@ def autocast(choice: str, device_type: str):
     what accelerate applies to a training forward, for evaluation and sampling (a no-op for ``no``)."""
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(choice)
     return torch.autocast(device_type, dtype=dtype or torch.float32, enabled=dtype is not None)
+
+
+_AT_EXIT = []
+
+
+def destroy_process_group_at_exit() -> None:
+    """Destroy the default process group when the process exits (registered once).
+
+    The group must outlive one ``train`` call: setting a new one up in the same process after
+    ``destroy_process_group`` reuses the launcher's rendezvous keys and hangs (seen under torchrun
+    with gloo), so several runs in one process share the first run's group.
+    """
+    if not _AT_EXIT and torch.distributed.is_available():
+        _AT_EXIT.append(atexit.register(_destroy_process_group))
+
+
+def _destroy_process_group() -> None:
+    if torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()

@@ -37,7 +37,7 @@ from . import checkpoint as ckpt
 from .config import ConfigError, build_model, build_schedule, resolve_with_data, run_dir, to_container, to_yaml
 from .errors import CheckpointError
 from .io import save_grid, seed_for, write_json, write_text
-from .runtime import launch_settings, resolve_precision
+from .runtime import destroy_process_group_at_exit, launch_settings, resolve_precision
 
 # Config sections a resumed run must share with the run that wrote the checkpoint (the rest,
 # e.g. train.steps or the logging periods, may change between invocations).
@@ -140,12 +140,13 @@ def train(cfg: DictConfig, stop_at: Optional[int] = None) -> Path:
     from .models.moe import update_moe_biases
 
     tc = cfg.train
-    # Several runs in one process (experiments, tests) may differ in mixed precision: forget the
-    # previous run's accelerator settings (the process group, if any, is kept).
-    AcceleratorState._reset_state()
     # --- accelerate, seed, data, model: every check before the first file is written ----------
     # The launch (several processes on CPU need cpu=True: unidiff.runtime) and the precision rule.
     launch = launch_settings()
+    # Several runs in one process (experiments, tests, `unidiff run`) may differ in mixed precision:
+    # forget the previous run's accelerator settings. The process group is kept for the process's
+    # life (destroyed at exit: unidiff.runtime.destroy_process_group_at_exit).
+    AcceleratorState._reset_state()
     precision, precision_reason = resolve_precision(tc.mixed_precision, launch.device_type)
     try:
         # broadcast_buffers=False: DDP would otherwise copy rank 0's MoE token counts over every rank's
@@ -185,10 +186,10 @@ def train(cfg: DictConfig, stop_at: Optional[int] = None) -> Path:
         (out_dir / "samples").mkdir(parents=True, exist_ok=True)
         write_text(out_dir / "config.yaml", to_yaml(cfg))
         # Precision chosen by the machine (train.mixed_precision: auto): this invocation's choice.
-        write_json(out_dir / "precision.json", {"requested": tc.mixed_precision.value, "mixed_precision": precision,
+        write_json(out_dir / "precision.json", {"requested": tc.mixed_precision.value, "mixed_precision": accelerator.mixed_precision,
                                                 "reason": precision_reason, "device": str(accelerator.device),
                                                 "processes": accelerator.num_processes})
-    accelerator.print(f"precision: {precision} ({precision_reason})")
+    accelerator.print(f"precision: {accelerator.mixed_precision} ({precision_reason})")
     accelerator.wait_for_everyone()
 
     # --- optimisation state ---------------------------------------------------------------------
@@ -311,5 +312,9 @@ def train(cfg: DictConfig, stop_at: Optional[int] = None) -> Path:
     if writer is not None:
         writer.close()
     accelerator.wait_for_everyone()
-    accelerator.end_training()
+    # Not accelerator.end_training(): it destroys the process group, and a later run in this process
+    # (experiment arms, evaluation after `unidiff run`) would hang setting it up again.
+    for tracker in accelerator.trackers:
+        tracker.finish()
+    destroy_process_group_at_exit()
     return out_dir
