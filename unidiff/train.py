@@ -37,7 +37,7 @@ from . import checkpoint as ckpt
 from .config import ConfigError, build_model, build_schedule, resolve_with_data, run_dir, to_container, to_yaml
 from .errors import CheckpointError
 from .io import save_grid, seed_for, write_json, write_text
-from .runtime import destroy_process_group_at_exit, launch_settings, resolve_precision
+from .runtime import autocast, destroy_process_group_at_exit, launch_settings, resolve_precision
 
 # Config sections a resumed run must share with the run that wrote the checkpoint (the rest,
 # e.g. train.steps or the logging periods, may change between invocations).
@@ -297,8 +297,9 @@ def train(cfg: DictConfig, stop_at: Optional[int] = None) -> Path:
         if tc.sample_every and step % tc.sample_every == 0:
             if accelerator.is_main_process:
                 ema_net = ckpt.ema_model_from(net, ema)
-                sample_grid(ema_net, schedule, cfg, out_dir / "samples" / f"step_{step:06d}.png",
-                            seed_for(cfg.run.seed, step, 7))
+                with autocast(accelerator.mixed_precision, device.type):  # sampling: the training precision
+                    sample_grid(ema_net, schedule, cfg, out_dir / "samples" / f"step_{step:06d}.png",
+                                seed_for(cfg.run.seed, step, 7))
                 del ema_net
             accelerator.wait_for_everyone()
 
