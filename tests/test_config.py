@@ -24,6 +24,8 @@ def _run_configs(path):
     section) gives one run per arm through the experiment loader."""
     if "encoder" in OmegaConf.load(path):  # an encoder config: checked in tests/test_cli.py
         return {}
+    if "distributed_type" in OmegaConf.load(path):  # an accelerate launch config: tests/test_distributed.py
+        return {}
     if "experiment" not in OmegaConf.load(path):
         return {"run": load_config(path, ["model.preset=debug"])}
     from experiments import load_experiment

@@ -215,6 +215,20 @@ def test_launch_settings_of_each_launcher():
     assert launch_settings({**torchrun, "ACCELERATE_USE_FSDP": "true"}, cuda=True).world_size == 2
 
 
+def test_accelerate_configs_load_with_accelerates_own_reader():
+    from accelerate.commands.config.config_args import load_config_from_file
+    from accelerate.utils import DistributedType
+
+    from unidiff.models.backbone import Sublayer  # the wrap unit the FSDP config names
+
+    ddp = load_config_from_file(str(ROOT / "configs/accelerate/ddp.yaml"))
+    # MULTI_GPU is what makes `accelerate launch` start N processes (torchrun); use_cpu would start one.
+    assert ddp.distributed_type == DistributedType.MULTI_GPU and not ddp.use_cpu and ddp.num_processes == 2
+    fsdp = load_config_from_file(str(ROOT / "configs/accelerate/fsdp.yaml"))
+    assert fsdp.distributed_type == DistributedType.FSDP and fsdp.fsdp_config["fsdp_version"] == 2
+    assert fsdp.fsdp_config["fsdp_transformer_layer_cls_to_wrap"] == Sublayer.__name__
+
+
 @pytest.mark.slow  # two interpreter start-ups (~1 min on a loaded 2-core machine); the rule itself is tested above
 def test_accelerate_launch_cpu_with_two_processes_is_refused(tmp_path):
     # accelerate 1.15's `--cpu` path (simple_launcher) starts ONE process whatever --num_processes says.
