@@ -58,8 +58,10 @@ class LRSchedule(str, Enum):
 
 
 class MixedPrecision(str, Enum):
-    """accelerate's ``mixed_precision`` values."""
+    """accelerate's ``mixed_precision`` values, and ``auto``: chosen by the machine
+    (``unidiff.launch.resolve_precision``: bf16 where bf16 matmuls are native, fp32 otherwise)."""
 
+    auto = "auto"
     no = "no"
     bf16 = "bf16"
     fp16 = "fp16"

@@ -139,7 +139,7 @@ class TrainConfig:
     lr_schedule: LRSchedule = LRSchedule.constant_with_warmup
     grad_clip: float = 1.0  # 0 disables clipping
     grad_accum: int = 1
-    mixed_precision: MixedPrecision = MixedPrecision.no
+    mixed_precision: MixedPrecision = MixedPrecision.auto  # unidiff.launch.resolve_precision
     ema_decay: float = 0.999
     log_every: int = 50
     sample_every: int = 500  # 0 disables sample grids

@@ -10,8 +10,8 @@ EMA, parameter groups, MoE balancing and the exported model work on the inner ``
 
 Determinism: the batch of micro-step ``k`` is a function of ``(run.seed, k)``
 (:func:`unidiff.data.infinite_batches`), and every random draw of the loss (timesteps, noise,
-modality dropout) comes from a generator seeded by ``(run.seed, k, process)``. A resumed run
-therefore repeats exactly what an uninterrupted one does, whatever RNG state accelerate restores.
+modality dropout) comes from a generator seeded by ``(run.seed, k)``. A resumed run therefore
+repeats exactly what an uninterrupted one does, whatever RNG state accelerate restores.
 
 Multi-GPU: ``accelerate launch -m unidiff.cli train CONFIG`` gives DDP; ``train.batch_size`` is the
 global batch of one optimiser step, split over processes and ``train.grad_accum`` micro-steps.
@@ -29,6 +29,12 @@ Faults (README "What survives what"), each in its own block of :func:`train`:
   measurable on the debug config on CPU: ~0.13 s/step before and after). ``train.max_bad_steps``
   in a row raise :class:`TrainingDiverged`, as do non-finite weights at a checkpoint, which is then
   not written.
+
+Several processes (README.md "Launching on several processes"; ``unidiff.launch`` sets up the
+launch and the precision rule): ``train.batch_size`` is the global batch of one optimiser step,
+split over processes and ``train.grad_accum`` micro-steps. Each process loads its rows of the
+global batch and keeps the same rows of the one-process draws (:func:`rank_draws`), so N processes
+follow the one-process trajectory up to the rounding of DDP's gradient all-reduce.
 """
 
 from __future__ import annotations
@@ -44,14 +50,16 @@ from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import torch
+from diffusers.utils.torch_utils import randn_tensor
 from omegaconf import DictConfig
 from torch import nn
 
 from . import checkpoint as ckpt
 from .config import ConfigError, build_model, build_schedule, resolve_with_data, run_dir, to_container, to_yaml
 from .errors import CheckpointError, UnidiffError
-from .io import save_labelled_grid, seed_for, write_text
+from .io import save_labelled_grid, seed_for, write_json, write_text
 from .latents import decode_samples
+from .launch import autocast, destroy_process_group_at_exit, launch_settings, resolve_precision
 from .runtime import apply_threads, last_threads
 
 
@@ -229,6 +237,28 @@ def flat_config(cfg: DictConfig) -> Dict[str, Any]:
     return out
 
 
+def rank_draws(objective, batch_size: int, image_shape, dtype: torch.dtype, generator: torch.Generator,
+               rows: slice) -> Dict[str, Any]:
+    """Rows ``rows`` of one global draw of the objective's timesteps, noise and dropout masks.
+
+    ``generator`` (seeded by ``(run.seed, micro-step, 0)``, the one-process seed) draws, in the
+    objective's own order (:meth:`MultiModalDiffusion.forward`), ``t`` (B,), ``ε`` (B, C, H, W) and
+    one dropout mask (B,) per modality for the whole global batch B; a process keeps its rows. Since
+    its data rows are the same rows of the same global batch (``unidiff.data.rank_rows``), N processes
+    then see what one process sees, row for row (exact when no modality draws in ``from_batch``: the
+    one-process objective draws those masks between ``ε`` and the dropout). Every process draws the
+    whole global noise: B·C·H·W normals per micro-step, negligible beside the forward.
+    """
+    from .diffusion.objective import draw_randint, draw_uniform
+
+    device = generator.device
+    t = draw_randint(0, objective.schedule.num_train_timesteps, (batch_size,), generator, device)
+    noise = randn_tensor((batch_size, *image_shape), generator=generator, device=device, dtype=dtype)
+    drop = {name: draw_uniform((batch_size,), generator, device) < objective.p_drop
+            for name in objective.model.modalities}
+    return {"t": t[rows], "noise": noise[rows], "drop": {name: m[rows] for name, m in drop.items()}}
+
+
 def build_objective(cfg: DictConfig, model: nn.Module):
     """The training objective of ``cfg`` around ``model`` (checks ``diffusion.weighting``/``p_drop``)."""
     from .diffusion import MultiModalDiffusion
@@ -265,27 +295,30 @@ def train(cfg: DictConfig, stop_at: Optional[int] = None) -> Path:
     from diffusers.training_utils import EMAModel
     from tqdm.auto import tqdm
 
-    from .data import infinite_batches
+    from .data import infinite_batches, rank_rows
     from .model import UnifiedModel
     from .models.moe import update_moe_biases
 
     tc = cfg.train
-    # Several runs in one process (experiments, tests) may differ in mixed precision: forget the
-    # previous run's accelerator settings (the process group, if any, is kept).
+    # --- accelerate, seed, data, model: every check before the first file is written ----------
+    # The launch (several processes on CPU need cpu=True: unidiff.launch) and the precision rule.
+    launch = launch_settings()
+    # Several runs in one process (experiments, tests, `unidiff run`) may differ in mixed precision:
+    # forget the previous run's accelerator settings. The process group is kept for the process's
+    # life (destroyed at exit: unidiff.launch.destroy_process_group_at_exit).
     AcceleratorState._reset_state()
     if cfg.run.threads is not None:  # an explicit count beats the CLI's start-up choice (unidiff/runtime.py)
         apply_threads(cfg.run.threads, key="run.threads")
-    # --- accelerate, seed, data, model: every check before the first file is written ----------
+    precision, precision_reason = resolve_precision(tc.mixed_precision, launch.device_type)
     trackers = tracker_names(cfg) or None  # train.report_to (its own error, not mixed precision's)
     try:
         # broadcast_buffers=False: DDP would otherwise copy rank 0's MoE token counts over every rank's
         # before update_moe_biases all-reduces them (the biases stay identical anyway: same update).
         ddp = DistributedDataParallelKwargs(broadcast_buffers=False)
-        accelerator = Accelerator(mixed_precision=tc.mixed_precision.value, gradient_accumulation_steps=tc.grad_accum,
-                                  log_with=trackers, project_dir=str(run_dir(cfg)),
-                                  kwargs_handlers=[ddp])
+        accelerator = Accelerator(mixed_precision=precision, cpu=launch.cpu, gradient_accumulation_steps=tc.grad_accum,
+                                  log_with=trackers, project_dir=str(run_dir(cfg)), kwargs_handlers=[ddp])
     except (ValueError, RuntimeError) as err:
-        raise ConfigError(f"train.mixed_precision={tc.mixed_precision.value!r} is not usable here: {err}") from None
+        raise ConfigError(f"train.mixed_precision={precision!r} is not usable here: {err}") from None
     set_seed(cfg.run.seed)  # identical initial weights on every process
     cfg, train_set, _, info, model = prepare_run(cfg)
     objective = build_objective(cfg, model)
@@ -342,6 +375,11 @@ def train(cfg: DictConfig, stop_at: Optional[int] = None) -> Path:
         if start < tc.steps and (out_dir / "metrics.json").is_file():
             (out_dir / "metrics.json").replace(out_dir / "metrics.stale.json")
             accelerator.print(f"{out_dir / 'metrics.json'} moved to metrics.stale.json (the model changes now)")
+        # Precision chosen by the machine (train.mixed_precision: auto): this invocation's choice.
+        write_json(out_dir / "precision.json", {"requested": tc.mixed_precision.value, "mixed_precision": accelerator.mixed_precision,
+                                                "reason": precision_reason, "device": str(accelerator.device),
+                                                "processes": accelerator.num_processes})
+    accelerator.print(f"precision: {accelerator.mixed_precision} ({precision_reason})")
     accelerator.wait_for_everyone()
 
     # --- optimisation state ---------------------------------------------------------------------
@@ -420,8 +458,14 @@ def train(cfg: DictConfig, stop_at: Optional[int] = None) -> Path:
             # --- one micro-step (an optimiser step every grad_accum of them) ---------------------
             batch = {k: v.to(device) for k, v in next(batches).items()}  # (micro_local, ...) each
             g = torch.Generator(device=device).manual_seed(seed_for(cfg.run.seed, micro, rank))
+            draws = {}
+            if world > 1:  # this rank's rows of the one-process draws (rank_draws); g: from_batch's own draws
+                draws = rank_draws(objective, micro_global, batch["image"].shape[1:], batch["image"].dtype,
+                                   torch.Generator(device=device).manual_seed(seed_for(cfg.run.seed, micro, 0)),
+                                   rank_rows(micro_global, rank, world))
+                g.manual_seed(seed_for(cfg.run.seed, micro, rank, 1))
             with accelerator.accumulate(ddp_objective):
-                out = ddp_objective(batch, generator=g)
+                out = ddp_objective(batch, generator=g, **draws)
                 accelerator.backward(out.loss)
                 grad_norm = None
                 finite = finite & torch.isfinite(out.loss.detach())
@@ -500,8 +544,9 @@ def train(cfg: DictConfig, stop_at: Optional[int] = None) -> Path:
             if tc.sample_every and step % tc.sample_every == 0:
                 if accelerator.is_main_process:
                     ema_net = ckpt.ema_model_from(net, ema)
-                    sample_grid(ema_net, schedule, cfg, out_dir / "samples" / f"step_{step:06d}.png",
-                                seed_for(cfg.run.seed, step, 7), class_names=list(info.class_names))
+                    with autocast(accelerator.mixed_precision, device.type):  # sampling: the training precision
+                        sample_grid(ema_net, schedule, cfg, out_dir / "samples" / f"step_{step:06d}.png",
+                                    seed_for(cfg.run.seed, step, 7), class_names=list(info.class_names))
                     del ema_net
                 accelerator.wait_for_everyone()
 
@@ -514,7 +559,11 @@ def train(cfg: DictConfig, stop_at: Optional[int] = None) -> Path:
         # The inference snapshot (EDM2's second checkpoint kind): what `sample`/`evaluate` load.
         ckpt.export_model(ckpt.ema_model_from(net, ema), out_dir / "model", run_config=cfg)
     accelerator.wait_for_everyone()
-    accelerator.end_training()  # closes the trackers
+    # Not accelerator.end_training(): it destroys the process group, and a later run in this process
+    # (experiment arms, evaluation after `unidiff run`) would hang setting it up again.
+    for tracker in accelerator.trackers:
+        tracker.finish()
+    destroy_process_group_at_exit()
     if accelerator.is_main_process:  # the run's curves so far (unidiff plot draws the same figure)
         from .plots import plot_curves
 
