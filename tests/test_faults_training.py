@@ -288,6 +288,8 @@ def _poison(monkeypatch, micro_steps):
 
     def forward(self, *args, **kwargs):
         out = original(self, *args, **kwargs)
+        if not torch.is_grad_enabled():  # the CLI's preflight step (no_grad) is not a training micro-step
+            return out
         calls.append(1)
         if len(calls) - 1 in micro_steps:
             out.loss = out.loss * float("nan")

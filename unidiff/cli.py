@@ -440,7 +440,7 @@ def sample_to_file(run_dir, task: str, n: Optional[int], steps: Optional[int], s
     if classifier_scale and (spec is None or not generate):
         raise ConfigError("--classifier-scale only applies to a conditional task (e.g. --task class_to_image)")
     T = cfg.diffusion.num_train_timesteps
-    if not 1 <= steps <= T:
+    if steps is not None and not 1 <= steps <= T:
         raise ConfigError(f"--steps {steps} exceeds the run's diffusion.num_train_timesteps={T}")
     if not out.parent.is_dir():
         raise ConfigError(f"--out folder {str(out.parent)!r} does not exist")
