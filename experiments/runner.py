@@ -121,7 +121,7 @@ def run_experiment(config_path: str | os.PathLike, overrides: Sequence[str] = ()
         t0 = time.time()
         trained_now = not is_trained(cfg, run_dir, data[2])
         if trained_now:
-            train(cfg)
+            train(cfg, datasets=data)  # built once per data section, not again by train
         t1 = time.time()
         metrics = evaluate(cfg, device=str(device), seed=int(cfg.run.seed), datasets=data)
         model = load_model(run_dir, device)

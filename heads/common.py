@@ -19,11 +19,13 @@ from einops import rearrange
 from torch import nn
 
 from unidiff.errors import ConfigError
+# The image losses and metrics of the heads: the one per-image (masked) MSE and PSNR of unidiff.
+from unidiff.metrics import per_image_mse as masked_mse  # noqa: F401 (used by the image heads)
+from unidiff.metrics import psnr_from_mse as psnr  # noqa: F401
 from unidiff.modality import BackboneOutput, unit_rms
 from unidiff.models.embed import unpatchify
 
 # Images live in [-1, 1] (docs/CONTRACTS.md), so the PSNR peak-to-peak range is 2.
-IMAGE_RANGE = 2.0
 
 
 # --- option checks (config values reach the heads straight from YAML) -----------------------------
@@ -205,18 +207,6 @@ class ConvEncoder(nn.Module):
 
 
 # --- image losses and metrics --------------------------------------------------------------------
-def masked_mse(pred: torch.Tensor, target: torch.Tensor, weight: Optional[torch.Tensor] = None) -> torch.Tensor:
-    """Per-sample MSE (B,) over the pixels where ``weight`` (B, 1|C, H, W) is 1 (all if None).
-
-    A sample with no selected pixel gets 0 (its count is clamped to 1): nothing to reconstruct.
-    """
-    sq = (pred.float() - target.float()).pow(2)  # (B, C, H, W)
-    if weight is None:
-        return sq.flatten(1).mean(dim=1)
-    weight = weight.float().expand_as(sq)
-    return (sq * weight).flatten(1).sum(dim=1) / weight.flatten(1).sum(dim=1).clamp(min=1.0)
-
-
 def gaussian_log_likelihood(
     pred: torch.Tensor, target: torch.Tensor, weight: Optional[torch.Tensor] = None
 ) -> torch.Tensor:
@@ -229,8 +219,3 @@ def gaussian_log_likelihood(
     weight = torch.ones_like(sq) if weight is None else weight.float().expand_as(sq)
     n = weight.flatten(1).sum(dim=1)
     return -0.5 * (sq * weight).flatten(1).sum(dim=1) - 0.5 * n * math.log(2 * math.pi)
-
-
-def psnr(mse: torch.Tensor) -> torch.Tensor:
-    """PSNR in dB of images in [-1, 1] (peak-to-peak range 2) from a per-sample MSE (B,)."""
-    return 10 * torch.log10(IMAGE_RANGE**2 / mse.clamp(min=1e-10))

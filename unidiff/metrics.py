@@ -618,38 +618,55 @@ def accuracy(pred: torch.Tensor, target: torch.Tensor, num_classes: Optional[int
     return float(tm_accuracy(pred, target, task="multiclass", num_classes=max(num_classes, 2), average="micro"))
 
 
+def masked_sq_err(pred: torch.Tensor, target: torch.Tensor,
+                  mask: Optional[torch.Tensor] = None) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Per-image sum of squared errors where ``mask`` (B, 1 or C, H, W) is 1 (everywhere when None)
+    and the per-image count of those values: (B,), (B,). Differentiable in ``pred``: the one
+    squared-error computation behind every image MSE/PSNR of unidiff (the heads' losses too)."""
+    sq = (pred.float() - target.float()).pow(2)  # (B, C, H, W)
+    if mask is None:
+        return sq.flatten(1).sum(dim=1), torch.full((sq.shape[0],), float(sq[0].numel()), device=sq.device)
+    weight = mask.float().expand_as(sq)
+    return (sq * weight).flatten(1).sum(dim=1), weight.flatten(1).sum(dim=1)
+
+
+def per_image_mse(pred: torch.Tensor, target: torch.Tensor, mask: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """Per-image MSE (B,) over the values where ``mask`` is 1 (all when None); an image with an
+    empty mask gets 0 (its count is clamped to 1: nothing to reconstruct)."""
+    sse, count = masked_sq_err(pred, target, mask)
+    return sse / count.clamp(min=1.0)
+
+
+def psnr_from_mse(mse: torch.Tensor, data_range: float = 2.0) -> torch.Tensor:
+    """PSNR in dB from per-image MSEs (B,); ``data_range`` 2 for images in [-1, 1]. A perfect
+    reconstruction is capped at the PSNR of an MSE of 1e-10 instead of infinity."""
+    return 10.0 * torch.log10(data_range**2 / mse.clamp(min=1e-10))
+
+
 def mse(pred: torch.Tensor, target: torch.Tensor) -> float:
-    return float(F.mse_loss(pred.float(), target.float()))
+    """Mean squared error of (B, C, H, W) images (all images the same size: the per-image mean)."""
+    return float(per_image_mse(pred, target).mean())
 
 
 def psnr(pred: torch.Tensor, target: torch.Tensor, data_range: float = 2.0) -> float:
     """Mean per-image PSNR in dB of (B, C, H, W) images; ``data_range`` 2 for [-1, 1] images."""
-    from torchmetrics.functional.image import peak_signal_noise_ratio
-
-    return float(peak_signal_noise_ratio(pred.float(), target.float(), data_range=data_range, dim=(1, 2, 3)))
-
-
-def _masked_sq_err(pred: torch.Tensor, target: torch.Tensor, mask: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
-    """Per-image sum of squared errors on the mask and per-image count of masked values: (B,), (B,)."""
-    mask = mask.to(pred.dtype).expand_as(pred).float()
-    err = (pred.float() - target.float()).square() * mask
-    return err.flatten(1).sum(1), mask.flatten(1).sum(1)
+    return float(psnr_from_mse(per_image_mse(pred, target), data_range).mean())
 
 
 def masked_mse(pred: torch.Tensor, target: torch.Tensor, mask: torch.Tensor) -> float:
-    """MSE over the region where ``mask`` is 1 (mask: (B, 1 or C, H, W)), e.g. inpainted pixels."""
-    sse, count = _masked_sq_err(pred, target, mask)
+    """MSE pooled over the region where ``mask`` is 1 in every image (mask: (B, 1 or C, H, W)),
+    e.g. inpainted pixels: the total squared error over the total count."""
+    sse, count = masked_sq_err(pred, target, mask)
     return float(sse.sum() / count.sum().clamp_min(1))
 
 
 def masked_psnr(pred: torch.Tensor, target: torch.Tensor, mask: torch.Tensor, data_range: float = 2.0) -> float:
     """Mean per-image PSNR over the masked region; images with an empty mask are skipped."""
-    sse, count = _masked_sq_err(pred, target, mask)
+    _, count = masked_sq_err(pred, target, mask)
     keep = count > 0
     if not keep.any():
         return float("nan")
-    per_image = 10.0 * torch.log10(data_range**2 / (sse[keep] / count[keep]))
-    return float(per_image.mean())
+    return float(psnr_from_mse(per_image_mse(pred, target, mask)[keep], data_range).mean())
 
 
 def cosine(pred: torch.Tensor, target: torch.Tensor) -> float:

@@ -267,24 +267,26 @@ def build_objective(cfg: DictConfig, model: nn.Module):
                                p_drop=cfg.diffusion.p_drop)
 
 
-def prepare_run(cfg: DictConfig):
+def prepare_run(cfg: DictConfig, datasets: Optional[Tuple[Any, Any, Any]] = None):
     """Everything that can reject a config, before anything is written: ``(cfg, train, val, info, model)``
-    with ``cfg`` resolved against the data. Also the ``--dry-run`` of the CLI."""
+    with ``cfg`` resolved against the data. Also the ``--dry-run`` of the CLI. ``datasets``: the
+    ``(train, val, info)`` of ``cfg.data`` when the caller has built them (the experiment runner)."""
     from .data import build_datasets
 
-    train_set, val_set, info = build_datasets(cfg.data)
+    train_set, val_set, info = datasets if datasets is not None else build_datasets(cfg.data)
     cfg = resolve_with_data(cfg, info)
     model = build_model(cfg, info.image_shape)
     build_objective(cfg, model)
     return cfg, train_set, val_set, info, model
 
 
-def train(cfg: DictConfig, stop_at: Optional[int] = None) -> Path:
+def train(cfg: DictConfig, stop_at: Optional[int] = None, datasets: Optional[Tuple[Any, Any, Any]] = None) -> Path:
     """Train the run described by ``cfg``; returns the run folder.
 
     Rerunning with the same config resumes from the latest complete checkpoint (``train.resume``).
     ``stop_at`` ends the loop early at that step with a checkpoint, as an interruption would (the
     resume test uses it); the final EMA model is exported only when ``train.steps`` is reached.
+    ``datasets``: the ``(train, val, info)`` of ``cfg.data`` when the caller built them already.
     Raises :class:`TrainingInterrupted` after a signal's checkpoint, :class:`TrainingDiverged` on
     non-finite values, ConfigError for a rerun that changes a fixed key.
     """
@@ -320,7 +322,7 @@ def train(cfg: DictConfig, stop_at: Optional[int] = None) -> Path:
     except (ValueError, RuntimeError) as err:
         raise ConfigError(f"train.mixed_precision={precision!r} is not usable here: {err}") from None
     set_seed(cfg.run.seed)  # identical initial weights on every process
-    cfg, train_set, _, info, model = prepare_run(cfg)
+    cfg, train_set, _, info, model = prepare_run(cfg, datasets)
     objective = build_objective(cfg, model)
     schedule = objective.schedule
     world, rank = accelerator.num_processes, accelerator.process_index
