@@ -26,7 +26,7 @@ from unidiff.data import (
     read_idx,
     verify_cache,
 )
-from unidiff.data.sources import FASHION_NAMES, FASHION_ROOT
+from unidiff.data.sources import FASHION_ROOT
 from unidiff.errors import ConfigError, DataError
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

@@ -10,7 +10,6 @@ import errno
 import os
 from pathlib import Path
 
-import numpy as np
 import pytest
 import yaml
 
