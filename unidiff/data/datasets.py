@@ -161,7 +161,7 @@ class FolderDataset(Dataset):
     def __len__(self) -> int:
         return len(self.samples)
 
-    def read(self, i: int) -> Dict[str, torch.Tensor]:
+    def read_item(self, i: int) -> Dict[str, torch.Tensor]:
         """Item ``i`` exactly, whatever the policy: a bad file raises :class:`BadFileError`."""
         path, label, source = self.samples[i]
         item = {"image": load_image(path, self.mode, self.image_size), "label": torch.tensor(label, dtype=torch.long)}
@@ -176,7 +176,7 @@ class FolderDataset(Dataset):
         for k in range(n):
             j = (i + k) % n
             try:
-                item = self.read(j)
+                item = self.read_item(j)
                 break
             except BadFileError as e:
                 if self.on_bad_file != "skip":
@@ -411,7 +411,7 @@ def materialize(ds: FolderDataset) -> InMemoryDataset:
     items = []
     for i in range(len(ds)):
         try:
-            items.append(ds.read(i))
+            items.append(ds.read_item(i))
         except BadFileError as e:
             if ds.on_bad_file != "skip":
                 raise BadFileError(f"{e}; {SKIP_HINT}") from None
