@@ -351,3 +351,20 @@ def test_a_worker_bad_file_error_is_rebuilt_as_its_one_line():
     with pytest.raises(BadFileError) as e:
         wrapper.reraise()
     assert str(e.value) == original
+
+
+def test_image_file_datasets_read_through_any_dataloader(tmp_path):
+    """Item by item, so torch's own Subset + default_collate (the latent-cache writer's loader) reads
+    them too; an ImageNet folder used to hand default_collate a whole dict and fail (KeyError 0)."""
+    from torch.utils.data import DataLoader, Subset
+
+    for split in ("train", "val"):
+        for k in range(3):
+            os.makedirs(tmp_path / split / f"n0{k}")
+            Image.new("RGB", (20, 16), (40 * k, 7, 99)).save(tmp_path / split / f"n0{k}" / "x.png")
+    train, _, _ = build_datasets(DataConfig(name="imagenet", root=str(tmp_path), image_size=8))
+    (batch,) = list(DataLoader(Subset(train, range(3)), batch_size=3))
+    assert batch["image"].shape == (3, 3, 8, 8)
+    for i in range(3):
+        assert torch.equal(batch["image"][i], train[i]["image"]) and batch["label"][i] == train.samples[i][1]
+        assert np.abs(_to_unit(batch["image"][i]).reshape(3, -1).mean(1) - [40 * i, 7, 99]).max() <= 0.5 + 1e-3

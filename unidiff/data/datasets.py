@@ -11,9 +11,8 @@ dimension (docs/CONTRACTS.md, "Tensors").
   ``data.on_bad_file``.
 - :class:`ArrayDataset`: uint8 images in a memory-mapped ``.npy`` file (the downsampled-ImageNet
   cache, :mod:`unidiff.data.cache`): only the rows a batch asks for are read.
-- :class:`ImageFileDataset`: a lazy list of ImageNet files, ADM-preprocessed on access, whose
-  unreadable files are skipped or reported by ``data.on_bad_file`` (never an exception inside a
-  DataLoader worker: the batch carries them to the main process, :func:`report_bad_files`).
+- :class:`ImageFileDataset`: a lazy list of ImageNet files, ADM-preprocessed on access, under
+  ``data.on_bad_file`` too.
 
 Bad files, one policy for every image-file source (``data.on_bad_file``): a file that
 :func:`~unidiff.data.readers.read_image` refuses (corrupt, truncated, above PIL's
@@ -24,8 +23,8 @@ readable item in its place, an in-memory one drops it; either way it is counted 
 ``skipped``, warned about at 1, 2, 4, 8, ... files, and listed by :func:`bad_files` /
 :func:`write_bad_files` (``RUN_DIR/bad_files.txt``).
 
-The lazy datasets implement ``__getitems__`` (a whole batch at once, already collated: the
-DataLoader's fetcher calls it for a batch sampler).
+:class:`ArrayDataset` implements ``__getitems__`` (a whole batch at once, already collated: the
+DataLoader's fetcher calls it for a batch sampler); the image-file datasets are read item by item.
 """
 
 from __future__ import annotations
@@ -48,6 +47,9 @@ from .readers import GREY_MODES, BadFileError, one_line, read_image  # noqa: F40
 RESERVED_KEYS = ("image", "label", "source")
 # The hint every bad-file error ends with.
 SKIP_HINT = "set data.on_bad_file=skip to skip such files"
+# A lazy item's (and batch's) record of the files skipped in a DataLoader worker, popped by the
+# batch iterators (:func:`report_bad_files`).
+BAD_FILES_KEY = "bad_files"
 
 
 class InMemoryDataset(Dataset):
@@ -133,7 +135,52 @@ class InMemoryDataset(Dataset):
         return h.hexdigest()
 
 
-class FolderDataset(Dataset):
+class _BadFilePolicy(Dataset):
+    """``data.on_bad_file`` for a lazy list of image files (module docstring, "Bad files").
+
+    A subclass has ``samples`` (the first field of each a path), ``on_bad_file``, ``skipped`` and
+    :meth:`read_item`, item ``i`` exactly or a :class:`BadFileError`. ``__getitem__`` is item
+    ``i``, or under ``skip`` the next readable one (``i+1, i+2, ...``), so batches keep their size
+    and stay a function of ``(seed, step)``. Items are fetched one by one (no ``__getitems__``),
+    so any DataLoader and collate function can read these datasets.
+    """
+
+    samples: list
+    on_bad_file: str
+    skipped: Dict[str, str]
+
+    def read_item(self, i: int) -> Dict[str, torch.Tensor]:
+        raise NotImplementedError
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    def __getitem__(self, i: int) -> Dict[str, torch.Tensor]:
+        bad: List[Tuple[str, str]] = []
+        n = len(self.samples)
+        for k in range(n):
+            j = (i + k) % n
+            try:
+                item = self.read_item(j)
+                break
+            except BadFileError as e:
+                if self.on_bad_file != "skip":
+                    raise BadFileError(f"{e}; {SKIP_HINT}") from None
+                bad.append((e.path or self.samples[j][0], e.reason))
+        else:
+            raise BadFileError(f"none of the {n} image files is readable (first: {self.samples[0][0]})")
+        if get_worker_info() is None:
+            for path, reason in bad:
+                _note_skipped(self, path, reason)
+        else:
+            # A worker's count dies with it: the item carries its skipped files ("path\0reason"
+            # lines, a string so that default_collate keeps it) to report_bad_files in the main
+            # process. Every item of a worker has the key, so a batch's items agree.
+            item[BAD_FILES_KEY] = "\n".join(f"{p}\0{r}" for p, r in bad)
+        return item
+
+
+class FolderDataset(_BadFilePolicy):
     """A lazy dataset of image files, decoded and resized on access.
 
     samples: list of ``(target_path, label, source_path_or_None)``.
@@ -158,40 +205,12 @@ class FolderDataset(Dataset):
         self.hflip, self.on_bad_file = hflip, on_bad_file
         self.skipped: Dict[str, str] = {}
 
-    def __len__(self) -> int:
-        return len(self.samples)
-
     def read_item(self, i: int) -> Dict[str, torch.Tensor]:
         """Item ``i`` exactly, whatever the policy: a bad file raises :class:`BadFileError`."""
         path, label, source = self.samples[i]
         item = {"image": load_image(path, self.mode, self.image_size), "label": torch.tensor(label, dtype=torch.long)}
         if source is not None:
             item["source"] = load_image(source, self.source_mode or self.mode, self.image_size)
-        return item
-
-    def __getitem__(self, i: int) -> Dict[str, torch.Tensor]:
-        """Item ``i``, or under ``skip`` the next readable one (class docstring)."""
-        bad: List[Tuple[str, str]] = []
-        n = len(self.samples)
-        for k in range(n):
-            j = (i + k) % n
-            try:
-                item = self.read_item(j)
-                break
-            except BadFileError as e:
-                if self.on_bad_file != "skip":
-                    raise BadFileError(f"{e}; {SKIP_HINT}") from None
-                bad.append((e.path or self.samples[j][0], e.reason))
-        else:
-            raise BadFileError(f"none of the {n} image files is readable (first: {self.samples[0][0]})")
-        if get_worker_info() is None:
-            for path, reason in bad:
-                _note_skipped(self, path, reason)
-        else:
-            # A worker's count dies with it: the item carries its skipped files ("path\0reason"
-            # lines, a string so that default_collate keeps it) to report_bad_files in the main
-            # process. Every item of a worker has the key, so a batch's items agree.
-            item[BAD_FILES_KEY] = "\n".join(f"{p}\0{r}" for p, r in bad)
         return item
 
     def fingerprint(self) -> str:
@@ -257,21 +276,13 @@ class ArrayDataset(Dataset):
         return h.hexdigest()
 
 
-# A lazy batch's record of its unreadable files: [(path, reason)], popped by the batch iterators.
-BAD_FILES_KEY = "bad_files"
-
-
-class ImageFileDataset(Dataset):
+class ImageFileDataset(_BadFilePolicy):
     """A lazy list of RGB image files (ImageNet), ADM-preprocessed on access
-    (:func:`~unidiff.data.readers.center_crop_arr`), as (3, S, S) float32 in [-1, 1].
+    (:func:`~unidiff.data.readers.center_crop_arr`), as (3, S, S) float32 in [-1, 1]
+    ((1, S, S) with ``mode="L"``, ``data.channels=1``).
 
     samples:     ``(path, label)`` pairs.
-    on_bad_file: ``"skip"``: an unreadable file's place in the batch is taken by the next readable
-                 item (``i+1, i+2, ...``), so batches keep their size and stay a function of
-                 ``(seed, step)``; ``"error"``: the batch records it and the main process raises.
-                 Either way the batch's ``BAD_FILES_KEY`` lists ``(path, reason)`` and
-                 :func:`report_bad_files` (called by the batch iterators in the main process) warns
-                 and counts, or raises :class:`DataError` naming the file.
+    on_bad_file: as :class:`FolderDataset`'s (module docstring, "Bad files").
     skipped:     path -> reason of every file skipped so far (main process).
     """
 
@@ -281,40 +292,19 @@ class ImageFileDataset(Dataset):
         self.mode = mode  # "RGB", or "L" with data.channels=1
         self.skipped: Dict[str, str] = {}
 
-    def __len__(self) -> int:
-        return len(self.samples)
-
-    def _read(self, i: int) -> torch.Tensor:
+    def read_item(self, i: int) -> Dict[str, torch.Tensor]:
+        """Item ``i`` exactly: a bad file raises :class:`BadFileError`."""
         from .readers import center_crop_arr
 
-        arr = center_crop_arr(read_image(self.samples[i][0], self.mode), self.image_size)  # (S, S[, 3]) uint8
+        path, label = self.samples[i]
+        image = read_image(path, self.mode)
+        try:
+            arr = center_crop_arr(image, self.image_size)  # (S, S[, 3]) uint8
+        except Exception as e:  # noqa: BLE001 - e.g. a 1-pixel-wide image cannot be resized: the file's
+            raise BadFileError.of(path, one_line(e)) from None
         arr = arr[..., None] if arr.ndim == 2 else arr  # (S, S, C)
-        return decode_pixels(torch.from_numpy(np.array(arr)).permute(2, 0, 1))  # (C, S, S)
-
-    def _load(self, i: int, bad: List[Tuple[str, str]]) -> Tuple[torch.Tensor, int]:
-        """Item ``i`` (or, skipping, the next readable one): ``(image, label)``; unreadable files go to ``bad``."""
-        n = len(self.samples)
-        for k in range(n):
-            j = (i + k) % n
-            try:
-                return self._read(j), self.samples[j][1]
-            except Exception as e:  # noqa: BLE001 - any decoder failure is the file's, reported by name
-                bad.append((self.samples[j][0], e.reason if isinstance(e, BadFileError) else one_line(e)))
-                if self.on_bad_file != "skip":
-                    channels = 1 if self.mode == "L" else 3
-                    return torch.zeros(channels, self.image_size, self.image_size), self.samples[i][1]
-        raise BadFileError(f"none of the {n} image files is readable (first: {self.samples[0][0]})")
-
-    def __getitems__(self, indices: Sequence[int]) -> Dict[str, object]:
-        bad: List[Tuple[str, str]] = []
-        loaded = [self._load(int(i), bad) for i in indices]
-        return {"image": torch.stack([x for x, _ in loaded]),
-                "label": torch.tensor([y for _, y in loaded], dtype=torch.long), BAD_FILES_KEY: bad}
-
-    def __getitem__(self, i: int) -> Dict[str, torch.Tensor]:
-        batch = self.__getitems__([i])
-        report_bad_files(self, batch)
-        return {"image": batch["image"][0], "label": batch["label"][0]}
+        image = decode_pixels(torch.from_numpy(np.array(arr)).permute(2, 0, 1))  # (C, S, S)
+        return {"image": image, "label": torch.tensor(label, dtype=torch.long)}
 
     def subset(self, index: Union[np.ndarray, Sequence[int]]) -> "ImageFileDataset":
         return ImageFileDataset([self.samples[int(i)] for i in index], self.image_size, self.hflip, self.on_bad_file,
@@ -330,8 +320,8 @@ def report_bad_files(dataset, batch: Dict[str, object]) -> Dict[str, object]:
     """Pop a lazy batch's unreadable files and act on them in this (the main) process: raise
     :class:`BadFileError` naming the first (``on_bad_file="error"``), or count and warn (``"skip"``).
 
-    The record is a list of ``(path, reason)`` (:class:`ImageFileDataset`) or, collated from
-    worker items, of ``"path\0reason"`` lines (:class:`FolderDataset`)."""
+    The record, collated from a worker's items, is a list of ``"path\0reason"`` lines (one string
+    per item; ``(path, reason)`` pairs are taken too)."""
     entries: List[Tuple[str, str]] = []
     for entry in batch.pop(BAD_FILES_KEY, None) or []:
         if isinstance(entry, str):
