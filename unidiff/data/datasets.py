@@ -39,7 +39,6 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset, get_worker_info
 
-from ..errors import DataError
 from ..io import write_text
 from .readers import GREY_MODES, BadFileError, one_line, read_image  # noqa: F401 - GREY_MODES re-exported
 
