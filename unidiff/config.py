@@ -374,6 +374,9 @@ def validate(cfg: DictConfig) -> None:
 
     validate_backbone_options(dict(cfg.model.backbone))
     _check(cfg.run.threads is None or cfg.run.threads >= 1, "run.threads", f"must be a positive integer or null, got {cfg.run.threads}")
+    from .data import validate_data_config
+
+    validate_data_config(cfg.data)  # data.* ranges (data.channels, data.on_bad_file, ...) at load, not first use
     for key, value in backbone_kwargs(cfg).items():
         if key in _POSITIVE_BACKBONE_KEYS and value is not None and isinstance(value, (int, float)):
             where = f"model.backbone.{key}" if key in cfg.model.backbone else f"model.backbone.{key} (preset {cfg.model.preset!r})"

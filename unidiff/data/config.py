@@ -15,6 +15,8 @@ from .sources import DATASET_NAMES, SOURCES
 # The choices of data.name are the registry's keys (omegaconf validates a Literal at load).
 DatasetName = Literal[DATASET_NAMES]  # type: ignore[valid-type]
 OnBadFile = Literal["skip", "error"]
+# The sources that decode image files: data.channels and data.on_bad_file are theirs.
+IMAGE_FILE_SOURCES = ("imagefolder", "paired", "imagenet")
 
 
 @dataclass
@@ -41,8 +43,14 @@ class DataConfig:
     num_workers:  DataLoader workers for lazy folder datasets.
     extra_file:   safetensors file of per-item tensors ``train.<key>`` / ``val.<key>`` attached to
                   the splits (:mod:`unidiff.data.extras`); in-memory data only.
-    on_bad_file:  ``imagenet`` folders: an unreadable image is skipped (its batch slot taken by the
-                  next readable item; counted, with a warning) or a one-line error naming the file.
+    on_bad_file:  image-file datasets (``imagefolder``, ``paired``, ``imagenet``): a corrupt,
+                  truncated or oversized image, or one whose pixels have no intensity scale, is a
+                  one-line error naming the file (``error``) or skipped (``skip``: lazy data gives
+                  its batch slot to the next readable item, in-memory data drops it; counted,
+                  warned at 1, 2, 4, ... files, listed by :func:`unidiff.data.bad_files`).
+    channels:     image-file datasets: 1 (grey) or 3 (RGB) channels every image is converted to;
+                  None decides from the files (any colour image: 3; ``imagenet``: 3). ``paired``:
+                  the target images only.
     cache_dir:    where ``imagenet32``/``imagenet64`` are converted once into memory-mapped arrays.
     latents:      a VAE latent cache folder (``unidiff latents CONFIG`` writes it from the other keys;
                   :mod:`unidiff.data.latents`): when set, the splits are its latents.
@@ -63,6 +71,7 @@ class DataConfig:
     num_workers: int = 0
     extra_file: Optional[str] = None
     on_bad_file: OnBadFile = "error"
+    channels: Optional[int] = None
     cache_dir: str = "runs/.cache/data"
     latents: Optional[str] = None
 
@@ -98,6 +107,13 @@ def validate_data_config(cfg) -> None:
         raise ConfigError(f"data.num_workers={cfg.num_workers} must be >= 0")
     if cfg.on_bad_file not in ("skip", "error"):
         raise ConfigError(f"data.on_bad_file={cfg.on_bad_file!r} must be 'skip' or 'error'")
+    channels = getattr(cfg, "channels", None)
+    if channels is not None:
+        if channels not in (1, 3):
+            raise ConfigError(f"data.channels={channels} must be 1 (grey), 3 (RGB) or null (decided from the files)")
+        if cfg.name not in IMAGE_FILE_SOURCES:
+            raise ConfigError(f"data.channels={channels} applies to the image-file datasets "
+                              f"({', '.join(IMAGE_FILE_SOURCES)}), not data.name={cfg.name} (leave it null)")
     if not str(cfg.cache_dir).strip():
         raise ConfigError("data.cache_dir='' must be a folder path")
     if cfg.extra_file is not None and not str(cfg.extra_file).strip():

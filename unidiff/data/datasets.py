@@ -7,33 +7,48 @@ dimension (docs/CONTRACTS.md, "Tensors").
 
 - :class:`InMemoryDataset`: tensors; a batch is one index operation (no DataLoader per-item cost).
 - :class:`FolderDataset`: a lazy list of files, decoded by :func:`load_image` on access (through a
-  DataLoader, :mod:`unidiff.data.batches`).
+  DataLoader, :mod:`unidiff.data.batches`), its unreadable files skipped or reported by
+  ``data.on_bad_file``.
 - :class:`ArrayDataset`: uint8 images in a memory-mapped ``.npy`` file (the downsampled-ImageNet
   cache, :mod:`unidiff.data.cache`): only the rows a batch asks for are read.
-- :class:`ImageFileDataset`: a lazy list of ImageNet files, ADM-preprocessed on access, whose
-  unreadable files are skipped or reported by ``data.on_bad_file`` (never an exception inside a
-  DataLoader worker: the batch carries them to the main process, :func:`report_bad_files`).
+- :class:`ImageFileDataset`: a lazy list of ImageNet files, ADM-preprocessed on access, under
+  ``data.on_bad_file`` too.
 
-The lazy datasets implement ``__getitems__`` (a whole batch at once, already collated: the
-DataLoader's fetcher calls it for a batch sampler).
+Bad files, one policy for every image-file source (``data.on_bad_file``): a file that
+:func:`~unidiff.data.readers.read_image` refuses (corrupt, truncated, above PIL's
+decompression-bomb limit, pixels without an intensity scale) is either a one-line
+:class:`~unidiff.data.readers.BadFileError` naming it (``error``; raised in a DataLoader worker it
+still reaches the user as that one line), or skipped (``skip``): a lazy dataset gives the next
+readable item in its place, an in-memory one drops it; either way it is counted in the dataset's
+``skipped``, warned about at 1, 2, 4, 8, ... files, and listed by :func:`bad_files` /
+:func:`write_bad_files` (``RUN_DIR/bad_files.txt``).
+
+:class:`ArrayDataset` implements ``__getitems__`` (a whole batch at once, already collated: the
+DataLoader's fetcher calls it for a batch sampler); the image-file datasets are read item by item.
 """
 
 from __future__ import annotations
 
 import hashlib
+import os
 import warnings
+from pathlib import Path
 from typing import Dict, List, Optional, Sequence, Tuple, Union
 
 import numpy as np
 import torch
-from torch.utils.data import Dataset
+from torch.utils.data import Dataset, get_worker_info
 
-from ..errors import DataError
+from ..io import write_text
+from .readers import GREY_MODES, BadFileError, one_line, read_image  # noqa: F401 - GREY_MODES re-exported
 
 # The fields every item may carry itself; an extra of that name would silently replace them.
 RESERVED_KEYS = ("image", "label", "source")
-# PIL modes read as one grey channel; every other mode is converted to RGB.
-GREY_MODES = frozenset({"1", "L", "LA", "I", "I;16", "I;16B", "I;16L", "F"})
+# The hint every bad-file error ends with.
+SKIP_HINT = "set data.on_bad_file=skip to skip such files"
+# A lazy item's (and batch's) record of the files skipped in a DataLoader worker, popped by the
+# batch iterators (:func:`report_bad_files`).
+BAD_FILES_KEY = "bad_files"
 
 
 class InMemoryDataset(Dataset):
@@ -71,6 +86,8 @@ class InMemoryDataset(Dataset):
                 raise ValueError(f"extra {key!r} has shape {tuple(value.shape)}; expected {images.shape[0]} rows")
         self.images, self.labels, self.sources, self.hflip = images, labels.long(), sources, hflip
         self.extras: Dict[str, torch.Tensor] = extras
+        # Files dropped when a folder was loaded into memory (data.on_bad_file=skip): path -> reason.
+        self.skipped: Dict[str, str] = {}
 
     def __len__(self) -> int:
         return self.images.shape[0]
@@ -117,11 +134,61 @@ class InMemoryDataset(Dataset):
         return h.hexdigest()
 
 
-class FolderDataset(Dataset):
+class _BadFilePolicy(Dataset):
+    """``data.on_bad_file`` for a lazy list of image files (module docstring, "Bad files").
+
+    A subclass has ``samples`` (the first field of each a path), ``on_bad_file``, ``skipped`` and
+    :meth:`read_item`, item ``i`` exactly or a :class:`BadFileError`. ``__getitem__`` is item
+    ``i``, or under ``skip`` the next readable one (``i+1, i+2, ...``), so batches keep their size
+    and stay a function of ``(seed, step)``. Items are fetched one by one (no ``__getitems__``),
+    so any DataLoader and collate function can read these datasets.
+    """
+
+    samples: list
+    on_bad_file: str
+    skipped: Dict[str, str]
+
+    def read_item(self, i: int) -> Dict[str, torch.Tensor]:
+        raise NotImplementedError
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    def __getitem__(self, i: int) -> Dict[str, torch.Tensor]:
+        bad: List[Tuple[str, str]] = []
+        n = len(self.samples)
+        for k in range(n):
+            j = (i + k) % n
+            try:
+                item = self.read_item(j)
+                break
+            except BadFileError as e:
+                if self.on_bad_file != "skip":
+                    raise BadFileError(f"{e}; {SKIP_HINT}") from None
+                bad.append((e.path or self.samples[j][0], e.reason))
+        else:
+            raise BadFileError(f"none of the {n} image files is readable (first: {self.samples[0][0]})")
+        if get_worker_info() is None:
+            for path, reason in bad:
+                _note_skipped(self, path, reason)
+        else:
+            # A worker's count dies with it: the item carries its skipped files ("path\0reason"
+            # lines, a string so that default_collate keeps it) to report_bad_files in the main
+            # process. Every item of a worker has the key, so a batch's items agree.
+            item[BAD_FILES_KEY] = "\n".join(f"{p}\0{r}" for p, r in bad)
+        return item
+
+
+class FolderDataset(_BadFilePolicy):
     """A lazy dataset of image files, decoded and resized on access.
 
     samples: list of ``(target_path, label, source_path_or_None)``.
     mode / source_mode: PIL modes ("L" or "RGB") every target / source image is converted to.
+    on_bad_file: ``"error"``: an unreadable file is a :class:`BadFileError` naming it;
+                 ``"skip"``: item ``i``'s place is taken by the next readable item
+                 (``i+1, i+2, ...``), so batches keep their size and stay a function of
+                 ``(seed, step)``, and the file is counted (module docstring).
+    skipped:     path -> reason of every file skipped so far (main process).
     """
 
     def __init__(
@@ -131,14 +198,14 @@ class FolderDataset(Dataset):
         mode: str,
         source_mode: Optional[str] = None,
         hflip: bool = False,
+        on_bad_file: str = "error",
     ):
         self.samples, self.image_size, self.mode, self.source_mode = list(samples), image_size, mode, source_mode
-        self.hflip = hflip
+        self.hflip, self.on_bad_file = hflip, on_bad_file
+        self.skipped: Dict[str, str] = {}
 
-    def __len__(self) -> int:
-        return len(self.samples)
-
-    def __getitem__(self, i: int) -> Dict[str, torch.Tensor]:
+    def read_item(self, i: int) -> Dict[str, torch.Tensor]:
+        """Item ``i`` exactly, whatever the policy: a bad file raises :class:`BadFileError`."""
         path, label, source = self.samples[i]
         item = {"image": load_image(path, self.mode, self.image_size), "label": torch.tensor(label, dtype=torch.long)}
         if source is not None:
@@ -208,85 +275,92 @@ class ArrayDataset(Dataset):
         return h.hexdigest()
 
 
-# A lazy batch's record of its unreadable files: [(path, reason)], popped by the batch iterators.
-BAD_FILES_KEY = "bad_files"
-
-
-class ImageFileDataset(Dataset):
+class ImageFileDataset(_BadFilePolicy):
     """A lazy list of RGB image files (ImageNet), ADM-preprocessed on access
-    (:func:`~unidiff.data.readers.center_crop_arr`), as (3, S, S) float32 in [-1, 1].
+    (:func:`~unidiff.data.readers.center_crop_arr`), as (3, S, S) float32 in [-1, 1]
+    ((1, S, S) with ``mode="L"``, ``data.channels=1``).
 
     samples:     ``(path, label)`` pairs.
-    on_bad_file: ``"skip"``: an unreadable file's place in the batch is taken by the next readable
-                 item (``i+1, i+2, ...``), so batches keep their size and stay a function of
-                 ``(seed, step)``; ``"error"``: the batch records it and the main process raises.
-                 Either way the batch's ``BAD_FILES_KEY`` lists ``(path, reason)`` and
-                 :func:`report_bad_files` (called by the batch iterators in the main process) warns
-                 and counts, or raises :class:`DataError` naming the file.
+    on_bad_file: as :class:`FolderDataset`'s (module docstring, "Bad files").
     skipped:     path -> reason of every file skipped so far (main process).
     """
 
     def __init__(self, samples: Sequence[Tuple[str, int]], image_size: int, hflip: bool = False,
-                 on_bad_file: str = "error"):
+                 on_bad_file: str = "error", mode: str = "RGB"):
         self.samples, self.image_size, self.hflip, self.on_bad_file = list(samples), int(image_size), hflip, on_bad_file
+        self.mode = mode  # "RGB", or "L" with data.channels=1
         self.skipped: Dict[str, str] = {}
 
-    def __len__(self) -> int:
-        return len(self.samples)
-
-    def _read(self, i: int) -> torch.Tensor:
-        from PIL import Image
-
+    def read_item(self, i: int) -> Dict[str, torch.Tensor]:
+        """Item ``i`` exactly: a bad file raises :class:`BadFileError`."""
         from .readers import center_crop_arr
 
-        with Image.open(self.samples[i][0]) as im:
-            arr = center_crop_arr(im.convert("RGB"), self.image_size)  # (S, S, 3) uint8
-        return decode_pixels(torch.from_numpy(np.array(arr)).permute(2, 0, 1))  # (3, S, S)
-
-    def _load(self, i: int, bad: List[Tuple[str, str]]) -> Tuple[torch.Tensor, int]:
-        """Item ``i`` (or, skipping, the next readable one): ``(image, label)``; unreadable files go to ``bad``."""
-        n = len(self.samples)
-        for k in range(n):
-            j = (i + k) % n
-            try:
-                return self._read(j), self.samples[j][1]
-            except Exception as e:  # noqa: BLE001 - any decoder failure is the file's, reported by name
-                bad.append((self.samples[j][0], f"{type(e).__name__}: {e}"))
-                if self.on_bad_file != "skip":
-                    return torch.zeros(3, self.image_size, self.image_size), self.samples[i][1]
-        raise DataError(f"none of the {n} image files is readable (first: {self.samples[0][0]})")
-
-    def __getitems__(self, indices: Sequence[int]) -> Dict[str, object]:
-        bad: List[Tuple[str, str]] = []
-        loaded = [self._load(int(i), bad) for i in indices]
-        return {"image": torch.stack([x for x, _ in loaded]),
-                "label": torch.tensor([y for _, y in loaded], dtype=torch.long), BAD_FILES_KEY: bad}
-
-    def __getitem__(self, i: int) -> Dict[str, torch.Tensor]:
-        batch = self.__getitems__([i])
-        report_bad_files(self, batch)
-        return {"image": batch["image"][0], "label": batch["label"][0]}
+        path, label = self.samples[i]
+        image = read_image(path, self.mode)
+        try:
+            arr = center_crop_arr(image, self.image_size)  # (S, S[, 3]) uint8
+        except Exception as e:  # noqa: BLE001 - e.g. a 1-pixel-wide image cannot be resized: the file's
+            raise BadFileError.of(path, one_line(e)) from None
+        arr = arr[..., None] if arr.ndim == 2 else arr  # (S, S, C)
+        image = decode_pixels(torch.from_numpy(np.array(arr)).permute(2, 0, 1))  # (C, S, S)
+        return {"image": image, "label": torch.tensor(label, dtype=torch.long)}
 
     def subset(self, index: Union[np.ndarray, Sequence[int]]) -> "ImageFileDataset":
-        return ImageFileDataset([self.samples[int(i)] for i in index], self.image_size, self.hflip, self.on_bad_file)
+        return ImageFileDataset([self.samples[int(i)] for i in index], self.image_size, self.hflip, self.on_bad_file,
+                                self.mode)
 
     def fingerprint(self) -> str:
         """A hash of the file list, labels and size (the files themselves are not read)."""
-        return hashlib.sha256(repr((self.samples, self.image_size)).encode()).hexdigest()
+        key = (self.samples, self.image_size) if self.mode == "RGB" else (self.samples, self.image_size, self.mode)
+        return hashlib.sha256(repr(key).encode()).hexdigest()
 
 
 def report_bad_files(dataset, batch: Dict[str, object]) -> Dict[str, object]:
     """Pop a lazy batch's unreadable files and act on them in this (the main) process: raise
-    :class:`DataError` naming the first (``on_bad_file="error"``), or count and warn (``"skip"``)."""
-    bad = batch.pop(BAD_FILES_KEY, None) or []
-    for path, reason in bad:
+    :class:`BadFileError` naming the first (``on_bad_file="error"``), or count and warn (``"skip"``).
+
+    The record, collated from a worker's items, is a list of ``"path\0reason"`` lines (one string
+    per item; ``(path, reason)`` pairs are taken too)."""
+    entries: List[Tuple[str, str]] = []
+    for entry in batch.pop(BAD_FILES_KEY, None) or []:
+        if isinstance(entry, str):
+            entries += [tuple(line.split("\0", 1)) for line in entry.split("\n") if line]  # type: ignore[misc]
+        else:
+            entries.append(tuple(entry))  # type: ignore[arg-type]
+    for path, reason in entries:
         if getattr(dataset, "on_bad_file", "error") != "skip":
-            raise DataError(f"cannot read image file {path} ({reason}); set data.on_bad_file=skip to skip such files")
-        if path not in dataset.skipped:
-            dataset.skipped[path] = reason
-            warnings.warn(f"skipped unreadable image file {path} ({reason}); "
-                          f"{len(dataset.skipped)} skipped so far (data.on_bad_file=skip)")
+            raise BadFileError(f"cannot read image file {path} ({reason}); {SKIP_HINT}")
+        _note_skipped(dataset, path, reason)
     return batch
+
+
+def _note_skipped(dataset, path: str, reason: str) -> None:
+    """Count a skipped file once; warn at 1, 2, 4, 8, ... files (a handful of lines however many)."""
+    if path in dataset.skipped:
+        return
+    dataset.skipped[path] = reason
+    n = len(dataset.skipped)
+    if n & (n - 1) == 0:
+        warnings.warn(f"skipped unreadable image file {path} ({reason}); {n} skipped so far "
+                      f"(data.on_bad_file=skip; next warning at {2 * n}; the run folder's bad_files.txt lists them)")
+
+
+def bad_files(*datasets) -> List[Tuple[str, str]]:
+    """The ``(path, reason)`` of every file the datasets skipped so far, sorted by path."""
+    out: Dict[str, str] = {}
+    for ds in datasets:
+        out.update(getattr(ds, "skipped", None) or {})
+    return sorted(out.items())
+
+
+def write_bad_files(run_dir: Union[str, os.PathLike], *datasets) -> Optional[Path]:
+    """Write ``run_dir/bad_files.txt`` (atomically; one ``path<TAB>reason`` line per skipped file)
+    when the datasets skipped any, and return its path; None (and nothing written) otherwise.
+    Skips are found as batches are decoded: call it again (each checkpoint, the end of a run)."""
+    found = bad_files(*datasets)
+    if not found:
+        return None
+    return write_text(Path(run_dir) / "bad_files.txt", "".join(f"{p}\t{r}\n" for p, r in found))
 
 
 AnyDataset = Union[InMemoryDataset, FolderDataset, ArrayDataset, ImageFileDataset]
@@ -302,16 +376,13 @@ def decode_pixels(x: torch.Tensor) -> torch.Tensor:
 def load_image(path: str, mode: str, size: int) -> torch.Tensor:
     """Read an image file as (C, size, size) float32 in [-1, 1]: shorter side to ``size``, centre crop.
 
-    ``mode`` is the PIL mode ("L": C=1, "RGB": C=3). An unreadable file raises :class:`DataError`.
+    ``mode`` is the PIL mode ("L": C=1, "RGB": C=3). The file is decoded by
+    :func:`~unidiff.data.readers.read_image` (16-bit and float pixels scaled); an unusable file
+    raises :class:`BadFileError` naming it.
     """
-    from PIL import Image, UnidentifiedImageError
     from torchvision.transforms import v2
 
-    try:
-        with Image.open(path) as im:
-            im = im.convert(mode)
-    except (OSError, UnidentifiedImageError) as e:
-        raise DataError(f"cannot read image file {path}: {e}") from e
+    im = read_image(path, mode)
     transform = v2.Compose(
         [
             v2.ToImage(),
@@ -323,24 +394,24 @@ def load_image(path: str, mode: str, size: int) -> torch.Tensor:
     return transform(im) * 2.0 - 1.0  # [0, 1] -> [-1, 1]
 
 
-def image_mode(path: str) -> str:
-    """"L" for a grey image, else "RGB": the first image of a folder fixes its channel count."""
-    from PIL import Image, UnidentifiedImageError
-
-    try:
-        with Image.open(path) as im:
-            return "L" if im.mode in GREY_MODES else "RGB"
-    except (OSError, UnidentifiedImageError) as e:
-        raise DataError(f"cannot read image file {path}: {e}") from e
-
-
 def materialize(ds: FolderDataset) -> InMemoryDataset:
-    """Decode every file of a folder dataset once into an :class:`InMemoryDataset`."""
-    items = [ds[i] for i in range(len(ds))]
+    """Decode every file of a folder dataset once into an :class:`InMemoryDataset`; a bad file is
+    an error naming it, or (``on_bad_file="skip"``) dropped and counted in ``skipped``."""
+    items = []
+    for i in range(len(ds)):
+        try:
+            items.append(ds.read_item(i))
+        except BadFileError as e:
+            if ds.on_bad_file != "skip":
+                raise BadFileError(f"{e}; {SKIP_HINT}") from None
+            _note_skipped(ds, e.path or ds.samples[i][0], e.reason)
     if not items:
-        empty = torch.zeros(0, 1, ds.image_size, ds.image_size)
-        return InMemoryDataset(empty, torch.zeros(0, dtype=torch.long), hflip=ds.hflip)
-    images = torch.stack([it["image"] for it in items])
-    labels = torch.stack([it["label"] for it in items])
-    sources = torch.stack([it["source"] for it in items]) if "source" in items[0] else None
-    return InMemoryDataset(images, labels, sources, ds.hflip)
+        empty = torch.zeros(0, 1 if ds.mode == "L" else 3, ds.image_size, ds.image_size)
+        out = InMemoryDataset(empty, torch.zeros(0, dtype=torch.long), hflip=ds.hflip)
+    else:
+        images = torch.stack([it["image"] for it in items])
+        labels = torch.stack([it["label"] for it in items])
+        sources = torch.stack([it["source"] for it in items]) if "source" in items[0] else None
+        out = InMemoryDataset(images, labels, sources, ds.hflip)
+    out.skipped = dict(ds.skipped)
+    return out

@@ -8,6 +8,9 @@
 - :func:`scan_imagenet`: the ILSVRC-2012 folder layout (``train/<wnid>/*.JPEG``; ``val/<wnid>/`` or
   a flat ``val/`` with ``LOC_val_solution.csv``; class names from ``LOC_synset_mapping.txt``).
 - :func:`center_crop_arr`: ADM's (and DiT's) preprocessing of one image.
+- :func:`read_image`: any image file as an 8-bit "L" or "RGB" PIL image: 16-bit and float pixels
+  scaled, not clipped; truncated, corrupt or oversized files a :class:`BadFileError` naming them.
+- :func:`folder_mode`: the channel count of a whole list of image files (any colour image: RGB).
 
 Every malformed file is a :class:`~unidiff.errors.DataError` naming it.
 """
@@ -18,7 +21,7 @@ import csv
 import gzip
 import os
 import zipfile
-from typing import Dict, List, Optional, Tuple
+from typing import Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 
@@ -79,6 +82,116 @@ def read_npz_batch(path: str, image_size: int) -> Tuple[np.ndarray, np.ndarray]:
     if labels.size and (labels.min() < 1 or labels.max() > 1000):
         raise DataError(f"{path}: labels must be 1..1000 (1-based), found {labels.min()}..{labels.max()}")
     return data.reshape(-1, 3, image_size, image_size), labels.astype(np.int64) - 1
+
+
+# ----------------------------------------------------------------------------------------------
+# Image files
+
+# PIL modes read as one grey channel; every other mode ("P" included: a palette may hold colours)
+# is read as RGB.
+GREY_MODES = frozenset({"1", "L", "LA", "La", "I", "I;16", "I;16B", "I;16L", "I;16N", "F"})
+# 16-bit grey. PIL converts these to "L" by clipping at 255 (a 16-bit image comes out near-white),
+# so they are scaled here: v / 257 maps 0..65535 onto 0..255 (65535 = 255 * 257).
+SIXTEEN_BIT_MODES = frozenset({"I;16", "I;16B", "I;16L", "I;16N"})
+
+
+class BadFileError(DataError):
+    """An image file that cannot be used (unreadable, truncated, out-of-range pixels, too large).
+
+    Raised in a DataLoader worker it reaches the main process as ``BadFileError(msg)``, ``msg``
+    being torch's "Caught BadFileError in DataLoader worker process 0. Original Traceback ..."
+    (``torch._utils.ExceptionWrapper.reraise``); the one-line message is then taken back from the
+    traceback's last line, so the user sees what a run without workers shows.
+    """
+
+    def __init__(self, message: str):
+        if message.startswith("Caught ") and "Original Traceback" in message:
+            last = message.rstrip().splitlines()[-1]  # "unidiff.data.readers.BadFileError: <message>"
+            name, sep, original = last.partition(": ")
+            if sep and name.endswith("BadFileError"):
+                message = original
+        super().__init__(message)
+        self.path: Optional[str] = None
+        self.reason: str = message
+
+    @classmethod
+    def of(cls, path: str, reason: str) -> "BadFileError":
+        """``cannot read image file <path> (<reason>)``, with both kept as attributes."""
+        err = cls(f"cannot read image file {path} ({reason})")
+        err.path, err.reason = path, reason
+        return err
+
+
+def one_line(e: BaseException) -> str:
+    """``Type: message`` of an exception on one line (decoder messages may hold newlines)."""
+    return " ".join(f"{type(e).__name__}: {e}".split())
+
+
+def _to_8bit(im, path: str):
+    """A high-bit-depth or float PIL image as 8-bit "L"; any other image unchanged.
+
+    16-bit grey ("I;16*", and "I" holding 0..65535, as older Pillow reads 16-bit PNGs): v / 257,
+    rounded. 32-bit float ("F", float TIFFs): values in [0, 1] are intensities, x * 255 rounded;
+    anything else (negative, above 1, non-finite: no scale can be guessed) is refused. 16-bit RGB
+    PNGs need nothing here: Pillow reads them as 8-bit RGB (the high byte of each sample).
+    """
+    from PIL import Image
+
+    if im.mode in SIXTEEN_BIT_MODES or im.mode == "I":
+        arr = np.asarray(im).astype(np.int64)  # (H, W)
+        if arr.size and (arr.min() < 0 or arr.max() > 65535):
+            raise BadFileError.of(path, f"32-bit integer pixels {arr.min()}..{arr.max()} are outside 0..65535 "
+                                        "(16-bit); save it with 8 or 16 bits per sample")
+        return Image.fromarray(np.rint(arr / 257.0).astype(np.uint8), "L")
+    if im.mode == "F":
+        arr = np.asarray(im, dtype=np.float64)  # (H, W)
+        if arr.size and not (np.isfinite(arr).all() and arr.min() >= 0.0 and arr.max() <= 1.0):
+            lo, hi = np.nanmin(arr), np.nanmax(arr)
+            raise BadFileError.of(path, f"float pixels {lo:g}..{hi:g} ({int((~np.isfinite(arr)).sum())} non-finite) "
+                                        "are not intensities in [0, 1]; rescale it to [0, 1]")
+        return Image.fromarray(np.rint(arr * 255.0).astype(np.uint8), "L")
+    return im
+
+
+def read_image(path: str, mode: str):
+    """The image file ``path`` fully decoded as an 8-bit PIL image of ``mode`` ("L" or "RGB").
+
+    High-bit-depth and float pixels are scaled (:func:`_to_8bit`), grey is repeated into RGB and
+    colour made grey by PIL's ITU-R 601 luma. A file PIL cannot decode (corrupt, truncated, empty),
+    one above PIL's decompression-bomb limit (``PIL.Image.MAX_IMAGE_PIXELS``, twice of it raises)
+    or one whose pixels have no intensity scale is a :class:`BadFileError` naming it.
+    """
+    from PIL import Image
+
+    try:
+        with Image.open(path) as im:
+            im.load()  # decode now: a truncated file fails here, inside this try
+            return _to_8bit(im, path).convert(mode)
+    except BadFileError:
+        raise
+    except Image.DecompressionBombError as e:
+        raise BadFileError.of(path, f"too large to decode: {e} Shrink it or remove it") from None
+    except Exception as e:  # noqa: BLE001 - any decoder failure (OSError, SyntaxError, zlib.error, ...) is the file's
+        raise BadFileError.of(path, one_line(e)) from None
+
+
+def folder_mode(paths: Sequence[str]) -> str:
+    """"RGB" if any of the image files is colour, else "L" (grey, 16-bit and float files).
+
+    Only the headers are read, and only up to the first colour file: a colour dataset costs one
+    open, a grey one a pass over its headers (``data.channels`` skips it). Unreadable files are
+    passed over; decoding them later is what ``data.on_bad_file`` rules.
+    """
+    from PIL import Image
+
+    for path in paths:
+        try:
+            with Image.open(path) as im:
+                if im.mode not in GREY_MODES:
+                    return "RGB"
+        except Exception:  # noqa: BLE001 - a bad file is reported when it is decoded
+            continue
+    return "L"
 
 
 # ----------------------------------------------------------------------------------------------

@@ -10,15 +10,21 @@ Sources:
 - ``digits``: scikit-learn's bundled 8x8 digits (1,797 images, no download): the dataset the tests
   and the quick experiments run on. Seeded stratified train/val split.
 - ``imagefolder``: torchvision ``ImageFolder`` layout ``root/<class>/<image>``; seeded stratified
-  split; RGB or grey as the first image is.
+  split; RGB if any image is colour, else grey (or as ``data.channels`` says), every image
+  converted to it.
 - ``mnist`` / ``cifar10``: torchvision; the official test split is the validation split.
 - ``paired``: ``root/A/<name>`` (source) and ``root/B/<name>`` (target) with matching names; no
-  classes, so every label is 0 and ``num_classes`` is 1.
+  classes, so every label is 0 and ``num_classes`` is 1. ``data.channels`` sets the target images'
+  channels; the sources' are decided from their own files (grey sketches, colour photos).
 - ``fashion_mnist``: the official idx files (gzipped or not; default ``root`` the Debian package's
   folder :data:`FASHION_ROOT`), the official 60k/10k split (val = test), zero-padded from 28x28 to
   32x32 (the DDPM / MNIST-at-32 convention: patch 2 gives 256 tokens), held as uint8.
 - ``imagenet``: ILSVRC-2012 folders (:func:`~unidiff.data.readers.scan_imagenet`), lazy, ADM's
-  centre crop to ``image_size`` (:class:`ImageFileDataset`), ``data.on_bad_file`` for unreadable files.
+  centre crop to ``image_size`` (:class:`ImageFileDataset`); RGB (grey with ``data.channels=1``).
+
+Every image-file source (``imagefolder``, ``paired``, ``imagenet``) decodes through
+:func:`~unidiff.data.readers.read_image` and follows ``data.on_bad_file`` for unreadable files
+(:mod:`unidiff.data.datasets`, "Bad files").
 - ``imagenet32`` / ``imagenet64``: downsampled ImageNet's npz batches, converted once into the
   memory-mapped cache under ``data.cache_dir`` (:mod:`unidiff.data.cache`, :class:`ArrayDataset`).
 
@@ -39,9 +45,8 @@ import torch.nn.functional as F
 
 from ..errors import DataError
 from .cache import npz_cache
-from .datasets import (AnyDataset, ArrayDataset, FolderDataset, ImageFileDataset, InMemoryDataset, image_mode,
-                       materialize)
-from .readers import find_file, read_idx, scan_imagenet
+from .datasets import AnyDataset, ArrayDataset, FolderDataset, ImageFileDataset, InMemoryDataset, materialize
+from .readers import find_file, folder_mode, read_idx, scan_imagenet
 
 DIGIT_NAMES = ["zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine"]
 # Folder datasets whose decoded float32 tensors fit under this are loaded into memory when
@@ -191,12 +196,23 @@ def _torchvision(cfg, spec: TorchvisionSpec):
     return train, val, names
 
 
+def _mode(cfg, paths) -> str:
+    """The PIL mode every image is converted to: ``data.channels`` (1: "L", 3: "RGB") when set,
+    else decided from the whole file list (:func:`~unidiff.data.readers.folder_mode`: any colour
+    image makes it RGB), never from whichever file sorts first."""
+    channels = getattr(cfg, "channels", None)
+    if channels is not None:
+        return "L" if int(channels) == 1 else "RGB"
+    return folder_mode(paths)
+
+
 def _folder_split(cfg, samples, labels, size, mode, source_mode=None):
     train_idx, val_idx = stratified_split(np.asarray(labels), cfg.val_fraction, cfg.split_seed)
     train_idx = _limit(train_idx, cfg.max_items, cfg.split_seed)
     val_idx = _limit(val_idx, cfg.max_items, cfg.split_seed)
-    train = FolderDataset([samples[i] for i in train_idx], size, mode, source_mode, hflip=cfg.hflip)
-    val = FolderDataset([samples[i] for i in val_idx], size, mode, source_mode)
+    policy = str(cfg.on_bad_file)
+    train = FolderDataset([samples[i] for i in train_idx], size, mode, source_mode, hflip=cfg.hflip, on_bad_file=policy)
+    val = FolderDataset([samples[i] for i in val_idx], size, mode, source_mode, on_bad_file=policy)
     in_memory = cfg.in_memory
     if in_memory is None:
         channels = (1 if mode == "L" else 3) + (0 if source_mode is None else (1 if source_mode == "L" else 3))
@@ -216,7 +232,7 @@ def _imagefolder(cfg):
     except (FileNotFoundError, ValueError) as e:
         raise DataError(f"data.root={root} is not an image folder (root/<class>/<image>): {e}") from e
     samples = [(path, label, None) for path, label in folder.samples]
-    mode = image_mode(samples[0][0])
+    mode = _mode(cfg, [path for path, _, _ in samples])
     train, val = _folder_split(cfg, samples, folder.targets, size, mode)
     return train, val, list(folder.classes)
 
@@ -259,7 +275,7 @@ def _paired(cfg):
         raise DataError(f"paired data: no image files in {src_dir} and {tgt_dir}")
     # No classes in paired data: every label is 0 and num_classes is 1.
     samples = [(tgt[name], 0, src[name]) for name in sorted(src)]
-    mode, source_mode = image_mode(samples[0][0]), image_mode(samples[0][2])
+    mode, source_mode = _mode(cfg, [t for t, _, _ in samples]), folder_mode([s for _, _, s in samples])
     train, val = _folder_split(cfg, samples, [0] * len(samples), size, mode, source_mode)
     return train, val, ["pair"]
 
@@ -314,8 +330,9 @@ def _imagenet(cfg):
         if not samples:
             raise DataError(f"ImageNet layout: no images in {os.path.join(root, split)}")
         idx = _limit(np.arange(len(samples)), cfg.max_items, cfg.split_seed)
+        mode = "L" if getattr(cfg, "channels", None) == 1 else "RGB"  # ImageNet is colour: no scan
         out.append(ImageFileDataset([samples[i] for i in idx], size, hflip=cfg.hflip and split == "train",
-                                    on_bad_file=str(cfg.on_bad_file)))
+                                    on_bad_file=str(cfg.on_bad_file), mode=mode))
     return out[0], out[1], names
 
 
