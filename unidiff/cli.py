@@ -121,13 +121,16 @@ def _nonneg_float(text: str) -> float:
 
 
 def _seed(text: str) -> int:
+    from .seeds import check_seed  # the one seed range (run.seed checks the same)
+
     try:
         value = int(text)
     except ValueError:
         raise argparse.ArgumentTypeError(f"expected an integer seed, got {text!r}") from None
-    if not 0 <= value < 1 << 32:
-        raise argparse.ArgumentTypeError(f"expected a seed in [0, 2**32), got {text!r}")
-    return value
+    try:
+        return check_seed(value, "seed")
+    except ConfigError as err:
+        raise argparse.ArgumentTypeError(str(err).split(": ", 1)[1]) from None
 
 
 def _label_list(text: str) -> List[int]:
@@ -179,17 +182,25 @@ def _train_args(p: argparse.ArgumentParser) -> None:
 
 def preflight(cfg):
     """Everything that can reject a run config before training writes a file: the run folder is
-    writable, what training builds builds (``prepare_run``: data, resolved config, model, schedule),
-    and one no-grad training step on two items runs. Returns ``prepare_run``'s tuple.
+    writable, what training builds builds (:func:`unidiff.train.prepare_seeded`: data, resolved
+    config, seeded model, schedule), and one no-grad training step on two items runs. Returns the
+    :class:`unidiff.train.Prepared` build, which ``train(cfg, prepared=...)`` trains: the data and
+    the model are built once. The check leaves the model as built (its buffers, such as MoE token
+    counts, are put back), and the build keeps the RNG state it left, so the numbers of a run are
+    those it would have without this check."""
+    import torch
 
-    ``train`` builds its own (seeded) model again afterwards, so the numbers of a run are those
-    it would have without this check."""
     from .config import check_run_folder, check_training_step
-    from .train import prepare_run
+    from .train import prepare_seeded
 
     check_run_folder(cfg)
-    prepared = prepare_run(cfg)
-    check_training_step(prepared[0], prepared[4], prepared[1])
+    prepared = prepare_seeded(cfg)
+    model = prepared.model
+    buffers = {name: b.detach().clone() for name, b in model.named_buffers()}
+    check_training_step(prepared.cfg, model, prepared.train_set)
+    with torch.no_grad():
+        for name, b in model.named_buffers():
+            b.copy_(buffers[name])
     return prepared
 
 
@@ -197,7 +208,7 @@ def _dry_run(cfg) -> None:
     """``train --dry-run``: the :func:`preflight`, then the config and the sizes; writes nothing."""
     from .config import to_yaml
 
-    cfg, train_set, val_set, info, model = preflight(cfg)
+    cfg, train_set, val_set, info, model, _ = preflight(cfg)
     print(to_yaml(cfg), end="")
     total = sum(p.numel() for p in model.parameters())
     backbone = sum(p.numel() for p in model.backbone.parameters())
@@ -217,8 +228,7 @@ def _train(args) -> int:
     if args.dry_run:
         _dry_run(cfg)
         return 0
-    preflight(cfg)
-    out = train(cfg)
+    out = train(cfg, prepared=preflight(cfg))  # one build of the data and the model
     if int(os.environ.get("RANK", "0")) == 0:  # once under `accelerate launch`
         print(f"run folder: {out}")
     return 0
@@ -557,8 +567,7 @@ def _run_one(cfg, eval_seed: int):
     from .evaluate import evaluate
     from .train import train
 
-    preflight(cfg)
-    out = train(cfg)
+    out = train(cfg, prepared=preflight(cfg))
     paths = None
     if cfg.image_head:
         paths = sample_to_file(out, "joint", None, None, None, None, cfg.run.seed, None, None, out / "samples" / "final.npz")
