@@ -714,3 +714,20 @@ def torch_equal(a, b) -> bool:
     import torch
 
     return a.dtype == b.dtype and a.shape == b.shape and bool(torch.equal(a, b))
+
+
+@pytest.mark.parametrize("terminal", [False, True])
+def test_the_training_bar_redraws_live_only_on_a_terminal(tmp_path, capsys, monkeypatch, terminal):
+    """Off a terminal (a log, an executed notebook keeps every redraw) the bar draws a few times per
+    run, not once per step or logged record; on a terminal it stays live (a redraw per step here)."""
+    steps = 12
+    monkeypatch.setattr(type(__import__("sys").stderr), "isatty", lambda self: terminal, raising=False)
+    rc = main(["train", DEBUG, f"run.dir={tmp_path / 'r'}", f"train.steps={steps}", "train.log_every=1",
+               f"train.ckpt_every={steps}", "train.sample_every=0", "train.report_to=[]"])
+    err = capsys.readouterr().err
+    assert rc == 0, err
+    redraws = err.count("\r")
+    if terminal:
+        assert redraws >= steps, err
+    else:
+        assert 1 <= redraws <= 4, err  # the first state, the last, and at most one timed or ~10% redraw

@@ -502,7 +502,7 @@ def sample_to_file(run_dir, task: str, n: Optional[int], steps: Optional[int], s
     task, the solver, the conditioning, ``-n``, the seed, the shard size, the precision) are
     generated anew, with one warning line. The samples are a function of the seed *and* the shard
     size (each shard draws its own noise): the first ``k · shard_size`` rows of a longer run are
-    those of a shorter one with the same seed and shard size.
+    those of a shorter one with the same seed and shard size and at least ``k · shard_size`` rows.
 
     Precision: the run's ``train.mixed_precision`` resolved on this machine
     (:func:`unidiff.launch.resolve_precision`: ``auto`` is bf16 on bf16-capable CUDA devices and on

@@ -485,8 +485,12 @@ def train(cfg: DictConfig, stop_at: Optional[int] = None, datasets: Optional[Tup
     n_micro, t_last = 0, time.time()
     accelerator.print(f"training {cfg.run.name}: steps {step}->{end}, global batch {tc.batch_size}, "
                       f"{world} process(es), {sum(p.numel() for p in net.parameters()):,} parameters, {last_threads()}")
+    # The bar redraws live on a terminal; elsewhere (a log file, an executed notebook, where every
+    # redraw is kept) at most about ten times a run and once a minute, postfix changes included.
+    live = sys.stderr.isatty()
+    quiet = {} if live else {"mininterval": 60.0, "miniters": max(1, (tc.steps - step) // 10)}
     bar = tqdm(total=tc.steps, initial=step, disable=not accelerator.is_local_main_process, desc=cfg.run.name,
-               dynamic_ncols=True)
+               dynamic_ncols=True, **quiet)
 
     def save(at: int) -> None:
         # --- never checkpoint non-finite weights (the loop stops instead) ------------------------
@@ -582,7 +586,7 @@ def train(cfg: DictConfig, stop_at: Optional[int] = None, datasets: Optional[Tup
                         f.write(json.dumps(record) + "\n")
                 accelerator.log({k: v for k, v in record.items() if k != "step"}, step=step)  # main process only
                 if "loss" in record:
-                    bar.set_postfix(loss=f"{record['loss']:.4f}", img_s=f"{record['images_per_s']:.0f}")
+                    bar.set_postfix(loss=f"{record['loss']:.4f}", img_s=f"{record['images_per_s']:.0f}", refresh=live)
                 sums, counts, n_micro = {}, {}, 0
 
             if state.bad_in_a_row >= tc.max_bad_steps:
