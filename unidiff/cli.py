@@ -1,7 +1,7 @@
 """The ``unidiff`` command line.
 
     unidiff train CONFIG [key=value ...] [--dry-run]
-    unidiff sample RUN_DIR --task TASK -n N --out FILE.npz [--inputs FILE.npz] [...]
+    unidiff sample RUN_DIR --task TASK -n N --out FILE.npz [--inputs FILE.npz] [--shard-size S] [...]
         TASK: joint, or a task of the run's modality kinds (heads.modality_tasks()): class_to_image,
               image_to_label, representation_to_image, image_to_representation, inpaint,
               transition, target_to_source, ...
