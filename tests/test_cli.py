@@ -642,3 +642,92 @@ def test_evaluate_read_only_run_folder_fails_before_any_metric(trained_run, caps
     rc, _, err = _run(capsys, "evaluate", str(trained_run))
     _assert_one_line_error(rc, err, "run folder", "not writable")
     assert _files(trained_run) == before
+
+
+# --- one seed range; one build of the data and the model per `train` ---------------------------
+def test_every_seed_argument_shares_one_range_and_message(workdir, capsys):
+    """run.seed, sample --seed and run --seeds: the same bounds (2**32 - 1 in, 2**32 and -1 out) and
+    the same words, from one function (unidiff.seeds.check_seed)."""
+    from unidiff.config import load_config
+    from unidiff.errors import ConfigError
+    from unidiff.seeds import check_seed
+
+    assert load_config(DEBUG, [f"run.seed={2**32 - 1}"]).run.seed == 2**32 - 1
+    for bad in (2**32, -1):
+        with pytest.raises(ConfigError) as err:
+            load_config(DEBUG, [f"run.seed={bad}"])
+        assert str(err.value) == f"run.seed: must be a seed in [0, 2**32), got {bad}"
+        rc, _, err_text = _run(capsys, "sample", "r", "--seed", str(bad), "--out", "x.npz")
+        _assert_one_line_error(rc, err_text, "--seed", f"must be a seed in [0, 2**32), got {bad}")
+        rc, _, err_text = _run(capsys, "run", DEBUG, "--seeds", f"0,{bad}")
+        _assert_one_line_error(rc, err_text, "--seeds", f"must be a seed in [0, 2**32), got {bad}")
+    assert check_seed(0, "k") == 0 and check_seed(2**32 - 1, "k") == 2**32 - 1
+    with pytest.raises(ConfigError, match=r"^k: "):
+        check_seed(True, "k")  # a YAML `yes` is not a seed
+    assert _files(workdir) == []
+
+
+def test_train_builds_data_and_model_once_and_the_preflight_changes_no_number(tmp_path, monkeypatch):
+    """`unidiff train` checks its config (preflight: one no-grad step) on the build it then trains:
+    build_datasets and build_model run once each, and the checkpoint is bitwise the one of
+    train(cfg) called without any check (the debug preset has MoE buffers the check moves)."""
+    from safetensors.torch import load_file
+
+    import unidiff.data
+    import unidiff.train
+    from unidiff.config import load_config
+    from unidiff.train import train
+
+    calls = {"data": 0, "model": 0}
+    real_data, real_model = unidiff.data.build_datasets, unidiff.train.build_model
+
+    def count(key, fn):
+        def wrapped(*args, **kwargs):
+            calls[key] += 1
+            return fn(*args, **kwargs)
+        return wrapped
+
+    overrides = ["train.steps=2", "train.ckpt_every=2", "train.sample_every=0", "train.report_to=[]"]
+    monkeypatch.setattr(unidiff.data, "build_datasets", count("data", real_data))
+    monkeypatch.setattr(unidiff.train, "build_model", count("model", real_model))
+    assert main(["train", DEBUG, f"run.dir={tmp_path / 'cli'}", *overrides]) == 0
+    assert calls == {"data": 1, "model": 1}
+    monkeypatch.undo()
+    # What train() receives from the preflight is the seeded build as it was, buffers included.
+    from unidiff.cli import preflight
+    from unidiff.train import prepare_seeded
+
+    cfg = load_config(DEBUG, [f"run.dir={tmp_path / 'p'}", *overrides])
+    checked, fresh = preflight(cfg), prepare_seeded(cfg)
+    for kind in ("named_parameters", "named_buffers"):
+        a, b = dict(getattr(checked.model, kind)()), dict(getattr(fresh.model, kind)())
+        assert a.keys() == b.keys() and all(torch_equal(a[k], b[k]) for k in a), kind
+    assert torch_equal(checked.rng["torch"], fresh.rng["torch"])
+    direct = train(load_config(DEBUG, [f"run.dir={tmp_path / 'direct'}", *overrides]))
+    for name in ("model.safetensors", "ema.safetensors"):
+        a = load_file(str(tmp_path / "cli" / "checkpoints" / "step_000002" / name))
+        b = load_file(str(direct / "checkpoints" / "step_000002" / name))
+        assert a.keys() == b.keys() and all(torch_equal(a[k], b[k]) for k in a), name
+
+
+def torch_equal(a, b) -> bool:
+    import torch
+
+    return a.dtype == b.dtype and a.shape == b.shape and bool(torch.equal(a, b))
+
+
+@pytest.mark.parametrize("terminal", [False, True])
+def test_the_training_bar_redraws_live_only_on_a_terminal(tmp_path, capsys, monkeypatch, terminal):
+    """Off a terminal (a log, an executed notebook keeps every redraw) the bar draws a few times per
+    run, not once per step or logged record; on a terminal it stays live (a redraw per step here)."""
+    steps = 12
+    monkeypatch.setattr(type(__import__("sys").stderr), "isatty", lambda self: terminal, raising=False)
+    rc = main(["train", DEBUG, f"run.dir={tmp_path / 'r'}", f"train.steps={steps}", "train.log_every=1",
+               f"train.ckpt_every={steps}", "train.sample_every=0", "train.report_to=[]"])
+    err = capsys.readouterr().err
+    assert rc == 0, err
+    redraws = err.count("\r")
+    if terminal:
+        assert redraws >= steps, err
+    else:
+        assert 1 <= redraws <= 4, err  # the first state, the last, and at most one timed or ~10% redraw

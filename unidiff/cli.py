@@ -1,7 +1,7 @@
 """The ``unidiff`` command line.
 
     unidiff train CONFIG [key=value ...] [--dry-run]
-    unidiff sample RUN_DIR --task TASK -n N --out FILE.npz [--inputs FILE.npz] [...]
+    unidiff sample RUN_DIR --task TASK -n N --out FILE.npz [--inputs FILE.npz] [--shard-size S] [...]
         TASK: joint, or a task of the run's modality kinds (heads.modality_tasks()): class_to_image,
               image_to_label, representation_to_image, image_to_representation, inpaint,
               transition, target_to_source, ...
@@ -121,13 +121,16 @@ def _nonneg_float(text: str) -> float:
 
 
 def _seed(text: str) -> int:
+    from .seeds import check_seed  # the one seed range (run.seed checks the same)
+
     try:
         value = int(text)
     except ValueError:
         raise argparse.ArgumentTypeError(f"expected an integer seed, got {text!r}") from None
-    if not 0 <= value < 1 << 32:
-        raise argparse.ArgumentTypeError(f"expected a seed in [0, 2**32), got {text!r}")
-    return value
+    try:
+        return check_seed(value, "seed")
+    except ConfigError as err:
+        raise argparse.ArgumentTypeError(str(err).split(": ", 1)[1]) from None
 
 
 def _label_list(text: str) -> List[int]:
@@ -179,17 +182,25 @@ def _train_args(p: argparse.ArgumentParser) -> None:
 
 def preflight(cfg):
     """Everything that can reject a run config before training writes a file: the run folder is
-    writable, what training builds builds (``prepare_run``: data, resolved config, model, schedule),
-    and one no-grad training step on two items runs. Returns ``prepare_run``'s tuple.
+    writable, what training builds builds (:func:`unidiff.train.prepare_seeded`: data, resolved
+    config, seeded model, schedule), and one no-grad training step on two items runs. Returns the
+    :class:`unidiff.train.Prepared` build, which ``train(cfg, prepared=...)`` trains: the data and
+    the model are built once. The check leaves the model as built (its buffers, such as MoE token
+    counts, are put back), and the build keeps the RNG state it left, so the numbers of a run are
+    those it would have without this check."""
+    import torch
 
-    ``train`` builds its own (seeded) model again afterwards, so the numbers of a run are those
-    it would have without this check."""
     from .config import check_run_folder, check_training_step
-    from .train import prepare_run
+    from .train import prepare_seeded
 
     check_run_folder(cfg)
-    prepared = prepare_run(cfg)
-    check_training_step(prepared[0], prepared[4], prepared[1])
+    prepared = prepare_seeded(cfg)
+    model = prepared.model
+    buffers = {name: b.detach().clone() for name, b in model.named_buffers()}
+    check_training_step(prepared.cfg, model, prepared.train_set)
+    with torch.no_grad():
+        for name, b in model.named_buffers():
+            b.copy_(buffers[name])
     return prepared
 
 
@@ -197,7 +208,7 @@ def _dry_run(cfg) -> None:
     """``train --dry-run``: the :func:`preflight`, then the config and the sizes; writes nothing."""
     from .config import to_yaml
 
-    cfg, train_set, val_set, info, model = preflight(cfg)
+    cfg, train_set, val_set, info, model, _ = preflight(cfg)
     print(to_yaml(cfg), end="")
     total = sum(p.numel() for p in model.parameters())
     backbone = sum(p.numel() for p in model.backbone.parameters())
@@ -217,8 +228,7 @@ def _train(args) -> int:
     if args.dry_run:
         _dry_run(cfg)
         return 0
-    preflight(cfg)
-    out = train(cfg)
+    out = train(cfg, prepared=preflight(cfg))  # one build of the data and the model
     if int(os.environ.get("RANK", "0")) == 0:  # once under `accelerate launch`
         print(f"run folder: {out}")
     return 0
@@ -230,6 +240,11 @@ def _train(args) -> int:
 # modality off given images; "joint" generates everything. Each modality converts its own values
 # to and from .npz arrays (Modality.npz_key / to_array / from_array / default_inputs).
 SAMPLERS = tuple(values(Sampler))
+# The PNG beside a sample file shows at most this many samples (the first ones): a 10x10 grid.
+GRID_SAMPLES = 100
+# Rows per shard of `unidiff sample` (--shard-size): each is sampled as one batch and written as one
+# resumable file (unidiff/shards.py).
+SHARD_SIZE = 256
 
 
 def _sample_args(p: argparse.ArgumentParser) -> None:
@@ -261,7 +276,13 @@ def _sample_args(p: argparse.ArgumentParser) -> None:
                         "1 = visible; default: random), 'sources' (default: the built-in transform of the images). "
                         "'images' are uint8 N×H×W×C; other integer types are converted when within 0..255, "
                         "floats must lie in [-1, 1]")
-    p.add_argument("--out", type=_npz_path, required=True, help="output .npz (required; a PNG grid is written beside it)")
+    p.add_argument("--out", type=_npz_path, required=True,
+                   help="output .npz (required); beside it OUT.png (a labelled grid of the first samples), OUT.json "
+                        "(seed, precision, shard size) and, until OUT.npz is written, the shards in OUT.shards/")
+    p.add_argument("--shard-size", type=_positive_int, default=SHARD_SIZE,
+                   help="samples per shard: each shard is one batch and one resumable file in OUT.shards/, seeded "
+                        "from --seed and its index, so the samples depend on it (rerun a killed sample with the "
+                        "same arguments to resume)")
 
 
 def _read_npz(path: Path) -> Dict[str, "np.ndarray"]:
@@ -358,53 +379,102 @@ def adm_layout(arrays: Dict[str, "np.ndarray"]) -> Dict[str, "np.ndarray"]:
     return out
 
 
-def sample_batch(pipe, task: str, n: int, n_given: Optional[int], arrays: Dict[str, "np.ndarray"],
+def known_values(pipe, task: str, n: int, n_given: Optional[int], arrays: Dict[str, "np.ndarray"],
                  sources: Dict[str, str], rows: Callable[[], Dict[str, "torch.Tensor"]], seed: int, *,
-                 steps: Optional[int] = None, sampler: Optional[str] = None, guidance: Optional[float] = None,
-                 classifier_scale: Optional[float] = None, inputs: Optional[Path] = None):
-    """One batch of a task's outputs for one seed, by ``pipe`` (a
-    :class:`unidiff.pipeline.UnifiedDiffusionPipeline`) on these inputs: its
-    :class:`~unidiff.pipeline.UnifiedPipelineOutput` with ``images`` the raw (N, C, H, W) samples in
-    [-1, 1] (or the read task's input images) and ``arrays`` the sample-file arrays (``images`` + each
-    modality's ``npz_key`` array, see :func:`sample_to_file`).
+                 inputs: Optional[Path] = None):
+    """The conditioning value of every row of a generate task (None for ``joint`` and read tasks):
+    ``{modality name: value}`` on the pipeline's device.
 
-    The seam of sharded sampling: ``arrays`` (the ``--inputs``/``--labels`` arrays), ``rows()`` (the
-    task's input rows: images and the data's own modality values) and ``n`` are this batch's;
-    ``n_given`` is the ``-n`` cut of the rows (None: all). One generator seeded with ``seed`` draws
-    everything in order (random masks, then the sampler). Settings left None take the pipeline's
-    defaults (``sampling.json``: a conditional task's guidance is the evaluation's).
+    From the ``--inputs``/``--labels`` arrays (read by the modality's ``from_array``, the first
+    ``n_given`` rows, or all), else the modality's ``default_inputs`` of ``n`` samples and the task's
+    input rows. Anything random in them (random inpainting masks) is drawn once, from a generator
+    seeded with ``seed`` itself, so that the conditioning does not depend on the shard size.
     """
     import torch
 
     task_spec, name = pipe.resolve_task(task)
-    model, device = pipe.model, pipe.device
-    mod = model.modalities[name] if name is not None else None
+    if name is None or task_spec.action == "read":
+        return None
+    mod, device = pipe.model.modalities[name], pipe.device
     g = torch.Generator(device=device).manual_seed(seed)
+    key = mod.npz_key
+    if key is not None and key in arrays:
+        entries = {k: _rows_of(v, 0, n_given) for k, v in mod.from_array(arrays[key], sources[key]).items()}
+        batch = {**rows(), **_to_device(entries, device)} if mod.needs_image else _to_device(entries, device)
+        value = mod.from_batch(batch, generator=g)
+    else:
+        if inputs is not None and "images" not in arrays:
+            raise DataError(f"--inputs file {str(inputs)!r} has neither {key!r} nor 'images' (has {sorted(arrays)})")
+        value = mod.default_inputs(n, rows, g)
+        if value is None:
+            raise DataError(f"--task {task} needs --inputs FILE.npz with a {key!r} array ({mod.npz_doc})")
+    return {name: _to_device(value, device)}
+
+
+def sample_batch(pipe, task: str, n: int, known: Optional[Dict[str, "torch.Tensor"]],
+                 images: Optional["torch.Tensor"], generator: "torch.Generator", *, steps: Optional[int] = None,
+                 sampler: Optional[str] = None, guidance: Optional[float] = None,
+                 classifier_scale: Optional[float] = None):
+    """One batch (one shard) of a task's outputs by ``pipe`` (a
+    :class:`unidiff.pipeline.UnifiedDiffusionPipeline`): its
+    :class:`~unidiff.pipeline.UnifiedPipelineOutput` with ``images`` the raw (n, C, H, W) samples in
+    [-1, 1] (or the read task's input images) and ``arrays`` the sample-file arrays (``images`` + each
+    modality's ``npz_key`` array, see :func:`sample_to_file`).
+
+    ``known``: this batch's rows of :func:`known_values` (None: ``joint``, ``n`` samples);
+    ``images``: a read task's input rows. ``generator`` draws the sampler's noise. Settings left None
+    take the pipeline's defaults (``sampling.json``: a conditional task's guidance is the evaluation's).
+    """
+    task_spec, _ = pipe.resolve_task(task)
     if task_spec is not None and task_spec.action == "read":
-        return pipe.read(task, rows()["image"], generator=g, output_type="latent")
-    known = None
-    if mod is not None:
-        key = mod.npz_key
-        if key is not None and key in arrays:
-            entries = {k: _rows_of(v, 0, n_given) for k, v in mod.from_array(arrays[key], sources[key]).items()}
-            batch = {**rows(), **_to_device(entries, device)} if mod.needs_image else _to_device(entries, device)
-            value = mod.from_batch(batch, generator=g)
-        else:
-            if inputs is not None and "images" not in arrays:
-                raise DataError(f"--inputs file {str(inputs)!r} has neither {key!r} nor 'images' (has {sorted(arrays)})")
-            value = mod.default_inputs(n, rows, g)
-            if value is None:
-                raise DataError(f"--task {task} needs --inputs FILE.npz with a {key!r} array ({mod.npz_doc})")
-        known = {name: _to_device(value, device)}
+        return pipe.read(task, images, generator=generator, output_type="latent")
     return pipe.generate(task, known, batch_size=n if known is None else None, num_inference_steps=steps,
-                         sampler=sampler, guidance_scale=guidance, classifier_scale=classifier_scale, generator=g,
-                         output_type="latent")
+                         sampler=sampler, guidance_scale=guidance, classifier_scale=classifier_scale,
+                         generator=generator, output_type="latent")
+
+
+class _OneProcess:
+    """The accelerator interface :func:`unidiff.shards.generate_sharded` needs, for one process."""
+
+    num_processes, process_index, is_main_process = 1, 0, True
+
+    def wait_for_everyone(self) -> None:
+        pass
+
+    def gather_for_metrics(self, obj, use_gather_object: bool = False):
+        return obj
+
+
+def _digest(value) -> Optional[str]:
+    """A content hash of a tensor, a dict of tensors or None (what decides a shard's samples)."""
+    import hashlib
+
+    import torch
+
+    if value is None:
+        return None
+    h = hashlib.sha256()
+    if isinstance(value, dict):
+        for k in sorted(value):
+            h.update(f"{k}={_digest(value[k])};".encode())
+        return h.hexdigest()
+    t = torch.as_tensor(value).detach().cpu().contiguous()
+    h.update(f"{t.dtype}:{tuple(t.shape)}".encode())
+    h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()
+
+
+def shard_folder(out: Path) -> Path:
+    """Where ``unidiff sample --out OUT.npz`` keeps its shards until ``OUT.npz`` is published."""
+    return out.with_suffix(".shards")
 
 
 def sample_to_file(run_dir, task: str, n: Optional[int], steps: Optional[int], sampler: Optional[str],
                    guidance: Optional[float], seed: int, labels: Optional[List[int]], inputs: Optional[Path],
-                   out: Path, classifier_scale: Optional[float] = None) -> Dict[str, Path]:
-    """Run one sampling task of a trained run (DESIGN.md §3); write ``out`` and a PNG grid beside it.
+                   out: Path, classifier_scale: Optional[float] = None,
+                   shard_size: int = SHARD_SIZE) -> Dict[str, Path]:
+    """Run one sampling task of a trained run (DESIGN.md §3); write ``out``, a labelled PNG grid and
+    a JSON record beside it.
 
     The run's pipeline (:class:`unidiff.pipeline.UnifiedDiffusionPipeline.from_run`: ``RUN_DIR/model``
     with its schedule and sampler settings, or the run's ``config.yaml`` for older runs) does the
@@ -423,16 +493,39 @@ def sample_to_file(run_dir, task: str, n: Optional[int], steps: Optional[int], s
     the first ``n``); without its array the modality's ``default_inputs`` gives the value from the
     task's input rows (the ``--inputs`` images or the val split, all or the first ``n``) or from the
     sample count ``n`` (a label cycles over the classes).
+
+    Shards (:func:`unidiff.shards.generate_sharded`): the rows are sampled ``shard_size`` at a time
+    into ``OUT.shards/shard_XXXXX.npz`` (atomic files), shard ``i`` from the seed
+    ``seed_for(seed, i)``; the conditioning values of all rows are fixed first (:func:`known_values`).
+    ``OUT.npz`` is then written atomically and the shard folder removed. A killed run rerun with the
+    same arguments keeps its finished shards; shards of other settings (the model's weights, the
+    task, the solver, the conditioning, ``-n``, the seed, the shard size, the precision) are
+    generated anew, with one warning line. The samples are a function of the seed *and* the shard
+    size (each shard draws its own noise): the first ``k · shard_size`` rows of a longer run are
+    those of a shorter one with the same seed and shard size and at least ``k · shard_size`` rows.
+
+    Precision: the run's ``train.mixed_precision`` resolved on this machine
+    (:func:`unidiff.launch.resolve_precision`: ``auto`` is bf16 on bf16-capable CUDA devices and on
+    CPUs with AMX/AVX512-BF16, fp32 elsewhere); the sampling runs under :func:`unidiff.launch.autocast`
+    of that choice, the VAE decode of latent runs outside it. The choice and its reason are
+    returned, printed and written to ``OUT.json``.
     """
+    import shutil
+    import warnings
+
     import numpy as np
     import torch
 
     from .config import check_writable
     from .evaluate import load_run_config
-    from .io import save_grid, write_npz
+    from .io import save_labelled_grid, write_json, write_npz
     from .latents import decode_samples
+    from .launch import autocast, resolve_precision
+    from .metrics import module_fingerprint
     from .modality import images_from_array, images_to_uint8
     from .pipeline import UnifiedDiffusionPipeline
+    from .provenance import provenance
+    from .shards import generate_sharded
 
     spec = _task_spec(task, run_dir)
     generate = spec is None or spec.action == "generate"
@@ -444,9 +537,12 @@ def sample_to_file(run_dir, task: str, n: Optional[int], steps: Optional[int], s
         raise ConfigError(f"--steps {steps} exceeds the run's diffusion.num_train_timesteps={T}")
     if not out.parent.is_dir():
         raise ConfigError(f"--out folder {str(out.parent)!r} does not exist")
-    for path in (out, out.with_suffix(".png")):
+    grid_path, record_path, shards_dir = out.with_suffix(".png"), out.with_suffix(".json"), shard_folder(out)
+    for path in (out, grid_path, record_path):
         if path.is_dir():
             raise ConfigError(f"--out: {str(path)!r} is a folder, not a file")
+    if shards_dir.exists() and not shards_dir.is_dir():
+        raise ConfigError(f"--out: {str(shards_dir)!r} (the shard folder) is a file, not a folder")
     check_writable(out.parent, "--out")
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     pipe = UnifiedDiffusionPipeline.from_run(run_dir, device)  # progress bars on a terminal only
@@ -473,7 +569,7 @@ def sample_to_file(run_dir, task: str, n: Optional[int], steps: Optional[int], s
         arrays["labels"] = np.asarray([labels[i % len(labels)] for i in range(n)], dtype=np.int64)
         sources["labels"] = "--labels"
 
-    cache: Dict[str, Dict[str, "torch.Tensor"]] = {}
+    cache: Dict[str, object] = {}
 
     def rows() -> Dict[str, "torch.Tensor"]:
         """The task's input rows on ``device``: the --inputs images, else the val split (first -n)."""
@@ -485,29 +581,76 @@ def sample_to_file(run_dir, task: str, n: Optional[int], steps: Optional[int], s
             else:
                 from .data import build_datasets, iter_batches
 
-                _, val_set, _ = build_datasets(cfg.data)
+                _, val_set, cache["info"] = build_datasets(cfg.data)
                 parts = list(iter_batches(val_set, 512))
                 batch = {k: torch.cat([b[k] for b in parts]) for k in parts[0]}
             cache["rows"] = {k: _to_device(_rows_of(v, 0, n_given), device) for k, v in batch.items()}
         return cache["rows"]
 
-    result = sample_batch(pipe, task, n, n_given, arrays, sources, rows, seed, steps=steps, sampler=sampler,
-                          guidance=guidance, classifier_scale=classifier_scale, inputs=inputs)
-    pixels = result.images
-    if cfg.model.vae.path:  # latent runs: VAE decode to pixels (unidiff.latents)
-        pixels = decode_samples(result.images, cfg)
-        result.arrays["images"] = images_to_uint8(pixels)
-    write_npz(out, **result.arrays, **adm_layout(result.arrays))
-    grid = out.with_suffix(".png")
-    save_grid(pixels.cpu(), grid)
-    return {"npz": out, "grid": grid}
+    # --- what every row is conditioned on (or reads), fixed before the first shard -------------------
+    read = not generate
+    known = known_values(pipe, task, n, n_given, arrays, sources, rows, seed, inputs=inputs)
+    images = rows()["image"] if read else None
+    total = _n_rows(images if read else known) if (read or known is not None) else n
+    precision, reason = resolve_precision(cfg.train.mixed_precision, device.type)
+    settings = {"model": module_fingerprint(model), "scheduler": json.loads(pipe.scheduler.to_json_string()),
+                "sampling": dict(pipe.config.sampling), "task": task, "steps": steps, "sampler": sampler,
+                "guidance": guidance, "classifier_scale": classifier_scale, "known": _digest(known),
+                "images": _digest(images), "precision": precision, "vae": cfg.model.vae.path}
+
+    def one_shard(shard):
+        g = torch.Generator(device=device).manual_seed(shard.seed)
+        stop = shard.start + shard.count
+        with autocast(precision, device.type):
+            result = sample_batch(pipe, task, shard.count, _rows_of(known, shard.start, stop) if known else None,
+                                  images[shard.start:stop] if read else None, g, steps=steps, sampler=sampler,
+                                  guidance=guidance, classifier_scale=classifier_scale)
+        if cfg.model.vae.path:  # latent runs: VAE decode to pixels (unidiff.latents)
+            result.arrays["images"] = images_to_uint8(decode_samples(result.images.float(), cfg))
+        return result.arrays
+
+    C, H, W = (int(s) for s in model.image_shape)
+    spec_arrays = None if cfg.model.vae.path else {"images": ("uint8", (H, W, C))}
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        arrays_out = generate_sharded(one_shard, total, shard_size, seed, shards_dir, settings=settings,
+                                      spec=spec_arrays, accelerator=_OneProcess())
+    for w in caught:  # a shard of other settings or a bad shard: one line each
+        print(f"unidiff: warning: {' '.join(str(w.message).split())}", file=sys.stderr)
+    write_npz(out, **arrays_out, **adm_layout(arrays_out))
+
+    # --- the grid: the first GRID_SAMPLES samples, each captioned with its label ----------------------
+    shown = arrays_out["images"][:GRID_SAMPLES]
+    captions = arrays_out["labels"][:GRID_SAMPLES].tolist() if "labels" in arrays_out else None
+    pixels = images_from_array(shown, "samples", (shown.shape[-1], *shown.shape[1:3]))
+    save_labelled_grid(pixels, captions, grid_path, class_names=_class_names(cfg, cache) if captions else None)
+    write_json(record_path, provenance(seed, command=sys.argv, task=task, n=total, shard_size=shard_size,
+                                       run_dir=str(run_dir), precision={"mixed_precision": precision, "reason": reason},
+                                       device=str(device)))
+    shutil.rmtree(shards_dir, ignore_errors=True)  # only once the sample file is published
+    return {"npz": out, "grid": grid_path, "record": record_path, "precision": f"{precision} ({reason})"}
 
 
-@command("sample", "sample from a trained run into an .npz (+ PNG grid)", _sample_args)
+def _class_names(cfg, cache: Dict[str, object]) -> Optional[List[str]]:
+    """The data's class names for grid captions (None, i.e. class indices, when the data cannot be
+    built here: a run folder copied without its data still samples)."""
+    info = cache.get("info")
+    if info is None:
+        from .data import build_datasets
+
+        try:
+            _, _, info = build_datasets(cfg.data)
+        except (UnidiffError, OSError):
+            return None
+    names = list(getattr(info, "class_names", []) or [])
+    return names or None
+
+
+@command("sample", "sample from a trained run into an .npz (+ labelled PNG grid, JSON record)", _sample_args)
 def _sample(args) -> int:
     paths = sample_to_file(args.run_dir, args.task, args.n, args.steps, args.sampler, args.guidance, args.seed,
-                           args.labels, args.inputs, args.out, args.classifier_scale)
-    print(f"samples: {paths['npz']}\ngrid: {paths['grid']}\n{last_threads()}")
+                           args.labels, args.inputs, args.out, args.classifier_scale, shard_size=args.shard_size)
+    print(f"samples: {paths['npz']}\ngrid: {paths['grid']}\nprecision: {paths['precision']}\n{last_threads()}")
     return 0
 
 
@@ -557,8 +700,7 @@ def _run_one(cfg, eval_seed: int):
     from .evaluate import evaluate
     from .train import train
 
-    preflight(cfg)
-    out = train(cfg)
+    out = train(cfg, prepared=preflight(cfg))
     paths = None
     if cfg.image_head:
         paths = sample_to_file(out, "joint", None, None, None, None, cfg.run.seed, None, None, out / "samples" / "final.npz")

@@ -45,6 +45,7 @@ from .choices import BetaSchedule, LRSchedule, MixedPrecision, Prediction, Sampl
 from .data import DataConfig
 from .errors import ConfigError, DataError
 from .latents import resolve_vae
+from .seeds import SEED_LIMIT, check_seed  # noqa: F401 (SEED_LIMIT re-exported: the one seed range)
 
 # The string options (BetaSchedule, Prediction, Weighting, Sampler, LRSchedule, MixedPrecision)
 # are defined once in unidiff/choices.py, beside nothing heavy, and re-exported here.
@@ -53,7 +54,6 @@ from .latents import resolve_vae
 MAX_TIMESTEPS = 100_000  # the schedule is a table of T entries (diffusers' standard T is 1000)
 MAX_BATCH = 1 << 20  # train.batch_size: the batch order materialises B indices per step
 MAX_GRID = 10_000  # sample.n: one batch of samples, one PNG grid (100 x 100 cells)
-SEED_LIMIT = 1 << 32  # run.seed in [0, 2**32): numpy's seed range (accelerate's set_seed)
 # Backbone integers that are sizes or divisors (0 would divide by zero or build an empty layer).
 _POSITIVE_BACKBONE_KEYS = ("hidden_size", "patch_size", "num_heads", "num_kv_heads", "d_state", "d_conv", "expand",
                            "headdim", "n_groups", "chunk_size", "num_experts", "top_k", "n_group", "topk_group",
@@ -370,7 +370,7 @@ def validate(cfg: DictConfig) -> None:
         _check(_is_path_component(r.name), "run.name",
                f"{r.name!r} must be one plain folder name under runs/ (no '/', not '.' or '..' or empty); "
                "to write elsewhere give run.dir")
-    _check(0 <= r.seed < SEED_LIMIT, "run.seed", f"must be in [0, 2**32), got {r.seed}")
+    check_seed(r.seed, "run.seed")
 
     validate_backbone_options(dict(cfg.model.backbone))
     _check(cfg.run.threads is None or cfg.run.threads >= 1, "run.threads", f"must be a positive integer or null, got {cfg.run.threads}")

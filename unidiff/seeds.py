@@ -21,6 +21,17 @@ from .io import write_json, write_text
 
 # Bookkeeping numbers of a metrics file that are not results (equal in every seed by construction).
 SKIP_KEYS = ("step", "n_samples")
+SEED_LIMIT = 1 << 32  # every seed is in [0, 2**32): numpy's seed range (accelerate's set_seed)
+
+
+def check_seed(value: int, key: str) -> int:
+    """``value`` when it is a seed in ``[0, 2**32)``, else a one-line ConfigError naming ``key``.
+
+    The one range check of every seed a user gives (``run.seed``, ``sample --seed``, ``--seeds``).
+    """
+    if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value < SEED_LIMIT:
+        raise ConfigError(f"{key}: must be a seed in [0, 2**32), got {value!r}")
+    return value
 
 
 def parse_seeds(text: str) -> List[int]:
@@ -31,9 +42,9 @@ def parse_seeds(text: str) -> List[int]:
         raise ConfigError(f"--seeds: expected comma-separated integers like 0,1,2, got {text!r}") from None
     if not seeds:
         raise ConfigError("--seeds: expected at least one seed, e.g. 0,1,2")
-    if any(s < 0 for s in seeds) or len(set(seeds)) != len(seeds):
-        raise ConfigError(f"--seeds: seeds must be distinct integers >= 0, got {text!r}")
-    return seeds
+    if len(set(seeds)) != len(seeds):
+        raise ConfigError(f"--seeds: seeds must be distinct, got {text!r}")
+    return [check_seed(s, "--seeds") for s in seeds]
 
 
 def seed_name(name: str, seed: int) -> str:

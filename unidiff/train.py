@@ -47,7 +47,7 @@ import sys
 import threading
 import time
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Sequence, Tuple
+from typing import Any, Dict, List, NamedTuple, Optional, Sequence, Tuple
 
 import torch
 from diffusers.utils.torch_utils import randn_tensor
@@ -280,19 +280,65 @@ def prepare_run(cfg: DictConfig, datasets: Optional[Tuple[Any, Any, Any]] = None
     return cfg, train_set, val_set, info, model
 
 
-def train(cfg: DictConfig, stop_at: Optional[int] = None, datasets: Optional[Tuple[Any, Any, Any]] = None) -> Path:
+class Prepared(NamedTuple):
+    """:func:`prepare_run`'s build with the global RNG state right after it (:func:`prepare_seeded`)."""
+
+    cfg: DictConfig
+    train_set: Any
+    val_set: Any
+    info: Any
+    model: nn.Module
+    rng: Dict[str, Any]
+
+
+def _rng_state() -> Dict[str, Any]:
+    """The global RNG states accelerate's ``set_seed`` seeds (Python, numpy, torch CPU and CUDA)."""
+    import random
+
+    import numpy as np
+
+    return {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state(),
+            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None}
+
+
+def _set_rng_state(state: Dict[str, Any]) -> None:
+    import random
+
+    import numpy as np
+
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+    if state["cuda"] is not None:
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def prepare_seeded(cfg: DictConfig, datasets: Optional[Tuple[Any, Any, Any]] = None) -> Prepared:
+    """What :func:`train` builds first (``set_seed(run.seed)``, then :func:`prepare_run`), with the
+    RNG state it leaves, so that ``train(cfg, prepared=...)`` continues from it instead of building
+    the data and the model again (the CLI's preflight builds once for the check and the run)."""
+    from accelerate.utils import set_seed
+
+    set_seed(cfg.run.seed)
+    return Prepared(*prepare_run(cfg, datasets), rng=_rng_state())
+
+
+def train(cfg: DictConfig, stop_at: Optional[int] = None, datasets: Optional[Tuple[Any, Any, Any]] = None,
+          prepared: Optional[Prepared] = None) -> Path:
     """Train the run described by ``cfg``; returns the run folder.
 
     Rerunning with the same config resumes from the latest complete checkpoint (``train.resume``).
     ``stop_at`` ends the loop early at that step with a checkpoint, as an interruption would (the
     resume test uses it); the final EMA model is exported only when ``train.steps`` is reached.
-    ``datasets``: the ``(train, val, info)`` of ``cfg.data`` when the caller built them already.
+    ``datasets``: the ``(train, val, info)`` of ``cfg.data`` when the caller built them already;
+    ``prepared``: :func:`prepare_seeded` of ``cfg`` (its model untrained, e.g. the CLI's preflight
+    build), used instead of building the data and the model (the run's numbers do not change).
     Raises :class:`TrainingInterrupted` after a signal's checkpoint, :class:`TrainingDiverged` on
     non-finite values, ConfigError for a rerun that changes a fixed key.
     """
     from accelerate import Accelerator
     from accelerate.state import AcceleratorState
-    from accelerate.utils import DistributedDataParallelKwargs, set_seed
+    from accelerate.utils import DistributedDataParallelKwargs
     from diffusers.optimization import get_scheduler
     from diffusers.training_utils import EMAModel
     from tqdm.auto import tqdm
@@ -321,8 +367,11 @@ def train(cfg: DictConfig, stop_at: Optional[int] = None, datasets: Optional[Tup
                                   log_with=trackers, project_dir=str(run_dir(cfg)), kwargs_handlers=[ddp])
     except (ValueError, RuntimeError) as err:
         raise ConfigError(f"train.mixed_precision={precision!r} is not usable here: {err}") from None
-    set_seed(cfg.run.seed)  # identical initial weights on every process
-    cfg, train_set, _, info, model = prepare_run(cfg, datasets)
+    if prepared is None:
+        prepared = prepare_seeded(cfg, datasets)  # set_seed: identical initial weights on every process
+    else:  # built already (the CLI's preflight): the RNG continues from where that build left it
+        _set_rng_state(prepared.rng)
+    cfg, train_set, _, info, model, _ = prepared
     objective = build_objective(cfg, model)
     schedule = objective.schedule
     world, rank = accelerator.num_processes, accelerator.process_index
@@ -436,8 +485,12 @@ def train(cfg: DictConfig, stop_at: Optional[int] = None, datasets: Optional[Tup
     n_micro, t_last = 0, time.time()
     accelerator.print(f"training {cfg.run.name}: steps {step}->{end}, global batch {tc.batch_size}, "
                       f"{world} process(es), {sum(p.numel() for p in net.parameters()):,} parameters, {last_threads()}")
+    # The bar redraws live on a terminal; elsewhere (a log file, an executed notebook, where every
+    # redraw is kept) at most about ten times a run and once a minute, postfix changes included.
+    live = sys.stderr.isatty()
+    quiet = {} if live else {"mininterval": 60.0, "miniters": max(1, (tc.steps - step) // 10)}
     bar = tqdm(total=tc.steps, initial=step, disable=not accelerator.is_local_main_process, desc=cfg.run.name,
-               dynamic_ncols=True)
+               dynamic_ncols=True, **quiet)
 
     def save(at: int) -> None:
         # --- never checkpoint non-finite weights (the loop stops instead) ------------------------
@@ -533,7 +586,7 @@ def train(cfg: DictConfig, stop_at: Optional[int] = None, datasets: Optional[Tup
                         f.write(json.dumps(record) + "\n")
                 accelerator.log({k: v for k, v in record.items() if k != "step"}, step=step)  # main process only
                 if "loss" in record:
-                    bar.set_postfix(loss=f"{record['loss']:.4f}", img_s=f"{record['images_per_s']:.0f}")
+                    bar.set_postfix(loss=f"{record['loss']:.4f}", img_s=f"{record['images_per_s']:.0f}", refresh=live)
                 sums, counts, n_micro = {}, {}, 0
 
             if state.bad_in_a_row >= tc.max_bad_steps:
