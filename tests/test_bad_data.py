@@ -368,3 +368,21 @@ def test_image_file_datasets_read_through_any_dataloader(tmp_path):
     for i in range(3):
         assert torch.equal(batch["image"][i], train[i]["image"]) and batch["label"][i] == train.samples[i][1]
         assert np.abs(_to_unit(batch["image"][i]).reshape(3, -1).mean(1) - [40 * i, 7, 99]).max() <= 0.5 + 1e-3
+
+
+def test_training_lists_the_files_it_skipped_in_the_run_folder(folder_with_bad_files, tmp_path_factory):
+    # 10 files (2 bad), lazy loading, 4 steps of batch 8: every item is drawn at least once per epoch.
+    from pathlib import Path
+
+    from unidiff.train import train
+
+    root, bad = folder_with_bad_files
+    run = tmp_path_factory.mktemp("run")
+    cfg = load_config(Path(__file__).resolve().parents[1] / "configs/debug.yaml",
+                      ["data.name=imagefolder", f"data.root={root}", "data.image_size=8", "data.max_items=null",
+                       "data.in_memory=false", "data.val_fraction=0.0", "data.on_bad_file=skip",
+                       f"run.dir={run}", "train.sample_every=0"])
+    train(cfg)
+    listed = [line.split("\t")[0] for line in (run / "bad_files.txt").read_text().splitlines()]
+    assert listed and set(listed) <= set(bad), listed
+    assert len(listed) == len(set(listed))  # each skipped file once, however often it was drawn

@@ -59,6 +59,7 @@ from .config import ConfigError, build_model, build_schedule, resolve_with_data,
 from .errors import CheckpointError, UnidiffError
 from .io import save_labelled_grid, seed_for, write_json, write_text
 from .latents import decode_samples
+from .data import write_bad_files
 from .launch import autocast, destroy_process_group_at_exit, launch_settings, resolve_precision
 from .runtime import apply_threads, last_threads
 
@@ -86,6 +87,7 @@ class TrainingInterrupted(SystemExit):
 MUTABLE_ON_RESUME = ("run.name", "run.dir", "train.steps", "train.log_every", "train.sample_every",
                      "train.ckpt_every", "train.keep_last", "train.resume", "train.compile",
                      "train.max_bad_steps", "train.report_to", "run.threads", "data.num_workers", "data.download",
+                     "data.on_bad_file",
                      "sample", "eval")
 
 
@@ -499,6 +501,8 @@ def train(cfg: DictConfig, stop_at: Optional[int] = None, datasets: Optional[Tup
             raise TrainingDiverged(f"the weights are not finite at step {at}: not checkpointed; the last finite "
                                    f"checkpoint is {last.name if last is not None else 'none'} (lower train.lr?)")
         ckpt.save_checkpoint(accelerator, ckpt_root, at, tc.keep_last, model_config=dict(net.config), **saved_objects)
+        if accelerator.is_main_process:  # data.on_bad_file=skip: the files skipped so far
+            write_bad_files(out_dir, train_set)
 
     # --- finite check state: this optimiser step's micro-steps, kept apart until it is applied ----
     finite = torch.ones((), dtype=torch.bool, device=device)  # every loss of this step is finite
@@ -610,6 +614,8 @@ def train(cfg: DictConfig, stop_at: Optional[int] = None, datasets: Optional[Tup
             if stop:
                 break
 
+    if accelerator.is_main_process:
+        write_bad_files(out_dir, train_set)
     if step == tc.steps and accelerator.is_main_process:
         # The inference snapshot (EDM2's second checkpoint kind): what `sample`/`evaluate` load.
         ckpt.export_model(ckpt.ema_model_from(net, ema), out_dir / "model", run_config=cfg)
