@@ -145,6 +145,20 @@ def test_mask_augmentation_masks_whole_patches_of_a_fraction_of_the_rows():
     assert torch.equal(train.batch(index)["image"], images)  # the wrapped split itself is untouched
 
 
+def test_only_the_augmentation_arm_trains_on_masked_images_with_the_modality_masks():
+    from experiments.runner import training_data
+
+    exp = load_experiment(CONFIGS / "ablation_mask_augment.yaml", ["experiment.mask_augment_p=0.25"])
+    data = Datasets()(exp.arms["label"])
+    for arm in ("label_masked", "label"):
+        assert training_data(exp, arm, data) is data
+    aug_train, val, info = training_data(exp, "label_augment", data)
+    assert isinstance(aug_train, MaskAugmented) and val is data[1] and info is data[2]
+    masked = exp.arms["label_masked"].modalities[1].options
+    assert aug_train.p == 0.25
+    assert aug_train.mask_modality.mask_ratio == masked.mask_ratio and aug_train.mask_modality.mask_patch == masked.mask_patch
+
+
 # --- the null-drift stand-in ------------------------------------------------------------------------
 def test_null_unknown_drift_puts_the_null_encoding_of_unknown_modalities_in_the_drift():
     exp = load_experiment(CONFIGS / "masked_class_conditional.yaml", ["model.preset=debug"])
@@ -266,3 +280,54 @@ def test_claim_rerun_reads_the_checkpoint_evaluations_back(claim_run):
         assert after["arms"][arm]["trained_now"] is False
         assert after["arms"][arm]["by_step"]["2"] == before["arms"][arm]["by_step"]["2"]
         assert after["arms"][arm]["metrics"]["c2i/fid@4"] == pytest.approx(before["arms"][arm]["metrics"]["c2i/fid@4"])
+
+
+# --- seed summaries: mean ± std, the samples behind each FID, the notebook's spread plot ------------
+def _fake_seed_summary(folder: Path):
+    from unidiff.seeds import write_summary
+
+    per_seed = {s: {"label_masked/fid": 10.0 + s, "label_masked/fid@250": 20.0 + 2 * s, "label_masked/n_samples": 500,
+                    "label_masked/c2i/fid": 9.0 + s, "label_masked/c2i/n_samples": 300,
+                    "label/fid": 12.0 + s, "label/fid@250": 25.0 - s, "label/n_samples": 500}
+                for s in (0, 1, 2)}
+    return write_summary(folder, "masked_class_conditional: 3 seeds (metric keys are arm/metric)", [0, 1, 2],
+                         {s: f"runs/x_s{s}" for s in per_seed}, per_seed)
+
+
+def test_seed_summary_shows_mean_std_and_the_samples_behind_each_fid(tmp_path):
+    paths = _fake_seed_summary(tmp_path / "masked_class_conditional_seeds")
+    summary = json.loads(paths["json"].read_text())
+    fid = summary["metrics"]["label_masked/fid"]
+    assert fid["mean"] == pytest.approx(11.0) and fid["std"] == pytest.approx(1.0)  # 10, 11, 12 by hand
+    assert summary["metrics"]["label_masked/fid@250"]["std"] == pytest.approx(2.0)
+    md = paths["md"].read_text()
+    assert "| label_masked/fid | 11 ± 1 | 3 | 10, 11, 12 |" in md
+    assert "label_masked/n_samples = 500" in md and "label_masked/c2i/n_samples = 300" in md
+
+
+def test_results_notebook_plots_the_spread_of_seed_summaries(tmp_path, monkeypatch):
+    import os
+
+    nbformat = pytest.importorskip("nbformat")
+    nbclient = pytest.importorskip("nbclient")
+    root, out, cwd = tmp_path / "experiments", tmp_path / "plots", tmp_path / "cwd"
+    cwd.mkdir()
+    _fake_seed_summary(root / "masked_class_conditional_seeds")
+    monkeypatch.setenv("UNIDIFF_RESULTS_ROOT", str(root))
+    monkeypatch.setenv("UNIDIFF_NB_OUT", str(out))
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    monkeypatch.setenv("PYTHONPATH", os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]))
+    nb = nbformat.read(str(ROOT / "notebooks" / "results.ipynb"), as_version=4)
+    nbclient.NotebookClient(nb, timeout=300, kernel_name="python3", resources={"metadata": {"path": str(cwd)}}).execute()
+    plots = json.loads((out / "spread_summary.json").read_text())["plots"]
+    assert list(plots) == ["masked_class_conditional"]
+    png = Path(plots["masked_class_conditional"])
+    assert png == out / "spread_masked_class_conditional.png"
+    from PIL import Image
+
+    with Image.open(png) as im:
+        w, h = im.size
+        lo, hi = im.convert("L").getextrema()
+    assert w >= 3 * 200 and lo < hi  # fid, c2i/fid and the fid@step curve: three panels, not blank
+    text = "".join(o.get("text", "") for c in nb.cells if c.cell_type == "code" for o in c.outputs)
+    assert "masked_class_conditional: mean ± std over 3 seeds" in text
