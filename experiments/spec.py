@@ -77,6 +77,8 @@ class ExperimentSpec:
         augmentation (``x0 ⊙ M`` as the diffusion target on a fraction ``mask_augment_p`` of the
         items), with the ratio and patch of the first arm's ``masked_image`` modality
         (:mod:`experiments.augment`); such an arm must not have a ``masked_image`` modality itself.
+        The run config does not hold these two keys: changing them does not retrain a finished arm
+        (use a new ``experiment.name``).
     n_fid: class→image samples of the class-conditional FID (``masked_class_conditional``).
     unknown_drift: how class→image treats the modalities that are not given
         (``masked_class_conditional``): ``predicted`` (the sampler's ``Â``, the heads' predictions)
