@@ -20,9 +20,11 @@ CLI's ``experiment`` command imports this package (lazily):
 - :mod:`experiments.setting`: the :class:`Setting` contract, the registry :data:`SETTINGS`, the
   evaluation context and the per-arm driver :func:`arm_metrics`;
 - one module per setting, registered by name, in the setting's folder beside its README:
-  ``joint_image_label``, ``joint_image_representation``, ``masked_image``, ``image_transition``
-  (their docstrings say what each measures);
-- :mod:`experiments.runner`: :func:`run_experiment` (train, evaluate, resume by rerunning);
+  ``joint_image_label``, ``joint_image_representation``, ``masked_image``, ``image_transition``,
+  and the paper's claim ``masked_class_conditional`` (their docstrings say what each measures);
+- :mod:`experiments.augment`: masks as plain augmentation (``experiment.mask_augment_arms``);
+- :mod:`experiments.runner`: :func:`run_experiment` (train, evaluate, resume by rerunning;
+  ``experiment.eval_at``: evaluations at checkpoints over training);
 - :mod:`experiments.report`: the table, ``results.json``/``results.md``; :mod:`experiments.figures`:
   ``samples.png``/``metrics.png``.
 

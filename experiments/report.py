@@ -4,7 +4,7 @@
 from __future__ import annotations
 
 import math
-from typing import Any, Dict, List
+from typing import Any, Dict, List, Optional, Sequence
 
 from omegaconf import DictConfig
 
@@ -15,10 +15,33 @@ COMMON_ROWS: Rows = [("fid", "FID (reference-classifier features)", "lower"),
                      ("bits_per_dim", "bits/dim (bound on -log p(image, aux) per image dim)", "lower")]
 
 
-def table_rows(setting: Setting, arms: Dict[str, DictConfig]) -> Rows:
-    """The rows of the results table: ``(metric key, label, better)`` with better = lower|higher."""
+def row_modality(setting: Setting, arms: Dict[str, DictConfig]) -> str:
+    """The name of the arms' modality of the setting's kind (the ``m`` of :meth:`Setting.rows`)."""
     names = sorted({c.modalities[i].name for c in arms.values() if (i := modality_index(c, setting.kind)) is not None})
-    return COMMON_ROWS + setting.rows(names[0] if names else setting.kind)
+    return names[0] if names else setting.kind
+
+
+def sample_counts(arms: Dict[str, DictConfig]) -> str:
+    """``n=500`` (the ``eval.n_samples`` behind each arm's FID), or ``n=a:100, b:200`` when they differ."""
+    counts = {a: int(c.eval.n_samples) for a, c in arms.items()}
+    if len(set(counts.values())) == 1:
+        return f"n={next(iter(counts.values()))}"
+    return "n=" + ", ".join(f"{a}:{n}" for a, n in counts.items())
+
+
+def table_rows(setting: Setting, arms: Dict[str, DictConfig], steps: Optional[Sequence[int]] = None) -> Rows:
+    """The rows of the results table: ``(metric key, label, better)`` with better = lower|higher.
+
+    The FID rows name the number of samples behind them. ``steps`` (``experiment.eval_at`` and the
+    final step): the setting's convergence rows once per step, keyed ``<key>@<step>``.
+    """
+    m = row_modality(setting, arms)
+    n = sample_counts(arms)
+    rows = [(k, f"{label}, {n}" if k == "fid" else label, b) for k, label, b in COMMON_ROWS] + setting.rows(m)
+    for key, label, better in setting.convergence_rows(m) if steps else []:
+        label = f"{label}, {n}" if key == "fid" else label
+        rows += [(f"{key}@{s}", f"{label} @ step {s}", better) for s in steps]
+    return rows
 
 
 def table(rows: Rows, arm_metrics: Dict[str, Dict[str, Any]]) -> List[Dict[str, Any]]:
@@ -48,7 +71,8 @@ def results_markdown(results: Dict[str, Any]) -> str:
     arms = list(results["arms"])
     lines = [f"# {results['experiment']} ({results['setting']})", "",
              f"Config `{results['config']}`" + (f", overrides `{' '.join(results['overrides'])}`" if results["overrides"] else "")
-             + f"; {results['train_steps']} training steps per arm, seed {results['seed']}.", "",
+             + f"; {results['train_steps']} training steps per arm, seed {results['seed']}"
+             + (f"; evaluated at steps {', '.join(map(str, results['eval_at']))}" if results.get("eval_at") else "") + ".", "",
              "| metric | " + " | ".join(arms) + " |", "|---|" + "---|" * len(arms)]
     for row in results["table"]:
         arrow = "↓" if row["better"] == "lower" else "↑"

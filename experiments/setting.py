@@ -9,7 +9,8 @@ modality kind it studies and adds, to :func:`unidiff.evaluate.evaluate`'s metric
   the representation encoder), into the :class:`Context`;
 - :meth:`Setting.arm_configs`: the arms' configs once ``prepare`` has run (the vectors file);
 - :meth:`Setting.joint_metrics` / :meth:`Setting.conditional_metrics`: the numbers of one arm;
-- :meth:`Setting.rows`: its rows of the results table.
+- :meth:`Setting.rows`: its rows of the results table; :meth:`Setting.convergence_rows`: those
+  repeated at every ``experiment.eval_at`` step.
 
 :func:`arm_metrics` is the one driver that calls them for an arm, with one generator per metric
 seeded alike in every arm (:func:`metric_seed`), so the arms start from the same noise.
@@ -91,6 +92,10 @@ class Setting:
     def rows(self, m: str) -> Rows:
         """The setting's rows of the results table; ``m`` is the arms' modality name."""
         return []
+
+    def convergence_rows(self, m: str) -> Rows:
+        """The rows repeated once per ``experiment.eval_at`` step (``<key>@<step>``)."""
+        return [("fid", "FID (reference-classifier features)", "lower")]
 
 
 # --- helpers the settings share -------------------------------------------------------------------

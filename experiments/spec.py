@@ -31,6 +31,7 @@ from unidiff.errors import ConfigError
 
 # The settings register themselves on import (one module each, beside its README), in §4's order.
 from . import joint_image_label, joint_image_representation, masked_image, image_transition  # noqa: F401, I001
+from . import masked_class_conditional  # noqa: F401, I001  (the paper's class-conditional claim)
 from .setting import SETTINGS, Setting, modality_index
 
 _SAFE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
@@ -66,6 +67,23 @@ class ExperimentSpec:
     consistency metrics; n_cond: val items for the conditional-generation metrics (capped at the
     val size); grid: samples per panel of ``samples.png``; recall_k: the K of retrieval Recall@K.
     device: evaluation device (default CUDA when present).
+
+    Convergence and ablation keys (any setting unless said otherwise):
+    eval_at: training steps (strictly increasing, each below ``train.steps``) at which every arm is
+        also evaluated, besides the final step: the arm trains to each in turn (``train(stop_at=s)``,
+        one schedule for the whole run) and the latest checkpoint's EMA is evaluated; the metrics go
+        into the table as ``<metric>@<step>`` and into ``results.json`` under ``by_step``.
+    mask_augment_arms: arms trained with the masked modality's masks applied to the *image* as
+        augmentation (``x0 ⊙ M`` as the diffusion target on a fraction ``mask_augment_p`` of the
+        items), with the ratio and patch of the first arm's ``masked_image`` modality
+        (:mod:`experiments.augment`); such an arm must not have a ``masked_image`` modality itself.
+        The run config does not hold these two keys: changing them does not retrain a finished arm
+        (use a new ``experiment.name``).
+    n_fid: class→image samples of the class-conditional FID (``masked_class_conditional``).
+    unknown_drift: how class→image treats the modalities that are not given
+        (``masked_class_conditional``): ``predicted`` (the sampler's ``Â``, the heads' predictions)
+        and/or ``null_encoding`` (their null encodings ``E(∅)``); each listed one is evaluated.
+    mask_ratios: the constrained-inpainting sweep of ``masked_image`` (masked fraction ρ of each point).
     """
 
     name: str = ""
@@ -80,6 +98,12 @@ class ExperimentSpec:
     recall_k: List[int] = field(default_factory=lambda: [1, 5])
     device: Optional[str] = None
     representation: RepresentationSpec = field(default_factory=RepresentationSpec)
+    eval_at: List[int] = field(default_factory=list)
+    mask_augment_arms: List[str] = field(default_factory=list)
+    mask_augment_p: float = 0.5
+    n_fid: int = 200
+    unknown_drift: List[str] = field(default_factory=lambda: ["predicted"])
+    mask_ratios: List[float] = field(default_factory=list)
 
 
 @dataclass
@@ -137,6 +161,18 @@ def _validate_spec(spec: DictConfig) -> None:
         _check(spec[key] >= 1, f"experiment.{key}", f"must be >= 1, got {spec[key]}")
     _check(len(spec.recall_k) >= 1 and all(k >= 1 for k in spec.recall_k), "experiment.recall_k",
            f"must be a non-empty list of integers >= 1, got {list(spec.recall_k)}")
+    eval_at = list(spec.eval_at)
+    _check(all(s >= 1 for s in eval_at) and all(a < b for a, b in zip(eval_at, eval_at[1:])), "experiment.eval_at",
+           f"must be strictly increasing training steps >= 1, got {eval_at}")
+    for arm in spec.mask_augment_arms:
+        _check(arm in spec.arms, "experiment.mask_augment_arms", f"{arm!r} is not an arm of experiment.arms ({list(spec.arms)})")
+    _check(0.0 < spec.mask_augment_p <= 1.0, "experiment.mask_augment_p", f"must be in (0, 1], got {spec.mask_augment_p}")
+    _check(spec.n_fid >= 2, "experiment.n_fid", f"must be >= 2 (FID needs two samples), got {spec.n_fid}")
+    drifts = list(spec.unknown_drift)
+    _check(len(drifts) >= 1 and set(drifts) <= {"predicted", "null_encoding"} and len(set(drifts)) == len(drifts),
+           "experiment.unknown_drift", f"must be a non-empty list of distinct 'predicted' / 'null_encoding', got {drifts}")
+    _check(all(0.0 < r < 1.0 for r in spec.mask_ratios), "experiment.mask_ratios",
+           f"must be masked fractions in (0, 1), got {list(spec.mask_ratios)}")
     rep = spec.representation
     _check(rep.pca_dim is None or rep.pca_dim >= 1, "experiment.representation.pca_dim", f"must be >= 1 or null, got {rep.pca_dim}")
     allowed = {f.name for f in fields(EncoderConfig)} - {"out_dir"}
@@ -206,5 +242,14 @@ def load_experiment(config_path: str | os.PathLike, overrides: Sequence[str] = (
             _check(_same(OmegaConf.select(first, key), OmegaConf.select(cfg, key)), f"experiment.arms.{arm}",
                    f"{key} differs from arm {first_arm!r}: baselines share the backbone, "
                    "data, steps and seed (put such changes in experiment.overrides)")
+    steps = int(first.train.steps)
+    _check(all(s < steps for s in spec.eval_at), "experiment.eval_at",
+           f"every step must be below train.steps = {steps} (the final step is always evaluated), got {list(spec.eval_at)}")
+    for arm in spec.mask_augment_arms:
+        _check(modality_index(arms[arm], "masked_image") is None, "experiment.mask_augment_arms",
+               f"arm {arm!r} has a masked_image modality: the augmentation arm is the one without it")
+    if spec.mask_augment_arms:
+        _check(any(modality_index(c, "masked_image") is not None for c in arms.values()), "experiment.mask_augment_arms",
+               "needs an arm with a masked_image modality (its mask ratio and patch are the augmentation's)")
     return Experiment(spec=spec, setting=setting, path=path, base=base, arms=arms, out_dir=out_dir,
                       run_overrides=run_overrides)

@@ -110,6 +110,16 @@ def summary_markdown(title: str, summary: Mapping[str, Any]) -> str:
     for key, e in metrics.items():
         values = ", ".join(f"{v:.4g}" for v in e["values"])
         lines.append(f"| {key} | {fmt_mean_std(e)} | {e['n']} | {values} |")
+    # n is the number of seeds; the samples behind each seed's FID (and other sampled metrics) are
+    # the metrics files' own *n_samples counts (equal in every seed by construction).
+    counts: Dict[str, set] = {}
+    for m in summary.get("per_seed", {}).values():
+        for k, v in m.items():
+            if k.rsplit("/", 1)[-1].endswith("n_samples") and _number(v) is not None:
+                counts.setdefault(k, set()).add(int(v))
+    if counts:
+        lines += ["", "Samples per seed behind the sampled metrics: "
+                  + ", ".join(f"{k} = {'/'.join(map(str, sorted(v)))}" for k, v in counts.items()) + "."]
     return "\n".join(lines) + "\n"
 
 
