@@ -1,0 +1,474 @@
+"""Image quality per CPU-minute against the models researchers would pick instead (issue 12).
+
+    python benchmarks/bench_quality.py --out quality.json                   # 15 min per candidate
+    python benchmarks/bench_quality.py --minutes 2 --samples 200 --out q.json   # a reduced run
+
+Class-conditional generation on Fashion-MNIST at 32x32 (the project's ``fashion_mnist`` source: the
+official split, 28x28 zero-padded to 32x32). Four candidates, each trained for the same clock
+budget (``--minutes``), one after the other, on ``--threads`` threads, then asked for ``--samples``
+class->image samples (classes cycled: 100 per class at 1,000) with DDIM, ``--steps`` steps and
+guidance ``--guidance``:
+
+  unidiff          the joint image-label model of configs/fashion_joint_image_label.yaml (hybrid
+                   backbone ``MEM*EM*E``), trained by ``unidiff.train.train`` with the config's recipe;
+  unidiff_attn     the same with every Mamba sublayer replaced by attention (``*E**E**E``: equal
+                   width and depth), the ablation of the hybrid stack;
+  unet             diffusers' ``UNet2DModel``, class-conditional (``num_class_embeds=11``, index 10
+                   the null class of classifier-free guidance, labels dropped with probability 0.1);
+  dit              diffusers' ``DiTTransformer2DModel``, patch 2, class-conditional through its own
+                   label embedding (dropout 0.1, null class = index 10).
+
+The two peers are sized to about the parameter count of ``unidiff`` and trained the diffusers way:
+``DDPMScheduler`` (squaredcos_cap_v2, 1000 steps, epsilon prediction), MSE on the noise, AdamW,
+EMA (``diffusers.training_utils.EMAModel``), sampled with ``DDIMScheduler`` and classifier-free
+guidance ``eps_u + w (eps_c - eps_u)``. unidiff's guidance is its drift guidance with the same
+``w`` (1 = none for both). Recipes (``PEER_RECIPES``): DiT as its paper (lr 1e-4, constant, no
+weight decay); the UNet as diffusers' ``train_unconditional`` example (AdamW, weight decay 1e-6,
+warm-up), at its upper lr 2e-4 because the budget is short. Every candidate: batch ``--batch-size``
+(the config's 32), EMA decay 0.999 (the config's), gradient clipping 1.0, fp32 (bf16 is ~100x
+slower on a CPU without AMX; ``train.mixed_precision=no`` keeps unidiff there on any machine).
+
+The budget. ``--clock cpu`` (default) counts the process's CPU time, which on one thread is what an
+idle core would take and is not stretched by other work on a shared machine; ``--clock wall``
+counts wall time. The peers run their own loop and stop when the budget is spent. unidiff's loop
+(``unidiff.train.train``) has no time limit and is not edited here: a timed probe of
+``--probe-steps`` optimiser steps of the same objective, model and batch gives its cost per step,
+and it is trained for ``budget / cost`` steps (so its LR schedule is the config's, over that many
+steps). Each candidate's measured training time is reported beside the budget.
+
+Metrics, all with the project's Fashion-MNIST reference classifier (``unidiff.metrics``, trained on
+the train split for ``--reference-steps`` and cached in ``--cache-dir``, as ``unidiff evaluate``
+does): class->image accuracy (the classifier recovers the asked class), FID in its feature space
+against the official test set, beside the floor (as many real train images vs the test set);
+training images/s and steps; sampling seconds; parameters (total and active: a routed MoE expert
+counts top_k / num_experts). For the unidiff models also image->label accuracy on the test set
+(their own label head read at ``eval.t_read``). ``target`` says whether unidiff beats both peers
+on FID and accuracy with image->label >= 0.88. Bad input: one line ``bench_quality: error: ...``,
+exit code 2, nothing written.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import copy
+import math
+import os
+import platform
+import shutil
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any, Callable, Dict, Tuple
+
+import torch
+import torch.nn.functional as F
+
+REPO = Path(__file__).resolve().parents[1]
+if str(REPO) not in sys.path:  # run as a script from anywhere
+    sys.path.insert(0, str(REPO))
+
+from unidiff.errors import ConfigError, UnidiffError  # noqa: E402
+
+FASHION_CONFIG = REPO / "configs" / "fashion_joint_image_label.yaml"
+NUM_CLASSES = 10
+NULL_CLASS = NUM_CLASSES  # the peers' unconditional label (classifier-free guidance)
+LABEL_DROP = 0.1  # the peers' label dropout (DiT's class_dropout_prob; unidiff's diffusion.p_drop)
+EMA_DECAY = 0.999
+GRAD_CLIP = 1.0
+PATTERNS = {"unidiff": "MEM*EM*E", "unidiff_attn": "*E**E**E"}  # the digits preset's, and all-attention
+PEER_RECIPES = {
+    "unet": dict(lr=2e-4, weight_decay=1e-6, lr_schedule="constant_with_warmup", warmup_steps=60,
+                 source="diffusers examples/unconditional_image_generation (AdamW, wd 1e-6, warm-up), lr at its "
+                        "upper 2e-4 for a short budget; constant after warm-up (the step count is not known ahead)"),
+    "dit": dict(lr=1e-4, weight_decay=0.0, lr_schedule="constant", warmup_steps=0,
+                source="DiT paper (Peebles & Xie 2023): AdamW lr 1e-4, no weight decay, constant"),
+}
+CANDIDATES = ("unidiff", "unidiff_attn", "unet", "dit")
+PEERS = ("unet", "dit")
+
+
+# --- model builders (the test counts their parameters itself) ------------------------------------------
+def build_unet() -> torch.nn.Module:
+    """diffusers' UNet2DModel, class-conditional, sized near unidiff's 0.76M parameters (0.83M):
+    three resolutions (32, 16, 8), attention at the two lower ones, one ResNet block per level."""
+    from diffusers import UNet2DModel
+
+    return UNet2DModel(sample_size=32, in_channels=1, out_channels=1, block_out_channels=(32, 32, 64),
+                       layers_per_block=1, norm_num_groups=8, attention_head_dim=16,
+                       down_block_types=("DownBlock2D", "AttnDownBlock2D", "AttnDownBlock2D"),
+                       up_block_types=("AttnUpBlock2D", "AttnUpBlock2D", "UpBlock2D"),
+                       class_embed_type=None, num_class_embeds=NUM_CLASSES + 1)
+
+
+def build_dit() -> torch.nn.Module:
+    """diffusers' DiTTransformer2DModel, patch 2 (256 tokens, as unidiff), width 64 (4 heads of 16),
+    8 blocks: 0.78M parameters. ``num_embeds_ada_norm=10``: its label table has a null row 10."""
+    from diffusers import DiTTransformer2DModel
+
+    return DiTTransformer2DModel(num_attention_heads=4, attention_head_dim=16, in_channels=1, out_channels=1,
+                                 num_layers=8, sample_size=32, patch_size=2, num_embeds_ada_norm=NUM_CLASSES)
+
+
+def peer_forward(name: str, model, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """The peer's noise prediction (B, 1, H, W) for noisy images x, timesteps t and labels y (10 = null)."""
+    if name == "unet":
+        return model(x, t, class_labels=y).sample
+    return model(hidden_states=x, timestep=t, class_labels=y).sample
+
+
+def unidiff_overrides(args, name: str, run_dir: Path, steps: int) -> list:
+    """The config overrides of a unidiff candidate: the bench's data, budget, threads and precision;
+    no periodic samples, trackers or intermediate checkpoints (they would spend the budget)."""
+    out = [f"run.dir={run_dir}", f"run.seed={args.seed}", f"run.threads={args.threads}",
+           f"model.backbone.pattern='{PATTERNS[name]}'", f"train.steps={steps}", f"train.batch_size={args.batch_size}",
+           f"train.warmup_steps={min(60, max(steps // 10, 0))}", "train.mixed_precision=no", "train.sample_every=0",
+           f"train.ckpt_every={steps}", "train.keep_last=1", f"train.log_every={max(1, min(50, steps))}",
+           "train.report_to=[]", f"eval.cache_dir={args.cache_dir}", f"eval.reference_steps={args.reference_steps}"]
+    if args.root:
+        out.append(f"data.root={args.root}")
+    return out
+
+
+def unidiff_config(args, name: str, run_dir: Path, steps: int):
+    from unidiff.config import load_config
+
+    return load_config(str(FASHION_CONFIG), unidiff_overrides(args, name, run_dir, steps))
+
+
+def build_unidiff(args, name: str, info):
+    """A fresh unidiff candidate (its UnifiedModel) and its resolved config, for a data description."""
+    from unidiff.config import build_model, resolve_with_data
+
+    cfg = resolve_with_data(unidiff_config(args, name, Path(args.work) / name, 1), info)
+    return build_model(cfg, info.image_shape), cfg
+
+
+def count_parameters(model) -> Tuple[int, int]:
+    """(total, active) parameters; for unidiff the backbone's routed experts count top_k / num_experts."""
+    total = sum(p.numel() for p in model.parameters())
+    backbone = getattr(model, "backbone", None)
+    if backbone is None or not hasattr(backbone, "num_parameters_active"):
+        return total, total
+    return total, total - sum(p.numel() for p in backbone.parameters()) + backbone.num_parameters_active()
+
+
+# --- clocks -----------------------------------------------------------------------------------------
+def clock_fn(kind: str) -> Callable[[], float]:
+    return time.process_time if kind == "cpu" else time.perf_counter
+
+
+# --- training ---------------------------------------------------------------------------------------
+def probe_unidiff_step(args, name: str, datasets, clock) -> float:
+    """Seconds (by ``clock``) of one optimiser step of unidiff's objective: ``--probe-steps`` steps of
+    forward, backward, clipping, AdamW and an EMA update on the bench's batch, after one warm-up."""
+    from diffusers.training_utils import EMAModel
+
+    from unidiff.data import infinite_batches
+    from unidiff.train import build_objective
+
+    train_set, _, info = datasets
+    model, cfg = build_unidiff(args, name, info)
+    objective = build_objective(cfg, model)
+    opt = torch.optim.AdamW(model.parameters(), lr=cfg.train.lr, weight_decay=cfg.train.weight_decay)
+    ema = EMAModel(model.parameters(), decay=EMA_DECAY, foreach=True)
+    batches = infinite_batches(train_set, args.batch_size, args.seed)
+    g = torch.Generator().manual_seed(args.seed)
+    t0 = 0.0
+    for i in range(args.probe_steps + 1):
+        if i == 1:  # the first step allocates: not timed
+            t0 = clock()
+        out = objective(next(batches), generator=g)
+        opt.zero_grad(set_to_none=True)
+        out.loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), GRAD_CLIP)
+        opt.step()
+        ema.step(model.parameters())
+    return (clock() - t0) / args.probe_steps
+
+
+def train_unidiff(args, name: str, datasets, budget: float, clock) -> Tuple[Any, Any, Dict[str, Any]]:
+    """Train a unidiff candidate for about ``budget`` seconds with the project's own loop; returns the
+    EMA model, the config and the training figures."""
+    from unidiff.checkpoint import load_model
+    from unidiff.train import train
+
+    per_step = probe_unidiff_step(args, name, datasets, clock)
+    steps = max(1, int(budget / per_step))
+    run_dir = Path(args.work) / name
+    cfg = unidiff_config(args, name, run_dir, steps)
+    t0 = clock()
+    with contextlib.redirect_stdout(sys.stderr):  # train's messages: stdout carries only the JSON
+        train(cfg, datasets=datasets)
+    seconds = clock() - t0
+    model = load_model(run_dir, "cpu").eval()
+    return model, cfg, {"steps": steps, "train_seconds": seconds, "probe_seconds_per_step": per_step,
+                        "images_per_s": steps * args.batch_size / max(seconds, 1e-9),
+                        "recipe": f"{FASHION_CONFIG.relative_to(REPO)} (AdamW lr 1e-3, wd 0.01, cosine over the "
+                                  f"steps, warm-up {min(60, steps // 10)}), x0-prediction, drift guidance"}
+
+
+def ddpm_scheduler():
+    from diffusers import DDPMScheduler
+
+    return DDPMScheduler(num_train_timesteps=1000, beta_schedule="squaredcos_cap_v2", prediction_type="epsilon")
+
+
+def train_peer(args, name: str, datasets, budget: float, clock) -> Tuple[Any, Dict[str, Any]]:
+    """Train a diffusers peer until ``budget`` seconds are spent; returns its EMA copy and figures."""
+    from diffusers.optimization import get_scheduler
+    from diffusers.training_utils import EMAModel
+
+    from unidiff.data import infinite_batches
+
+    train_set = datasets[0]
+    recipe = PEER_RECIPES[name]
+    torch.manual_seed(args.seed)  # the initial weights and DiT's own label dropout draws
+    model = build_unet() if name == "unet" else build_dit()
+    model.train()
+    noise_sched = ddpm_scheduler()
+    opt = torch.optim.AdamW(model.parameters(), lr=recipe["lr"], weight_decay=recipe["weight_decay"])
+    lr_sched = get_scheduler(recipe["lr_schedule"], opt, num_warmup_steps=recipe["warmup_steps"])
+    ema = EMAModel(model.parameters(), decay=EMA_DECAY, foreach=True)
+    batches = infinite_batches(train_set, args.batch_size, args.seed)
+    g = torch.Generator().manual_seed(args.seed + 1)
+    T = noise_sched.config.num_train_timesteps
+    steps, t0 = 0, clock()
+    while clock() - t0 < budget:
+        batch = next(batches)
+        x0, y = batch["image"].float(), batch["label"].long()  # (B, 1, 32, 32) in [-1, 1], (B,)
+        B = x0.shape[0]
+        if name == "unet":  # DiT's LabelEmbedding drops labels itself in train mode
+            y = torch.where(torch.rand(B, generator=g) < LABEL_DROP, torch.full_like(y, NULL_CLASS), y)
+        noise = torch.randn(x0.shape, generator=g)
+        t = torch.randint(0, T, (B,), generator=g)
+        loss = F.mse_loss(peer_forward(name, model, noise_sched.add_noise(x0, noise, t), t, y), noise)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), GRAD_CLIP)
+        opt.step()
+        lr_sched.step()
+        ema.step(model.parameters())
+        steps += 1
+        if not math.isfinite(loss.item()):
+            raise UnidiffError(f"{name}: non-finite loss at step {steps}")
+    seconds = clock() - t0
+    ema_model = copy.deepcopy(model)
+    ema.copy_to(ema_model.parameters())
+    return ema_model.eval().requires_grad_(False), {
+        "steps": steps, "train_seconds": seconds, "images_per_s": steps * args.batch_size / max(seconds, 1e-9),
+        "final_loss": loss.item() if steps else None,
+        "recipe": f"AdamW lr {recipe['lr']:g}, wd {recipe['weight_decay']:g}, {recipe['lr_schedule']} "
+                  f"(warm-up {recipe['warmup_steps']}), EMA {EMA_DECAY}, eps-prediction, CFG; {recipe['source']}"}
+
+
+# --- sampling -----------------------------------------------------------------------------------------
+@torch.no_grad()
+def sample_peer(args, name: str, model, labels: torch.Tensor) -> torch.Tensor:
+    """Class->image samples (N, 1, 32, 32) in [-1, 1]: DDIM (eta 0) with classifier-free guidance."""
+    from diffusers import DDIMScheduler
+
+    out = []
+    for i, y in enumerate(labels.split(args.sample_batch)):
+        sched = DDIMScheduler.from_config(ddpm_scheduler().config)
+        sched.set_timesteps(args.steps)
+        g = torch.Generator().manual_seed(args.seed * 1000 + i)
+        x = torch.randn((len(y), 1, 32, 32), generator=g)
+        yy = torch.cat([y, torch.full_like(y, NULL_CLASS)])
+        for t in sched.timesteps:
+            eps_c, eps_u = peer_forward(name, model, torch.cat([x, x]), t.expand(2 * len(y)), yy).chunk(2)
+            x = sched.step(eps_u + args.guidance * (eps_c - eps_u), t, x).prev_sample
+        out.append(x.clamp(-1, 1))
+    return torch.cat(out)
+
+
+@torch.no_grad()
+def sample_unidiff(args, model, cfg, labels: torch.Tensor) -> torch.Tensor:
+    """Class->image samples of a unidiff model: its DDIM with drift guidance ``--guidance``."""
+    from unidiff.config import build_schedule
+    from unidiff.diffusion import sample
+
+    schedule = build_schedule(cfg)
+    out = []
+    for i, y in enumerate(labels.split(args.sample_batch)):
+        g = torch.Generator().manual_seed(args.seed * 1000 + i)
+        res = sample(model, schedule, "class_to_image", known={"label": y}, scheduler="ddim", num_steps=args.steps,
+                     guidance_scale=args.guidance, generator=g)
+        out.append(res.image.float())
+    return torch.cat(out)
+
+
+@torch.no_grad()
+def image_to_label_accuracy(args, model, cfg, val_set) -> Tuple[float, int]:
+    """The model's own label read-out on the test images (the first ``--read-n``; 0 = all)."""
+    from unidiff.config import build_schedule
+    from unidiff.data import iter_batches
+    from unidiff.diffusion import image_to_aux
+
+    schedule = build_schedule(cfg)
+    g = torch.Generator().manual_seed(args.seed)
+    right = seen = 0
+    limit = args.read_n or len(val_set)
+    for batch in iter_batches(val_set, 250):
+        x, y = batch["image"][: limit - seen].float(), batch["label"][: limit - seen]
+        if len(x) == 0:
+            break
+        pred, _ = image_to_aux(model, schedule, x, "label", int(cfg.eval.t_read), int(cfg.eval.num_draws), g)
+        right += int((pred.long() == y.long()).sum())
+        seen += len(x)
+    return right / max(seen, 1), seen
+
+
+# --- the run ------------------------------------------------------------------------------------------
+def cpu_name() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def check_args(args) -> None:
+    if not (args.minutes > 0 and math.isfinite(args.minutes)):
+        raise ConfigError(f"--minutes must be a positive number, got {args.minutes}")
+    for key in ("samples", "steps", "batch_size", "threads", "probe_steps", "reference_steps", "sample_batch"):
+        if getattr(args, key) < 1:
+            raise ConfigError(f"--{key.replace('_', '-')} must be >= 1, got {getattr(args, key)}")
+    if args.samples < 2:
+        raise ConfigError(f"--samples must be >= 2 (FID needs two samples), got {args.samples}")
+    if args.read_n < 0:
+        raise ConfigError(f"--read-n must be >= 0 (0 = the whole test set), got {args.read_n}")
+    if not (args.guidance >= 1.0 and math.isfinite(args.guidance)):
+        raise ConfigError(f"--guidance must be >= 1 (1 = no guidance), got {args.guidance}")
+    unknown = [c for c in args.candidates if c not in CANDIDATES]
+    if unknown or "unidiff" not in args.candidates:
+        raise ConfigError(f"--candidates must include 'unidiff' and be among {list(CANDIDATES)}, got {args.candidates}")
+
+
+def run(args) -> Dict[str, Any]:
+    from unidiff import metrics as M
+    from unidiff.config import resolve_with_data
+    from unidiff.data import build_datasets
+
+    torch.set_num_threads(args.threads)
+    clock = clock_fn(args.clock)
+    budget = args.minutes * 60.0
+    # The data once, shared by every candidate (the config's data section, --root applied).
+    cfg0 = unidiff_config(args, "unidiff", Path(args.work) / "unidiff", 1)
+    train_set, val_set, info = build_datasets(cfg0.data)
+    resolve_with_data(cfg0, info)  # a fixture with other classes fails here, in one line
+    if info.num_classes != NUM_CLASSES or tuple(info.image_shape) != (1, 32, 32):
+        raise ConfigError(f"the data must be 10-class 1x32x32 Fashion-MNIST, got {info.num_classes} classes "
+                          f"of {tuple(info.image_shape)}")
+    datasets = (train_set, val_set, info)
+
+    # The judge and the FID features (unidiff evaluate's reference classifier, cached).
+    clf, ref_acc = M.get_reference_classifier(train_set, val_set, info, args.cache_dir, steps=args.reference_steps)
+    feats = M.ClassifierFeatures(clf)
+    test_stats = M.reference_statistics(val_set, feats, args.cache_dir, keep=0)
+    floor_stats = M.reference_statistics(train_set, feats, args.cache_dir, max_items=args.samples, keep=0)
+    labels = torch.arange(args.samples) % NUM_CLASSES  # classes cycled: balanced
+
+    results: Dict[str, Dict[str, Any]] = {}
+    for name in args.candidates:
+        if name in PEERS:
+            model, fig = train_peer(args, name, datasets, budget, clock)
+            cfg = None
+        else:
+            model, cfg, fig = train_unidiff(args, name, datasets, budget, clock)
+        total, active = count_parameters(model)
+        t0 = clock()
+        fake = sample_peer(args, name, model, labels) if name in PEERS else sample_unidiff(args, model, cfg, labels)
+        fig["sampling_seconds"] = clock() - t0
+        pred = torch.cat([clf(x).argmax(-1) for x in fake.split(250)])
+        fig.update(params_total=total, params_active=active,
+                   class_to_image_accuracy=float((pred == labels).float().mean()),
+                   fid=M.frechet_distance(test_stats, M.FeatureStats.from_features(
+                       M.extract_features(fake, feats)["features"], keep=0)))
+        if cfg is not None:
+            fig["image_to_label_accuracy"], fig["image_to_label_n"] = image_to_label_accuracy(args, model, cfg, val_set)
+        results[name] = fig
+        print(f"{name}: {fig['steps']} steps, FID {fig['fid']:.2f}, class->image accuracy "
+              f"{fig['class_to_image_accuracy']:.3f}", file=sys.stderr, flush=True)
+
+    ours = results["unidiff"]
+    margins = {peer: {"fid_ratio": results[peer]["fid"] / max(ours["fid"], 1e-12),  # > 1: unidiff lower
+                      "fid_difference": results[peer]["fid"] - ours["fid"],  # > 0: unidiff lower
+                      "accuracy_difference": ours["class_to_image_accuracy"] - results[peer]["class_to_image_accuracy"],
+                      "images_per_s_ratio": ours["images_per_s"] / max(results[peer]["images_per_s"], 1e-12)}
+               for peer in results if peer != "unidiff"}
+    peers = [p for p in PEERS if p in results]
+    fid_ok = bool(peers) and all(margins[p]["fid_difference"] > 0 for p in peers)
+    acc_ok = bool(peers) and all(margins[p]["accuracy_difference"] > 0 for p in peers)
+    read_ok = ours["image_to_label_accuracy"] >= 0.88
+    return {
+        "benchmark": "bench_quality (issue 12)",
+        "machine": {"cpu": cpu_name(), "threads": args.threads, "torch": torch.__version__,
+                    "python": platform.python_version(), "precision": "fp32"},
+        "settings": {"minutes_per_candidate": args.minutes, "clock": args.clock, "samples": args.samples,
+                     "sampler": "ddim", "steps": args.steps, "guidance": args.guidance, "batch_size": args.batch_size,
+                     "seed": args.seed, "reference_steps": args.reference_steps, "read_n": args.read_n,
+                     "train_items": len(train_set), "test_items": len(val_set), "command": " ".join(sys.argv)},
+        "reference": {"classifier_test_accuracy": float(ref_acc),
+                      "fid_floor": M.frechet_distance(test_stats, floor_stats),
+                      "fid_floor_note": f"{min(args.samples, len(train_set))} real train images vs the test set"},
+        "candidates": results,
+        "margins_vs_unidiff": margins,
+        "target": {"fid_lower_than_peers": fid_ok, "accuracy_higher_than_peers": acc_ok,
+                   "image_to_label_at_least_0.88": read_ok, "met": fid_ok and acc_ok and read_ok, "peers": peers},
+    }
+
+
+def parse_args(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    ap.add_argument("--minutes", type=float, default=15.0, help="training budget of each candidate")
+    ap.add_argument("--clock", choices=("cpu", "wall"), default="cpu", help="what the budget counts (module docstring)")
+    ap.add_argument("--samples", type=int, default=1000, help="class->image samples per candidate (classes cycled)")
+    ap.add_argument("--steps", type=int, default=20, help="DDIM steps")
+    ap.add_argument("--guidance", type=float, default=2.0, help="guidance scale w (CFG for peers, drift for unidiff)")
+    ap.add_argument("--batch-size", type=int, default=32, help="training batch of every candidate")
+    ap.add_argument("--sample-batch", type=int, default=100, help="samples per sampling batch")
+    ap.add_argument("--threads", type=int, default=1, help="torch intra-op threads")
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--probe-steps", type=int, default=5, help="timed steps of unidiff's cost-per-step probe")
+    ap.add_argument("--reference-steps", type=int, default=1200, help="reference classifier steps (the config's)")
+    ap.add_argument("--read-n", type=int, default=0, help="test images for image->label (0 = all 10,000)")
+    ap.add_argument("--root", default=None, help="Fashion-MNIST idx folder (default: the config's data.root)")
+    ap.add_argument("--cache-dir", default="runs/.cache", help="reference classifier and statistics cache")
+    ap.add_argument("--work", default=None, help="folder for unidiff's run folders (default: a temporary one, removed)")
+    ap.add_argument("--candidates", nargs="+", default=list(CANDIDATES), help="which candidates to run")
+    ap.add_argument("--out", default=None, help="also write the JSON here (atomically)")
+    return ap.parse_args(argv)
+
+
+def main(argv=None) -> int:
+    import json
+
+    from unidiff.io import write_json
+
+    args = parse_args(argv)
+    temp = None
+    try:
+        check_args(args)
+        if args.work is None:
+            temp = args.work = tempfile.mkdtemp(prefix="bench_quality_")
+        result = run(args)
+    except UnidiffError as err:
+        print(f"bench_quality: error: {str(err).splitlines()[0]}", file=sys.stderr)
+        return 2
+    finally:
+        if temp is not None:
+            shutil.rmtree(temp, ignore_errors=True)
+    if args.out:
+        os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
+        write_json(args.out, result)
+    print(json.dumps(result, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

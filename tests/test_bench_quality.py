@@ -1,0 +1,129 @@
+"""benchmarks/bench_quality.py end to end on a tiny Fashion-MNIST-format fixture (seconds budget)."""
+
+import gzip
+import importlib.util
+import json
+import math
+import os
+import struct
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+SCRIPT = REPO / "benchmarks" / "bench_quality.py"
+
+
+def _write_idx(path: Path, array: np.ndarray) -> None:
+    """An idx file as the format describes it (magic 0,0,0x08,ndim; big-endian int32 dims; uint8 data), gzipped."""
+    head = bytes([0, 0, 0x08, array.ndim]) + struct.pack(f">{array.ndim}i", *array.shape)
+    with gzip.open(f"{path}.gz", "wb") as f:
+        f.write(head + np.ascontiguousarray(array, dtype=np.uint8).tobytes())
+
+
+def _fixture(root: Path, n_train: int = 60, n_test: int = 40) -> None:
+    """Tiny Fashion-MNIST: 28x28 uint8 images whose class is a bright band at a class-dependent row."""
+    root.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(0)
+    for prefix, n in (("train", n_train), ("t10k", n_test)):
+        labels = (np.arange(n) % 10).astype(np.uint8)
+        images = rng.integers(0, 60, size=(n, 28, 28)).astype(np.uint8)
+        for i, y in enumerate(labels):
+            images[i, 2 * y + 4: 2 * y + 7, 4:24] = 230
+        _write_idx(root / f"{prefix}-images-idx3-ubyte", images)
+        _write_idx(root / f"{prefix}-labels-idx1-ubyte", labels)
+
+
+def _bench_module():
+    spec = importlib.util.spec_from_file_location("bench_quality", SCRIPT)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def _run(args, tmp_path):
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(REPO))
+    return subprocess.run([sys.executable, str(SCRIPT), *args], capture_output=True, text=True, timeout=300,
+                          env=env, cwd=tmp_path)
+
+
+def test_bench_quality_end_to_end_schema_and_matched_sizes(tmp_path):
+    _fixture(tmp_path / "fm")
+    out = tmp_path / "q.json"
+    proc = _run(["--minutes", "0.02", "--samples", "20", "--steps", "2", "--batch-size", "8", "--probe-steps", "1",
+                 "--reference-steps", "5", "--read-n", "20", "--sample-batch", "20", "--root", str(tmp_path / "fm"),
+                 "--cache-dir", str(tmp_path / "cache"), "--work", str(tmp_path / "work"), "--out", str(out)], tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    res = json.loads(out.read_text())
+    assert json.loads(proc.stdout) == res  # stdout and the file carry the same JSON
+    assert set(res) >= {"machine", "settings", "reference", "candidates", "margins_vs_unidiff", "target"}
+    assert res["settings"]["samples"] == 20 and res["settings"]["test_items"] == 40 and res["machine"]["threads"] == 1
+    assert set(res["candidates"]) == {"unidiff", "unidiff_attn", "unet", "dit"}
+    for name, c in res["candidates"].items():
+        assert c["steps"] >= 1 and c["train_seconds"] > 0 and c["sampling_seconds"] > 0, name
+        assert math.isclose(c["images_per_s"], c["steps"] * 8 / c["train_seconds"], rel_tol=1e-6), name
+        assert 0.0 <= c["class_to_image_accuracy"] <= 1.0 and math.isfinite(c["fid"]) and c["fid"] >= 0, name
+        assert 0 < c["params_active"] <= c["params_total"], name
+    for name in ("unidiff", "unidiff_attn"):  # MoE: fewer active than total parameters; the read-out is there
+        c = res["candidates"][name]
+        assert c["params_active"] < c["params_total"] and c["image_to_label_n"] == 20
+        assert 0.0 <= c["image_to_label_accuracy"] <= 1.0
+    for name in ("unet", "dit"):
+        assert res["candidates"][name]["params_active"] == res["candidates"][name]["params_total"]
+        assert "image_to_label_accuracy" not in res["candidates"][name]
+    # margins and target follow from the candidates' own figures
+    ours = res["candidates"]["unidiff"]
+    for peer, m in res["margins_vs_unidiff"].items():
+        assert math.isclose(m["fid_difference"], res["candidates"][peer]["fid"] - ours["fid"], rel_tol=1e-9, abs_tol=1e-9)
+        assert math.isclose(m["accuracy_difference"], ours["class_to_image_accuracy"]
+                            - res["candidates"][peer]["class_to_image_accuracy"], abs_tol=1e-12)
+    t = res["target"]
+    fid_ok = all(res["candidates"][p]["fid"] > ours["fid"] for p in ("unet", "dit"))
+    acc_ok = all(res["candidates"][p]["class_to_image_accuracy"] < ours["class_to_image_accuracy"] for p in ("unet", "dit"))
+    assert t["fid_lower_than_peers"] == fid_ok and t["accuracy_higher_than_peers"] == acc_ok
+    assert t["met"] == (fid_ok and acc_ok and ours["image_to_label_accuracy"] >= 0.88)
+    assert 0.0 <= res["reference"]["classifier_test_accuracy"] <= 1.0 and res["reference"]["fid_floor"] >= 0
+
+    # The parameter counts, recounted here on freshly built models (p.numel()), not read from the JSON.
+    import torch
+    from unidiff.config import build_model, load_config, resolve_with_data
+    from unidiff.data import build_datasets
+
+    bench = _bench_module()
+    cfg = load_config(str(REPO / "configs" / "fashion_joint_image_label.yaml"), [f"data.root={tmp_path / 'fm'}"])
+    _, _, info = build_datasets(cfg.data)
+    ours_n = sum(p.numel() for p in build_model(resolve_with_data(cfg, info), (1, 32, 32)).parameters())
+    counts = {"unet": bench.build_unet(), "dit": bench.build_dit()}
+    for name, model in counts.items():
+        n = sum(p.numel() for p in model.parameters())
+        assert n == res["candidates"][name]["params_total"], name
+        assert 0.65 * ours_n <= n <= 1.35 * ours_n, (name, n, ours_n)
+    assert res["candidates"]["unidiff"]["params_total"] == ours_n
+    attn = load_config(str(REPO / "configs" / "fashion_joint_image_label.yaml"),
+                       [f"data.root={tmp_path / 'fm'}", "model.backbone.pattern='*E**E**E'"])
+    attn_model = build_model(resolve_with_data(attn, info), (1, 32, 32))
+    assert sum(p.numel() for p in attn_model.parameters()) == res["candidates"]["unidiff_attn"]["params_total"]
+    assert "M" not in attn_model.backbone.pattern and len(attn_model.backbone.pattern) == 8
+    # The peers are the class-conditional models asked for: 11 label rows (10 classes + the null class).
+    assert counts["unet"].class_embedding.num_embeddings == 11
+    assert counts["dit"].transformer_blocks[0].norm1.emb.class_embedder.embedding_table.num_embeddings == 11
+    assert isinstance(counts["dit"](torch.zeros(1, 1, 32, 32), timestep=torch.tensor([3]),
+                                    class_labels=torch.tensor([10])).sample, torch.Tensor)
+
+
+@pytest.mark.parametrize("args, needle", [
+    (["--minutes", "0"], "--minutes"),
+    (["--samples", "1"], "--samples"),
+    (["--candidates", "unet", "dit"], "--candidates"),
+    (["--root", "MISSING"], "MISSING"),
+])
+def test_bench_quality_bad_input_is_one_line_and_writes_nothing(tmp_path, args, needle):
+    out = tmp_path / "q.json"
+    proc = _run([*args, "--out", str(out), "--cache-dir", str(tmp_path / "cache")], tmp_path)
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("bench_quality: error: ") and needle in lines[0]
+    assert not out.exists() and not (tmp_path / "cache").exists()
