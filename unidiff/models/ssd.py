@@ -44,6 +44,7 @@ g groups (B and C are shared by the ``r = h/g`` heads of a group), n state size.
 
 from __future__ import annotations
 
+import contextlib
 import math
 from typing import List, Optional, Tuple
 
@@ -149,7 +150,9 @@ def ssd_chunked(
     """
     _check_ssd_shapes(x, dt, A, B, C)
     Q = max(1, min(int(chunk_size), x.shape[1]))
-    with torch.autocast(device_type=x.device.type, enabled=False):
+    # Autocast off (module docstring); devices without autocast (meta) have nothing to switch off.
+    no_autocast = torch.amp.is_autocast_available(x.device.type)
+    with torch.autocast(device_type=x.device.type, enabled=False) if no_autocast else contextlib.nullcontext():
         if x.device.type == "cpu":
             y, final = _ssd_chunked_cpu(x, dt, A, B, C, D, initial_state, Q)[:2]
             return y, final
@@ -366,12 +369,13 @@ def _ssd_chunked_cpu(
 ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor,
            torch.Tensor, torch.Tensor]:
     """(y, final, factorised (a bool tensor), CB, xs, y_in, cs, states, S_t): see the comment above."""
+    # Contiguous outputs, as the fake function promises (a copy only for a padded tail or g > 1).
     if _fits_factorised(dt, A, Q):
         y, final, saved = _factorised_forward(x, dt, A, B, C, D, initial_state, Q)
-        return (y, final, torch.ones((), dtype=torch.bool)) + saved
+        return (y.contiguous(), final, torch.ones((), dtype=torch.bool)) + tuple(t.contiguous() for t in saved)
     y, final = _ssd_segsum(x, dt, A, B, C, Q, D, initial_state)
     empty = tuple(x.new_empty(shape, dtype=torch.float32) for shape in _saved_shapes(x, B, Q))
-    return (y, final.clone(), torch.zeros((), dtype=torch.bool)) + empty
+    return (y.contiguous(), final.contiguous().clone(), torch.zeros((), dtype=torch.bool)) + empty
 
 
 @_ssd_chunked_cpu.register_fake
