@@ -130,8 +130,8 @@ def bench_sublayers(tokens_list, width, pattern, dtype, repeats, batch, peak=Non
     predict it, and two bounds on what a faster Mamba mixer could reach: the speedup if every ``M``
     sublayer cost nothing, and (given the measured matmul ``peak``) if it cost only its matmul FLOPs
     at that peak, with no other work at all. ``compile``: also time each sublayer under
-    ``torch.compile`` (inductor; compiled during the warm-up; graph breaks allowed, so that older code runs too), taking turns with
-    the eager ones, and report ``compiled_over_eager`` per kind."""
+    ``torch.compile`` (inductor, compiled during the warm-up; graph breaks allowed, so that older
+    code runs too), taking turns with the eager ones, and report ``compiled_over_eager`` per kind."""
     rows = []
     kinds = sorted(set(pattern) | {"*"})
     for L in tokens_list:

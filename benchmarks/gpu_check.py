@@ -16,7 +16,7 @@ Sections:
             with the closest parameter count, at 1024, 4096 and 16384 tokens (4-channel latents at
             patch 2), the candidates taking turns within each repeat.
 
-``--smoke`` shrinks every size (widths 32-64, a 7-sublayer pattern, 16/64 tokens, one repeat) so
+``--smoke`` shrinks every size (width 64, a 7-sublayer pattern, 16/64 tokens, one repeat) so
 that a CPU runs it in seconds; its figures say nothing about speed.
 """
 
@@ -214,7 +214,8 @@ def main(argv=None):
     ap.add_argument("--tokens", type=int, nargs="+", default=None, help="ratio section (default 1024 4096 16384)")
     ap.add_argument("--ratio-batch", type=int, default=1)
     ap.add_argument("--repeats", type=int, default=None, help="timed repeats (default 10; smoke 1)")
-    ap.add_argument("--dtype", choices=["bf16", "fp32"], default=None, help="autocast (default bf16 on CUDA, else fp32)")
+    ap.add_argument("--dtype", choices=["bf16", "fp32"], default=None,
+                    help="autocast dtype (default bf16 on CUDA, else fp32)")
     ap.add_argument("--peak-tflops", type=float, default=H200_BF16_DENSE_TFLOPS)
     ap.add_argument("--out", default=None)
     args = ap.parse_args(argv)
@@ -234,9 +235,9 @@ def main(argv=None):
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
 
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor()
     result = {"machine": {"platform": platform.platform(), "torch": torch.__version__, "device": str(device),
-                          "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor(),
-                          "threads": torch.get_num_threads()},
+                          "device_name": name, "threads": torch.get_num_threads()},
               "args": vars(args), "smoke": smoke, "dtype": dtype, "peak_tflops": args.peak_tflops}
     if "training" in args.sections:
         result["training"] = bench_training(args.presets, SMOKE_SPACES if smoke else SPACES, batch, repeats, warmup,

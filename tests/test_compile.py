@@ -2,11 +2,11 @@
 the MoE dispatch and a whole backbone; compiled values and gradients equal eager ones (and the
 readable twins); the custom ops' registrations (fake, autograd) pass ``torch.library.opcheck``.
 
-Graph breaks are counted by ``torch._dynamo.explain`` and forbidden by ``fullgraph=True``. Most
-tests compile with the ``aot_eager`` backend: it runs dynamo and AOTAutograd (so the fake
+Graph breaks are counted by ``torch._dynamo.explain`` (the mixer) and forbidden by
+``fullgraph=True`` (every compile here). Most tests compile with the ``aot_eager`` backend: it runs dynamo and AOTAutograd (so the fake
 functions and the registered backwards are exercised, and a data-dependent Python value would
 fail), without inductor's C++ code generation, which takes minutes on this project's CPUs. One test
-compiles the Mamba sublayer with inductor, the backend the benchmark times. Sizes are tiny.
+compiles the SSD op with inductor, the backend the benchmark times. Sizes are tiny.
 """
 
 import pytest
@@ -157,26 +157,34 @@ def _grads(module, fn, x):
 def test_mamba_mixer_has_no_graph_breaks_and_compiled_matches_eager():
     m = _mixer()
     x = torch.randn(2, 21, 32)
-    count, reasons = _breaks(m, x)
+    count, reasons = _breaks(m, x)  # what torch._dynamo.explain reports
     assert count == 0, reasons
     compiled = torch.compile(m, backend="aot_eager", fullgraph=True)
     for a, b in zip(_grads(m, compiled, x), _grads(m, m, x)):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
 
 
-def test_mamba_sublayer_compiled_by_inductor_matches_eager():
-    # The backend the benchmark times (C++ code generation, the slowest test of this file).
-    torch.manual_seed(0)
-    bb = HybridBackbone(in_channels=1, input_size=(8, 8), **dict(get_preset("debug"), pattern="M"))
-    layer = bb.layers[0]
-    with torch.no_grad():
-        layer.adaLN[-1].weight.normal_(std=0.1)
-    x, c = torch.randn(2, 17, 32), torch.randn(2, 32)
-    compiled = torch.compile(layer, fullgraph=True)
-    ref = _grads(layer, lambda xi: layer(xi, c), x)
-    got = _grads(layer, lambda xi: compiled(xi, c), x)
-    for a, b in zip(got, ref):
-        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
+def test_ssd_compiled_by_inductor_takes_strided_inputs():
+    # The backend the benchmark times, on the op alone (inductor's C++ code generation of a whole
+    # sublayer takes minutes on this project's CPUs). Inductor hands the op strided views, as the
+    # mixer does (x, B, C are slices of one conv output), and checks the strides the fake promises.
+    x, dt, A, B, C, D, s0 = _ssd_inputs(l=20)
+    xBC = torch.cat([x.flatten(2), B.flatten(2), C.flatten(2)], dim=-1)  # (b, l, h p + 2 g n)
+
+    def chunked(xBC, dt, A, D, s0):
+        xv, Bv, Cv = xBC.split([16, 16, 16], dim=-1)
+        y, s = ssd_chunked(xv.unflatten(2, (4, 4)), dt, A, Bv.unflatten(2, (2, 8)), Cv.unflatten(2, (2, 8)), 8,
+                           D=D, initial_state=s0)
+        return y * 2, s
+
+    def parts(fn):
+        leaves = [t.clone().requires_grad_() for t in (xBC, dt, A, D, s0)]
+        y, s = fn(*leaves)
+        (y.square().sum() + s.sum()).backward()
+        return [y.detach(), s.detach()] + [t.grad for t in leaves]
+
+    for a, b in zip(parts(torch.compile(chunked, fullgraph=True)), parts(chunked)):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
 
 
 @pytest.mark.parametrize("dtype", ["fp32", "bf16"])
@@ -190,8 +198,6 @@ def test_moe_has_no_graph_breaks_and_compiled_matches_eager(dtype):
     x = torch.randn(2, 6, 16)
     ctx = torch.autocast("cpu", dtype=torch.bfloat16) if dtype == "bf16" else torch.autocast("cpu", enabled=False)
     with ctx:
-        count, reasons = _breaks(m, x)
-        assert count == 0, reasons
         compiled = torch.compile(m, backend="aot_eager", fullgraph=True)
         got, ref = _grads(m, compiled, x), _grads(m, m, x)
     tol = dict(rtol=1e-5, atol=1e-6) if dtype == "fp32" else dict(rtol=2e-2, atol=2e-2)
@@ -207,9 +213,7 @@ def test_whole_backbone_has_no_graph_breaks_and_compiled_matches_eager():
         for layer in bb.layers:
             layer.adaLN[-1].weight.normal_(std=0.1)
     z, t = torch.randn(2, 1, 8, 8), torch.tensor([5, 900])
-    count, reasons = _breaks(bb, z, t)
-    assert count == 0, reasons
-    compiled = torch.compile(bb, backend="aot_eager", fullgraph=True)
+    compiled = torch.compile(bb, backend="aot_eager", fullgraph=True)  # a graph break is an error
 
     def run(model):
         bb.zero_grad()

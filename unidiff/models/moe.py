@@ -139,7 +139,8 @@ def _experts_loop_grad(ctx, grad_SH, _grad_h):
     return dx, None, d_up, d_down
 
 
-torch.library.register_autograd("unidiff::moe_experts_loop", _experts_loop_grad, setup_context=_experts_loop_setup_context)
+torch.library.register_autograd("unidiff::moe_experts_loop", _experts_loop_grad,
+                               setup_context=_experts_loop_setup_context)
 
 
 class DenseMLP(nn.Module):

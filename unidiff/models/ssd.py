@@ -413,12 +413,13 @@ def _ssd_chunked_cpu_backward(
         _, vjp = torch.func.vjp(run, *(inputs[i] for i in where))
         found = iter(vjp((grad_y, grad_final)))
         grads = [next(found) if t is not None else None for t in inputs]
-    return [g if g is not None else x.new_empty(0) for g in grads]
+    # Contiguous, as the fake function promises (an input may be a strided view).
+    return [g.contiguous() if g is not None else x.new_empty(0) for g in grads]
 
 
 @_ssd_chunked_cpu_backward.register_fake
 def _(grad_y, grad_final, x, dt, A, B, C, D, initial_state, saved, Q):
-    return [torch.empty_like(t) if t is not None else x.new_empty(0) for t in (x, dt, A, B, C, D, initial_state)]
+    return [t.new_empty(t.shape) if t is not None else x.new_empty(0) for t in (x, dt, A, B, C, D, initial_state)]
 
 
 def _ssd_cpu_setup_context(ctx, inputs, output):
