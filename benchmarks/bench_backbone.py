@@ -124,13 +124,14 @@ def backbone_kwargs(tokens: int, width: int):
                 num_kv_heads=max(1, width // 128), d_state=64, headdim=64, chunk_size=64, num_experts=8, top_k=2)
 
 
-def bench_sublayers(tokens_list, width, pattern, dtype, repeats, batch, peak=None, compile=False):
+def bench_sublayers(tokens_list, width, pattern, dtype, repeats, batch, peak=None, compile=()):
     """One sublayer of each kind (adaLN, norm and residual included), forward+backward on the same
     input, side by side. From them: the pattern's speedup over attention-only as the sublayer times
     predict it, and two bounds on what a faster Mamba mixer could reach: the speedup if every ``M``
     sublayer cost nothing, and (given the measured matmul ``peak``) if it cost only its matmul FLOPs
-    at that peak, with no other work at all. ``compile``: time each sublayer under torch.compile
-    (compiled during the warm-up; the FLOPs are counted on the eager sublayer)."""
+    at that peak, with no other work at all. ``compile``: the kinds to also time under
+    ``torch.compile`` (inductor, compiled during the warm-up; graph breaks allowed, so that older
+    code runs too), taking turns with the eager ones, and report ``compiled_over_eager`` per kind."""
     rows = []
     kinds = sorted(set(pattern) | {"*"})
     for L in tokens_list:
@@ -141,18 +142,24 @@ def bench_sublayers(tokens_list, width, pattern, dtype, repeats, batch, peak=Non
         def loss_of(layer):
             return lambda: layer(x, c)[0].float().pow(2).mean()
 
-        fns, timed = {}, {}  # by kind name: (parameters, loss), eager and as timed
+        fns, timed = {}, {}  # by kind name: (parameters, loss); timed adds the compiled twins
         for layer in model.layers:
             params = list(layer.parameters()) + [x]
             fns[LAYER_KINDS[layer.kind]] = (params, loss_of(layer))
-            timed[LAYER_KINDS[layer.kind]] = (params, loss_of(torch.compile(layer) if compile else layer))
-        secs = time_side_by_side(timed, repeats, dtype)
+            if LAYER_KINDS[layer.kind] in compile:
+                timed[LAYER_KINDS[layer.kind] + "_compiled"] = (params, loss_of(torch.compile(layer)))
+        secs = time_side_by_side({**fns, **timed}, repeats, dtype)
+        compiled = {k[: -len("_compiled")]: secs.pop(k) for k in list(secs) if k.endswith("_compiled")}
         count = {LAYER_KINDS[k]: pattern.count(k) for k in kinds}
         hybrid = sum(count[k] * s for k, s in secs.items())
         attention_only = hybrid + count["mamba"] * (secs["attention"] - secs["mamba"])
-        row = {"tokens": L, "batch": batch, "pattern": pattern, "compiled": compile, "sec": secs,
+        row = {"tokens": L, "batch": batch, "pattern": pattern, "sec": secs,
                "predicted_speedup_vs_attention_only": attention_only / hybrid,
                "ceiling_speedup_if_mamba_free": attention_only / (hybrid - count["mamba"] * secs["mamba"])}
+        if compile:
+            # Eager and compiled take turns in the same repeats; > 1 means compiled is slower.
+            row["compiled_sec"] = compiled
+            row["compiled_over_eager"] = {k: compiled[k] / secs[k] for k in compiled}
         if peak and "mamba" in fns:
             floor = matmul_flops(fns["mamba"][1], dtype) / peak
             row["mamba_matmul_floor_sec"] = floor
@@ -268,7 +275,9 @@ def main():
     ap.add_argument("--batch", type=int, default=1)
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--threads", type=int, default=None)
-    ap.add_argument("--compile", action="store_true", help="time the sublayers section under torch.compile")
+    ap.add_argument("--compile", nargs="*", choices=["mamba", "attention", "moe"], default=None,
+                    help="sublayers section: also time these kinds compiled (none named: all three), "
+                         "and their compiled/eager ratio")
     ap.add_argument("--peak-size", type=int, default=1024, help="matrix size of the peak matmul measurement")
     ap.add_argument("--out", default=None, help="also write the JSON here")
     args = ap.parse_args()
@@ -293,7 +302,8 @@ def main():
     if "sublayers" in args.sections:
         peak = result.get("peak_flops_per_sec", {}).get("bf16" if args.dtype == "bf16" else "fp32")
         result["sublayers"] = bench_sublayers(args.tokens, args.width, args.pattern, args.dtype, args.repeats, args.batch,
-                                              peak, compile=args.compile)
+                                              peak, compile=() if args.compile is None else
+                                              (args.compile or ("mamba", "attention", "moe")))
     if "mixer" in args.sections:
         result["mixer"] = bench_mixer(args.tokens, args.width, args.dtype, args.repeats, args.batch)
     if "moe" in args.sections:

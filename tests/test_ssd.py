@@ -128,7 +128,7 @@ def segsum_calls(monkeypatch):
 
 def test_the_factorised_form_runs_for_ordinary_decays(segsum_calls):
     inputs = _ssd_inputs(2, 37, 4, 8, 2, 16, init=True)
-    assert ssd._factorised_chunk(inputs[1], inputs[2], 8) == 8
+    assert ssd._fits_factorised(inputs[1], inputs[2], 8)
     _assert_matches_naive(inputs, 8)
     assert segsum_calls == []
 
@@ -149,30 +149,31 @@ def test_long_spans_near_the_limit_stay_accurate(segsum_calls):
     A = torch.full((4,), -1.0)
     dt = torch.full_like(dt, 0.95 * ssd._FACTORISED_SPAN_MAX / 32) * (1 + 0.05 * torch.rand_like(dt))
     dt = dt * (0.95 * ssd._FACTORISED_SPAN_MAX / dt.unflatten(1, (-1, 32)).sum(2).max())  # max span = 95
-    assert ssd._factorised_chunk(dt, A, 32) == 32
+    assert ssd._fits_factorised(dt, A, 32)
     _assert_matches_naive((x, dt, A, B, C, D, s0), 32, tol=1e-5, grad_tol=1e-4)
     assert segsum_calls == []
 
 
-def test_spans_over_the_limit_halve_the_chunk(segsum_calls):
-    # Per-step log-decay -3: a 64-chunk spans 192, a 32-chunk 96 (under the limit of 100).
+def test_spans_over_the_limit_take_the_segment_sum_form_at_the_same_chunk(segsum_calls):
+    # Per-step log-decay -3: a 64-chunk spans 192 (over the limit of 100). The chunk length stays 64
+    # (a static function of the shapes); the form changes.
     x, dt, A, B, C, D, s0 = _ssd_inputs(1, 100, 4, 8, 1, 16, seed=7, init=True)
     dt, A = torch.full_like(dt, 1.5), torch.full((4,), -2.0)
-    assert ssd._factorised_chunk(dt, A, 64) == 32
+    assert not ssd._fits_factorised(dt, A, 64) and ssd._fits_factorised(dt, A, 32)
     _assert_matches_naive((x, dt, A, B, C, D, s0), 64)
-    assert segsum_calls == []
+    assert segsum_calls == [64, 64]  # the forward, and its recomputation in the backward
 
 
 def test_a_single_step_reset_takes_the_segment_sum_form(segsum_calls):
     x, dt, A, B, C, D, s0 = _ssd_inputs(1, 30, 4, 8, 1, 16, seed=8, init=True)
     dt = dt.clone()
     dt[0, 11, 2] = 200.0  # exp(dt A) <= e^-40 ... e^-880: the state of head 2 is wiped at step 11
-    assert ssd._factorised_chunk(dt, A, 8) is None
+    assert not ssd._fits_factorised(dt, A, 1)  # not even at one token per chunk
     # The chunked form's in-chunk cumulative sums of log-decays this large (~ -800) carry absolute
     # rounding ~1e-4 in fp32 (the recurrence multiplies decays step by step and does not); dt = 200
     # amplifies it in dA (2.8e-4 relative, checked against an fp64 recurrence), hence the bound.
     _assert_matches_naive((x, dt, A, B, C, D, s0), 8, grad_tol=1e-3)
-    assert segsum_calls == [8]
+    assert segsum_calls == [8, 8]  # the forward, and its recomputation in the backward
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])

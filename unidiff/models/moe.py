@@ -20,7 +20,7 @@ Shape suffixes (torchtitan's convention, ``models/common/moe.py``):
 
 from __future__ import annotations
 
-from typing import Dict, Optional
+from typing import Dict, List, Optional, Tuple
 
 import torch
 import torch.distributed as dist
@@ -72,6 +72,75 @@ def _can_use_grouped_mm(x_SH: torch.Tensor, hidden: int, inner: int) -> bool:
             and inner % 8 == 0
         )
     return False
+
+
+# ---- the loop path as a torch.library custom op ----------------------------------------------------
+# Where grouped_mm does not take the operands (fp32 under torch.compile on the CPU, CUDA before sm90,
+# fp32 on CUDA), the experts run one matmul pair per expert over its slice. The slice lengths are
+# data (a host read of counts_E), which dynamo cannot trace; registered as an op with a fake (the
+# output shape is x's) and a backward, the loop is one opaque node of the compiled graph. It returns
+# the pre-activation h_SF as a second, non-differentiable output, for its backward.
+
+
+@torch.library.custom_op("unidiff::moe_experts_loop", mutates_args=())
+def _experts_loop(x_SH: torch.Tensor, counts_E: torch.Tensor, up_EFH: torch.Tensor,
+                  down_EHF: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+    """(out_SH, h_SF): per expert e, ``h = x up[e]ᵀ``, ``out = relu(h)² down[e]ᵀ`` on its slice."""
+    h_SF = x_SH.new_empty(x_SH.shape[0], up_EFH.shape[1])
+    out_SH = torch.empty_like(x_SH)
+    start = 0
+    for e, n in enumerate(counts_E.tolist()):  # one host read for the layer
+        rows = slice(start, start + n)
+        torch.mm(x_SH[rows], up_EFH[e].t(), out=h_SF[rows])
+        torch.mm(squared_relu(h_SF[rows]), down_EHF[e].t(), out=out_SH[rows])
+        start += n
+    return out_SH, h_SF
+
+
+@_experts_loop.register_fake
+def _(x_SH, counts_E, up_EFH, down_EHF):
+    return torch.empty_like(x_SH), x_SH.new_empty(x_SH.shape[0], up_EFH.shape[1])
+
+
+@torch.library.custom_op("unidiff::moe_experts_loop_backward", mutates_args=())
+def _experts_loop_backward(grad_SH: torch.Tensor, x_SH: torch.Tensor, h_SF: torch.Tensor, counts_E: torch.Tensor,
+                           up_EFH: torch.Tensor, down_EHF: torch.Tensor) -> List[torch.Tensor]:
+    """[dx, d_up, d_down]: with ``a = relu(h)²``: ``d_a = g down``, ``d_down = gᵀ a``,
+    ``d_h = 2 relu(h) ⊙ d_a``, ``d_up = d_hᵀ x``, ``dx = d_h up``, per expert slice."""
+    dx_SH = torch.empty_like(x_SH)
+    d_up, d_down = torch.zeros_like(up_EFH), torch.zeros_like(down_EHF)
+    start = 0
+    for e, n in enumerate(counts_E.tolist()):
+        rows = slice(start, start + n)
+        g, h = grad_SH[rows], h_SF[rows]
+        relu_h = F.relu(h)
+        torch.mm(g.t(), relu_h.square(), out=d_down[e])
+        d_h = torch.mm(g, down_EHF[e]).mul_(relu_h).mul_(2)
+        torch.mm(d_h.t(), x_SH[rows], out=d_up[e])
+        torch.mm(d_h, up_EFH[e], out=dx_SH[rows])
+        start += n
+    return [dx_SH, d_up, d_down]
+
+
+@_experts_loop_backward.register_fake
+def _(grad_SH, x_SH, h_SF, counts_E, up_EFH, down_EHF):
+    return [torch.empty_like(x_SH), torch.empty_like(up_EFH), torch.empty_like(down_EHF)]
+
+
+def _experts_loop_setup_context(ctx, inputs, output):
+    x_SH, counts_E, up_EFH, down_EHF = inputs
+    ctx.mark_non_differentiable(output[1])
+    ctx.save_for_backward(x_SH, output[1], counts_E, up_EFH, down_EHF)
+
+
+def _experts_loop_grad(ctx, grad_SH, _grad_h):
+    x_SH, h_SF, counts_E, up_EFH, down_EHF = ctx.saved_tensors
+    dx, d_up, d_down = _experts_loop_backward(grad_SH, x_SH, h_SF, counts_E, up_EFH, down_EHF)
+    return dx, None, d_up, d_down
+
+
+torch.library.register_autograd("unidiff::moe_experts_loop", _experts_loop_grad,
+                               setup_context=_experts_loop_setup_context)
 
 
 class DenseMLP(nn.Module):
@@ -195,7 +264,9 @@ class GroupedExperts(nn.Module):
         dtype = _compute_dtype(x_SH)
         x_SH = x_SH.to(dtype)
         if not _can_use_grouped_mm(x_SH, self.hidden_size, self.intermediate_size):
-            return self.forward_loop(x_SH, counts_E)
+            # The per-expert loop as one custom op (hand-written backward): torch.compile sees one
+            # node instead of a graph break at the host read of the counts.
+            return _experts_loop(x_SH, counts_E, self.up_proj.to(dtype), self.down_proj.to(dtype))[0]
         # Group boundaries stay on the device: no host sync at all on this path.
         offs_E = counts_E.cumsum(0).to(torch.int32)
         up_EHF = self.up_proj.to(dtype).transpose(1, 2)

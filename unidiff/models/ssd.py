@@ -24,13 +24,16 @@ Three implementations that tests hold together (STYLE.md habit 12):
     input dtype (bf16/fp16 inputs are upcast, the output cast back): its log-decay gradient is a
     difference of two sums that cancel inside a chunk, and rounding the two sides to bf16
     separately made the dA and dt gradients 5-30x less accurate than the segment-sum form's.
-    A chunk whose span exceeds ``_FACTORISED_SPAN_MAX`` (one that forgets everything many times
-    over) makes the call use shorter chunks, halving Q until every span fits (the result does not
-    depend on Q).
+    On the CPU it is taken when every chunk's span is at most ``_FACTORISED_SPAN_MAX``.
   * **segment-sum** (:func:`_ssd_segsum`, differentiated by autograd): the decay as a difference of
     cumulative sums per ``(head, q, s)``, as mamba's kernels and ``transformers``' torch path do;
-    exact for any span. Taken when a single step's decay exceeds the limit (a state reset). Its
-    matmuls run in the input dtype for bf16/fp16, fp32 otherwise.
+    exact for any span. Taken on the CPU when a chunk's span exceeds the limit (one that forgets
+    everything many times over, or a state reset), and always on other devices, where choosing by
+    the data would cost a device-to-host synchronisation per call. On the CPU its matmuls run in
+    the input dtype for bf16/fp16, fp32 otherwise; elsewhere in fp32.
+
+The chunk length is ``min(chunk_size, l)`` whatever the data (it used to be halved until every
+span fit, which cost a host sync per call and made shapes data-dependent under ``torch.compile``).
 
 Every cumulative sum, ``exp`` and the inter-chunk state are fp32 in both forms, also under autocast
 (which is switched off inside so these choices hold).
@@ -41,8 +44,9 @@ g groups (B and C are shared by the ``r = h/g`` heads of a group), n state size.
 
 from __future__ import annotations
 
+import contextlib
 import math
-from typing import Optional, Tuple
+from typing import List, Optional, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -53,7 +57,7 @@ __all__ = ["ssd_naive", "ssd_chunked"]
 # Largest in-chunk decay span |Σ dt A| for which :func:`ssd_chunked` takes its factorised form: its
 # exp factors then stay within e^{±50} (~5e21), far from fp32 overflow (~3e38) even after the
 # matmuls' sums (all but one product's upper triangle, which overflows harmlessly and is discarded:
-# see the backward). Longer spans make the call use shorter chunks.
+# see the backward). Longer spans take the segment-sum form.
 _FACTORISED_SPAN_MAX = 100.0
 
 
@@ -125,38 +129,43 @@ def ssd_chunked(
 ) -> Tuple[torch.Tensor, torch.Tensor]:
     """Chunked SSD (Dao & Gu 2024, §6 / Listing 1), equal to :func:`ssd_naive`.
 
-    Same arguments and returns as :func:`ssd_naive`, plus ``chunk_size`` (Q). Any length works:
-    the tail is zero-padded with ``dt = 0`` (decay 1, no input, so the state is untouched) and
-    cropped; a sequence shorter than Q is one chunk of its own length. Groups are never expanded
-    to heads: ``C Bᵀ`` and the B/C products are computed once per group, with the group's heads
-    folded into the matmul's free dimension. Takes the factorised form unless a single step's
-    decay is too large for it (module docstring), with Q halved until every chunk's span fits;
-    the choice costs a host sync. Not twice differentiable.
+    Same arguments and returns as :func:`ssd_naive`, plus ``chunk_size``. The chunk length is a
+    static function of the shapes, ``Q = min(chunk_size, l)``: nothing about it is read from the
+    data, so no call waits on the device to learn it and ``torch.compile`` sees fixed shapes. Any
+    length works: the tail is zero-padded with ``dt = 0`` (decay 1, no input, so the state is
+    untouched) and cropped. Groups are never expanded to heads: ``C Bᵀ`` and the B/C products are
+    computed once per group, with the group's heads folded into the matmul's free dimension.
+
+    Which form runs (module docstring) depends on the device, never on a device-to-host copy:
+
+    * CPU: the ``unidiff::ssd_chunked_cpu`` custom op. It takes the factorised form when every
+      chunk's span fits (:func:`_fits_factorised`, a read of a CPU tensor: no device to wait on),
+      else the segment-sum form. As a ``torch.library`` op it is one opaque node for
+      ``torch.compile`` (no graph break, no retracing of its loops), with a registered backward.
+    * any other device (CUDA, meta): the segment-sum form with fp32 matmuls, exact for any span and
+      made of plain tensor ops, so it runs with ``torch.cuda.set_sync_debug_mode("error")`` and
+      compiles like the rest of the model. (On CUDA the mixer prefers mamba_ssm's kernel anyway.)
+
+    Not twice differentiable.
     """
     _check_ssd_shapes(x, dt, A, B, C)
     Q = max(1, min(int(chunk_size), x.shape[1]))
-    with torch.autocast(device_type=x.device.type, enabled=False):
-        q = _factorised_chunk(dt, A, Q)
-        if q is not None:
-            return _SSDFactorised.apply(x, dt, A, B, C, D, initial_state, q)
-        return _ssd_segsum(x, dt, A, B, C, Q, D, initial_state)
+    # Autocast off (module docstring); devices without autocast (meta) have nothing to switch off.
+    no_autocast = torch.amp.is_autocast_available(x.device.type)
+    with torch.autocast(device_type=x.device.type, enabled=False) if no_autocast else contextlib.nullcontext():
+        if x.device.type == "cpu":
+            y, final = _ssd_chunked_cpu(x, dt, A, B, C, D, initial_state, Q)[:2]
+            return y, final
+        return _ssd_segsum(x, dt, A, B, C, Q, D, initial_state, mm_dtype=torch.float32)
 
 
-def _factorised_chunk(dt: torch.Tensor, A: torch.Tensor, Q: int) -> Optional[int]:
-    """The chunk size for the factorised form: Q if every chunk's decay span is at most
-    ``_FACTORISED_SPAN_MAX``, else the largest Q / 2^k for which it is (any chunk size gives the
-    same result, and shorter chunks have shorter spans); None if even single steps exceed it (a
-    state reset of e^-100 or more in one step), for which the segment-sum form is used. One host
-    sync per size tried, usually one in all."""
+def _fits_factorised(dt: torch.Tensor, A: torch.Tensor, Q: int) -> bool:
+    """Whether every chunk's decay span ``|Σ_chunk dt A|`` is at most ``_FACTORISED_SPAN_MAX``, so
+    that the factorised form is exact at chunk length Q (module docstring). Reads the data: only the
+    CPU op calls it (a host tensor, so no device synchronisation)."""
     a = dt.detach().float() * A.detach().float()  # (b, l, h) <= 0
-    l = a.shape[1]
-    while True:
-        span = -_pad_len(a, (-l) % Q).unflatten(1, (-1, Q)).sum(2)  # (b, c, h); the pad adds 0
-        if bool(span.max() <= _FACTORISED_SPAN_MAX):
-            return Q
-        if Q == 1:
-            return None
-        Q = max(1, Q // 2)
+    span = -_pad_len(a, (-a.shape[1]) % Q).unflatten(1, (-1, Q)).sum(2)  # (b, c, h); the pad adds 0
+    return bool(span.max() <= _FACTORISED_SPAN_MAX)
 
 
 # ---- layout helpers: chunks with a group's heads folded into the matmul columns -----------------
@@ -197,8 +206,9 @@ def _per_head_cols(v: torch.Tensor, g: int, p: int) -> torch.Tensor:
     return repeat(v, "b c (g r) -> (b c g) 1 (r p)", g=g, p=p)
 
 
-class _SSDFactorised(torch.autograd.Function):
-    """Chunked SSD with the factorised diagonal blocks and a hand-written backward.
+def _factorised_forward(x, dt, A, B, C, D, initial_state, Q):
+    """Chunked SSD with the factorised diagonal blocks; its hand-written backward is
+    :func:`_factorised_backward`. Returns y, the final state and what the backward needs.
 
     Forward, per chunk and group, with ``m = tot/2`` (``tot`` the chunk's total log-decay):
 
@@ -213,130 +223,234 @@ class _SSDFactorised(torch.autograd.Function):
     ``∂/∂cs_q = Σ_p dy ⊙ (y - Dx) - Σ_p dxs ⊙ xs`` and ``∂/∂tot_k = Σ dS_{k+1} ⊙ S_{k+1}``
     (decay and contribution together), summed back through the cumulative sum to ``a = dt A``.
     """
-
-    @staticmethod
-    def forward(ctx, x, dt, A, B, C, D, initial_state, Q):
-        b, l, h, p = x.shape
-        g, n = B.shape[-2:]
-        r = h // g
-        pad = (-l) % Q
-        c = (l + pad) // Q
-
-        dtf = dt.float()
-        cs = _pad_len(dtf * A.float(), pad).view(b, c, Q, h).cumsum(2)  # (b, c, q, h) in-chunk Σ a
-        half = torch.exp(0.5 * cs[:, :, -1])  # (b, c, h) exp(m) = exp(tot - m) = exp(tot/2)
-        w_in = torch.exp(0.5 * cs[:, :, -1:] - cs)  # (b, c, q, h) exp(m - cs), within e^{±span/2}
-
-        # xs = exp(m - cs) dt x in one pass over x (the padded tail stays 0: no input there).
-        coef = (w_in.view(b, c * Q, h)[:, :l] * dtf)[..., None]  # (b, l, h, 1)
-        xs = _mul_padded(x, coef, pad)  # (b, c*Q, h, p) fp32
-        xs = _heads_to_cols(xs, Q, g)  # (bcg, q, r p)
-        Bc = _group_to_chunks(_pad_len(B, pad).float(), Q)  # (bcg, q, n)
-        Cc = _group_to_chunks(_pad_len(C, pad).float(), Q)
-        CB = torch.bmm(Cc, Bc.transpose(1, 2)).tril_()  # (bcg, q, s) causal inside the chunk
-        half_cols = _per_head_cols(half, g, p)  # (bcg, 1, r p)
-
-        # The chunks' own contributions, then the fp32 recurrence S_{k+1} = exp(tot_k) S_k + U_k.
-        U = torch.bmm(Bc.transpose(1, 2), xs).mul_(half_cols).view(b, c, g, n, r * p)
-        decay = (half_cols * half_cols).view(b, c, g, 1, r * p)
-        states = x.new_empty(b, c + 1, g, n, r * p, dtype=torch.float32)  # entering each chunk, + final
-        if initial_state is None:
-            states[:, 0].zero_()
-        else:
-            states[:, 0] = rearrange(initial_state.float(), "b (g r) p n -> b g n (r p)", g=g)
-        for k in range(c):
-            torch.addcmul(U[:, k], decay[:, k], states[:, k], out=states[:, k + 1])
-
-        S_t = states[:, :-1].reshape(b * c * g, n, r * p) * half_cols  # exp(m) S
-        y_in = torch.bmm(CB, xs).baddbmm_(Cc, S_t)  # (bcg, q, r p)
-        w_out = torch.exp(cs - 0.5 * cs[:, :, -1:])  # (b, c, q, h) exp(cs - m)
-        y = (_cols_to_heads(y_in, b, g, p) * w_out[..., None]).reshape(b, c * Q, h, p)[:, :l]
-        if D is not None:
-            y.addcmul_(x, D.float()[:, None] if D.dim() == 1 else D.float())  # y is ours: in place
-        # A copy, not a view of the saved states, so that callers may modify it in place.
-        final = rearrange(states[:, -1], "b g n (r p) -> b (g r) p n", p=p).clone()
-
-        ctx.save_for_backward(x, dt, A, D, Bc, Cc, CB, xs, y_in, cs, states, S_t)
-        ctx.dims = (b, l, h, p, g, n, Q, pad, c, B.dtype, C.dtype)
-        ctx.has_initial_state = initial_state is not None
-        return y.to(x.dtype), final
-
-    @staticmethod
-    def backward(ctx, grad_y, grad_final):
-        x, dt, A, D, Bc, Cc, CB, xs, y_in, cs, states, S_t = ctx.saved_tensors
-        b, l, h, p, g, n, Q, pad, c, B_dtype, C_dtype = ctx.dims
-        r = h // g
-        dtf = dt.float()
-        half = torch.exp(0.5 * cs[:, :, -1])
-        half_cols = _per_head_cols(half, g, p)
-        w_in = torch.exp(0.5 * cs[:, :, -1:] - cs)  # exp(m - cs)
-        w_out = torch.exp(cs - 0.5 * cs[:, :, -1:])  # exp(cs - m)
-
-        dy = grad_y.float()
-        Dv = None if D is None else (D.float()[:, None] if D.dim() == 1 else D.float())  # (h, 1|p)
-        dD = None
-        if D is not None and ctx.needs_input_grad[3]:
-            dD = (dy * x).sum((0, 1))  # (h, p)
-            dD = (dD.sum(-1) if D.dim() == 1 else dD).to(D.dtype)
-
-        # Output side: y = exp(cs - m) ⊙ y_in (+ D x).
-        w_out_l = w_out.view(b, c * Q, h)[:, :l, :, None]
-        dy_in32 = _mul_padded(dy, w_out_l, pad).view(b, c, Q, h, p)
-        g_out = (dy_in32 * _cols_to_heads(y_in, b, g, p)).sum(-1)  # (b, c, q, h) = Σ_p dy ⊙ (y - Dx)
-        dy_in = _heads_to_cols(dy_in32.view(b, c * Q, h, p), Q, g)  # (bcg, q, r p)
-
-        # y_in = tril(C Bᵀ) xs + C S̃. The product's upper triangle (s > q) pairs exp(cs_q - m) with
-        # exp(m - cs_s) the wrong way round, up to e^{span}: it may overflow, and tril_ discards it.
-        dCB = torch.bmm(dy_in, xs.transpose(1, 2)).tril_()  # (bcg, q, s)
-        dC = torch.bmm(dCB, Bc).baddbmm_(dy_in, S_t.transpose(1, 2))  # (bcg, q, n)
-        # dS̃ -> gradient of the entering state: exp(m) dS̃.
-        dstart = torch.bmm(Cc.transpose(1, 2), dy_in).mul_(half_cols).view(b, c, g, n, r * p)
-
-        # Recurrence backward: dS_k = exp(m_k) dS̃_k + exp(tot_k) dS_{k+1}; dU_k = dS_{k+1}.
-        decay = (half_cols * half_cols).view(b, c, g, 1, r * p)
-        dstates = x.new_empty(b, c + 1, g, n, r * p, dtype=torch.float32)
-        dstates[:, c] = rearrange(grad_final.float(), "b (g r) p n -> b g n (r p)", g=g)
-        for k in range(c - 1, -1, -1):
-            torch.addcmul(dstart[:, k], decay[:, k], dstates[:, k + 1], out=dstates[:, k])
-        d_init = None
-        if ctx.has_initial_state and ctx.needs_input_grad[6]:
-            d_init = rearrange(dstates[:, 0], "b g n (r p) -> b (g r) p n", p=p)
-        dU = dstates[:, 1:]  # (b, c, g, n, r p)
-        # ∂/∂tot_k through both exp(tot_k) S_k and exp(tot_k - m) Bᵀ xs: Σ dS_{k+1} ⊙ S_{k+1}.
-        d_tot = rearrange((dU * states[:, 1:]).sum(3), "b c g (r p) -> b c (g r) p", p=p).sum(-1)  # (b, c, h)
-
-        # U = exp(tot - m) Bᵀ xs.
-        dU_mm = dU.reshape(b * c * g, n, r * p) * half_cols
-        dxs = torch.bmm(CB.transpose(1, 2), dy_in).baddbmm_(Bc, dU_mm)  # (bcg, s, r p)
-        dB = torch.bmm(dCB.transpose(1, 2), Cc).baddbmm_(xs, dU_mm.transpose(1, 2))  # (bcg, s, n)
-
-        # Input side: xs = exp(m - cs) dt ⊙ x. With v = Σ_p dxs ⊙ x: ∂/∂dt (through xs) = exp(m - cs) v,
-        # and Σ_p dxs ⊙ xs (the log-decay side) = exp(m - cs) dt v.
-        dxs_l = _cols_to_heads(dxs, b, g, p).reshape(b, c * Q, h, p)[:, :l]  # (b, l, h, p)
-        w_in_l = w_in.view(b, c * Q, h)[:, :l]
-        v = (dxs_l * x).sum(-1)  # (b, l, h)
-        dx = dxs_l * (w_in_l * dtf)[..., None]
-        if D is not None:
-            dx.addcmul_(dy, Dv)
-        g_in = _pad_len(w_in_l * dtf * v, pad).view(b, c, Q, h)
-
-        # Log-decays: cs = cumsum(a) within the chunk; tot = cs at the chunk's last position.
-        dcs = g_out - g_in
-        dcs[:, :, -1] += d_tot
-        da = dcs.flip(2).cumsum(2).flip(2).reshape(b, c * Q, h)[:, :l]  # (b, l, h)
-        ddt = da * A.float() + w_in_l * v
-        dA = (da * dtf).sum((0, 1))
-        dB = rearrange(dB, "(b c g) q n -> b (c q) g n", b=b, g=g)[:, :l]
-        dC = rearrange(dC, "(b c g) q n -> b (c q) g n", b=b, g=g)[:, :l]
-        return (dx.to(x.dtype), ddt.to(dt.dtype), dA.to(A.dtype), dB.to(B_dtype), dC.to(C_dtype), dD, d_init, None)
-
-
-def _ssd_segsum(x, dt, A, B, C, Q, D=None, initial_state=None):
-    """Chunked SSD with segment-sum decays, differentiated by autograd (exact for any span)."""
     b, l, h, p = x.shape
     g, n = B.shape[-2:]
     r = h // g
-    mm_dtype = x.dtype if x.dtype in (torch.bfloat16, torch.float16) else torch.float32
+    pad = (-l) % Q
+    c = (l + pad) // Q
+
+    dtf = dt.float()
+    cs = _pad_len(dtf * A.float(), pad).view(b, c, Q, h).cumsum(2)  # (b, c, q, h) in-chunk Σ a
+    half = torch.exp(0.5 * cs[:, :, -1])  # (b, c, h) exp(m) = exp(tot - m) = exp(tot/2)
+    w_in = torch.exp(0.5 * cs[:, :, -1:] - cs)  # (b, c, q, h) exp(m - cs), within e^{±span/2}
+
+    # xs = exp(m - cs) dt x in one pass over x (the padded tail stays 0: no input there).
+    coef = (w_in.view(b, c * Q, h)[:, :l] * dtf)[..., None]  # (b, l, h, 1)
+    xs = _mul_padded(x, coef, pad)  # (b, c*Q, h, p) fp32
+    xs = _heads_to_cols(xs, Q, g)  # (bcg, q, r p)
+    Bc = _group_to_chunks(_pad_len(B, pad).float(), Q)  # (bcg, q, n)
+    Cc = _group_to_chunks(_pad_len(C, pad).float(), Q)
+    CB = torch.bmm(Cc, Bc.transpose(1, 2)).tril_()  # (bcg, q, s) causal inside the chunk
+    half_cols = _per_head_cols(half, g, p)  # (bcg, 1, r p)
+
+    # The chunks' own contributions, then the fp32 recurrence S_{k+1} = exp(tot_k) S_k + U_k.
+    U = torch.bmm(Bc.transpose(1, 2), xs).mul_(half_cols).view(b, c, g, n, r * p)
+    decay = (half_cols * half_cols).view(b, c, g, 1, r * p)
+    states = x.new_empty(b, c + 1, g, n, r * p, dtype=torch.float32)  # entering each chunk, + final
+    if initial_state is None:
+        states[:, 0].zero_()
+    else:
+        states[:, 0] = rearrange(initial_state.float(), "b (g r) p n -> b g n (r p)", g=g)
+    for k in range(c):
+        torch.addcmul(U[:, k], decay[:, k], states[:, k], out=states[:, k + 1])
+
+    S_t = states[:, :-1].reshape(b * c * g, n, r * p) * half_cols  # exp(m) S
+    y_in = torch.bmm(CB, xs).baddbmm_(Cc, S_t)  # (bcg, q, r p)
+    w_out = torch.exp(cs - 0.5 * cs[:, :, -1:])  # (b, c, q, h) exp(cs - m)
+    y = (_cols_to_heads(y_in, b, g, p) * w_out[..., None]).reshape(b, c * Q, h, p)[:, :l]
+    if D is not None:
+        y.addcmul_(x, D.float()[:, None] if D.dim() == 1 else D.float())  # y is ours: in place
+    # A copy, not a view of the saved states, so that callers may modify it in place.
+    final = rearrange(states[:, -1], "b g n (r p) -> b (g r) p n", p=p).clone()
+
+    return y.to(x.dtype), final, (CB, xs, y_in, cs, states, S_t)
+
+def _factorised_backward(grad_y, grad_final, x, dt, A, B, C, D, saved, Q, has_initial_state):
+    """The gradients of :func:`_factorised_forward` (derivation in its docstring) with respect to
+    x, dt, A, B, C, D (None without D) and the initial state (None without one)."""
+    CB, xs, y_in, cs, states, S_t = saved
+    b, l, h, p = x.shape
+    g, n = B.shape[-2:]
+    r = h // g
+    pad = (-l) % Q
+    c = (l + pad) // Q
+    # B and C in the chunk layout again: cheaper than keeping a padded fp32 copy of each.
+    Bc = _group_to_chunks(_pad_len(B, pad).float(), Q)  # (bcg, q, n)
+    Cc = _group_to_chunks(_pad_len(C, pad).float(), Q)
+    dtf = dt.float()
+    half = torch.exp(0.5 * cs[:, :, -1])
+    half_cols = _per_head_cols(half, g, p)
+    w_in = torch.exp(0.5 * cs[:, :, -1:] - cs)  # exp(m - cs)
+    w_out = torch.exp(cs - 0.5 * cs[:, :, -1:])  # exp(cs - m)
+
+    dy = grad_y.float()
+    Dv = None if D is None else (D.float()[:, None] if D.dim() == 1 else D.float())  # (h, 1|p)
+    dD = None
+    if D is not None:
+        dD = (dy * x).sum((0, 1))  # (h, p)
+        dD = (dD.sum(-1) if D.dim() == 1 else dD).to(D.dtype)
+
+    # Output side: y = exp(cs - m) ⊙ y_in (+ D x).
+    w_out_l = w_out.view(b, c * Q, h)[:, :l, :, None]
+    dy_in32 = _mul_padded(dy, w_out_l, pad).view(b, c, Q, h, p)
+    g_out = (dy_in32 * _cols_to_heads(y_in, b, g, p)).sum(-1)  # (b, c, q, h) = Σ_p dy ⊙ (y - Dx)
+    dy_in = _heads_to_cols(dy_in32.view(b, c * Q, h, p), Q, g)  # (bcg, q, r p)
+
+    # y_in = tril(C Bᵀ) xs + C S̃. The product's upper triangle (s > q) pairs exp(cs_q - m) with
+    # exp(m - cs_s) the wrong way round, up to e^{span}: it may overflow, and tril_ discards it.
+    dCB = torch.bmm(dy_in, xs.transpose(1, 2)).tril_()  # (bcg, q, s)
+    dC = torch.bmm(dCB, Bc).baddbmm_(dy_in, S_t.transpose(1, 2))  # (bcg, q, n)
+    # dS̃ -> gradient of the entering state: exp(m) dS̃.
+    dstart = torch.bmm(Cc.transpose(1, 2), dy_in).mul_(half_cols).view(b, c, g, n, r * p)
+
+    # Recurrence backward: dS_k = exp(m_k) dS̃_k + exp(tot_k) dS_{k+1}; dU_k = dS_{k+1}.
+    decay = (half_cols * half_cols).view(b, c, g, 1, r * p)
+    dstates = x.new_empty(b, c + 1, g, n, r * p, dtype=torch.float32)
+    dstates[:, c] = rearrange(grad_final.float(), "b (g r) p n -> b g n (r p)", g=g)
+    for k in range(c - 1, -1, -1):
+        torch.addcmul(dstart[:, k], decay[:, k], dstates[:, k + 1], out=dstates[:, k])
+    d_init = None
+    if has_initial_state:
+        d_init = rearrange(dstates[:, 0], "b g n (r p) -> b (g r) p n", p=p)
+    dU = dstates[:, 1:]  # (b, c, g, n, r p)
+    # ∂/∂tot_k through both exp(tot_k) S_k and exp(tot_k - m) Bᵀ xs: Σ dS_{k+1} ⊙ S_{k+1}.
+    d_tot = rearrange((dU * states[:, 1:]).sum(3), "b c g (r p) -> b c (g r) p", p=p).sum(-1)  # (b, c, h)
+
+    # U = exp(tot - m) Bᵀ xs.
+    dU_mm = dU.reshape(b * c * g, n, r * p) * half_cols
+    dxs = torch.bmm(CB.transpose(1, 2), dy_in).baddbmm_(Bc, dU_mm)  # (bcg, s, r p)
+    dB = torch.bmm(dCB.transpose(1, 2), Cc).baddbmm_(xs, dU_mm.transpose(1, 2))  # (bcg, s, n)
+
+    # Input side: xs = exp(m - cs) dt ⊙ x. With v = Σ_p dxs ⊙ x: ∂/∂dt (through xs) = exp(m - cs) v,
+    # and Σ_p dxs ⊙ xs (the log-decay side) = exp(m - cs) dt v.
+    dxs_l = _cols_to_heads(dxs, b, g, p).reshape(b, c * Q, h, p)[:, :l]  # (b, l, h, p)
+    w_in_l = w_in.view(b, c * Q, h)[:, :l]
+    v = (dxs_l * x).sum(-1)  # (b, l, h)
+    dx = dxs_l * (w_in_l * dtf)[..., None]
+    if D is not None:
+        dx.addcmul_(dy, Dv)
+    g_in = _pad_len(w_in_l * dtf * v, pad).view(b, c, Q, h)
+
+    # Log-decays: cs = cumsum(a) within the chunk; tot = cs at the chunk's last position.
+    dcs = g_out - g_in
+    dcs[:, :, -1] += d_tot
+    da = dcs.flip(2).cumsum(2).flip(2).reshape(b, c * Q, h)[:, :l]  # (b, l, h)
+    ddt = da * A.float() + w_in_l * v
+    dA = (da * dtf).sum((0, 1))
+    dB = rearrange(dB, "(b c g) q n -> b (c q) g n", b=b, g=g)[:, :l]
+    dC = rearrange(dC, "(b c g) q n -> b (c q) g n", b=b, g=g)[:, :l]
+    return dx.to(x.dtype), ddt.to(dt.dtype), dA.to(A.dtype), dB.to(B.dtype), dC.to(C.dtype), dD, d_init
+
+
+# ---- the CPU custom op: one opaque, differentiable node for torch.compile -----------------------
+#
+# Registered with torch.library so that torch.compile traces it as a single operator with a known
+# output shape (its "fake" below) and a known backward, instead of tracing into it: the form
+# choice reads the data (a Python bool, which would break the graph), and the chunk recurrence is
+# a Python loop over chunks (which dynamo would unroll into one kernel per chunk). The op returns
+# what the factorised backward needs as extra, non-differentiable outputs, whose shapes depend only
+# on the input shapes and Q; the segment-sum form (taken for long spans) leaves them empty and its
+# backward recomputes the forward under autograd.
+
+
+def _saved_shapes(x, B, Q):
+    """Shapes of (CB, xs, y_in, cs, states, S_t) of :func:`_factorised_forward` at chunk length Q."""
+    b, l, h, p = x.shape
+    g, n = B.shape[-2:]
+    c, rp = -(-l // Q), (h // g) * p
+    return [(b * c * g, Q, Q), (b * c * g, Q, rp), (b * c * g, Q, rp), (b, c, Q, h), (b, c + 1, g, n, rp),
+            (b * c * g, n, rp)]
+
+
+@torch.library.custom_op("unidiff::ssd_chunked_cpu", mutates_args=(), device_types="cpu")
+def _ssd_chunked_cpu(
+    x: torch.Tensor, dt: torch.Tensor, A: torch.Tensor, B: torch.Tensor, C: torch.Tensor,
+    D: Optional[torch.Tensor], initial_state: Optional[torch.Tensor], Q: int,
+) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor,
+           torch.Tensor, torch.Tensor]:
+    """(y, final, factorised (a bool tensor), CB, xs, y_in, cs, states, S_t): see the comment above."""
+    # Contiguous outputs, as the fake function promises (a copy only for a padded tail or g > 1).
+    if _fits_factorised(dt, A, Q):
+        y, final, saved = _factorised_forward(x, dt, A, B, C, D, initial_state, Q)
+        return (y.contiguous(), final, torch.ones((), dtype=torch.bool)) + tuple(t.contiguous() for t in saved)
+    y, final = _ssd_segsum(x, dt, A, B, C, Q, D, initial_state)
+    empty = tuple(x.new_empty(shape, dtype=torch.float32) for shape in _saved_shapes(x, B, Q))
+    return (y.contiguous(), final.contiguous().clone(), torch.zeros((), dtype=torch.bool)) + empty
+
+
+@_ssd_chunked_cpu.register_fake
+def _(x, dt, A, B, C, D, initial_state, Q):
+    b, l, h, p = x.shape
+    n = B.shape[-1]
+    saved = tuple(x.new_empty(shape, dtype=torch.float32) for shape in _saved_shapes(x, B, Q))
+    return (x.new_empty(b, l, h, p), x.new_empty(b, h, p, n, dtype=torch.float32),
+            x.new_empty((), dtype=torch.bool)) + saved
+
+
+@torch.library.custom_op("unidiff::ssd_chunked_cpu_backward", mutates_args=(), device_types="cpu")
+def _ssd_chunked_cpu_backward(
+    grad_y: torch.Tensor, grad_final: torch.Tensor, x: torch.Tensor, dt: torch.Tensor, A: torch.Tensor,
+    B: torch.Tensor, C: torch.Tensor, D: Optional[torch.Tensor], initial_state: Optional[torch.Tensor],
+    saved: List[torch.Tensor], Q: int,
+) -> List[torch.Tensor]:
+    """Gradients (x, dt, A, B, C, D, initial_state) of :func:`_ssd_chunked_cpu`; an empty tensor
+    stands for D or the initial state when the call had none."""
+    factorised, saved = saved[0], saved[1:]
+    if bool(factorised):
+        grads = _factorised_backward(grad_y, grad_final, x, dt, A, B, C, D, saved, Q, initial_state is not None)
+    else:
+        # The segment-sum form (long spans only): recompute it under autograd and differentiate.
+        # torch.func, not torch.autograd: an op's body runs below the autograd dispatch key.
+        inputs = (x, dt, A, B, C, D, initial_state)
+        where = [i for i, t in enumerate(inputs) if t is not None]
+
+        def run(*present):
+            full = list(inputs)
+            for i, t in zip(where, present):
+                full[i] = t
+            return _ssd_segsum(*full[:5], Q, *full[5:])
+
+        _, vjp = torch.func.vjp(run, *(inputs[i] for i in where))
+        found = iter(vjp((grad_y, grad_final)))
+        grads = [next(found) if t is not None else None for t in inputs]
+    # Contiguous, as the fake function promises (an input may be a strided view).
+    return [g.contiguous() if g is not None else x.new_empty(0) for g in grads]
+
+
+@_ssd_chunked_cpu_backward.register_fake
+def _(grad_y, grad_final, x, dt, A, B, C, D, initial_state, saved, Q):
+    return [t.new_empty(t.shape) if t is not None else x.new_empty(0) for t in (x, dt, A, B, C, D, initial_state)]
+
+
+def _ssd_cpu_setup_context(ctx, inputs, output):
+    x, dt, A, B, C, D, initial_state, Q = inputs
+    ctx.mark_non_differentiable(*output[2:])
+    ctx.set_materialize_grads(False)  # no zero gradients for the saved outputs
+    ctx.save_for_backward(x, dt, A, B, C, D, initial_state, *output[2:])
+    ctx.Q = Q
+
+
+def _ssd_cpu_backward(ctx, grad_y, grad_final, *unused):
+    x, dt, A, B, C, D, initial_state, *saved = ctx.saved_tensors
+    y_shape, state_shape = x.shape, (x.shape[0], x.shape[2], x.shape[3], B.shape[-1])
+    grad_y = x.new_zeros(y_shape) if grad_y is None else grad_y  # an output the loss did not use
+    grad_final = x.new_zeros(state_shape, dtype=torch.float32) if grad_final is None else grad_final
+    grads = _ssd_chunked_cpu_backward(grad_y, grad_final, x, dt, A, B, C, D, initial_state, saved, ctx.Q)
+    present = (True,) * 5 + (D is not None, initial_state is not None)
+    return tuple(g if keep else None for g, keep in zip(grads, present)) + (None,)
+
+
+torch.library.register_autograd("unidiff::ssd_chunked_cpu", _ssd_cpu_backward, setup_context=_ssd_cpu_setup_context)
+
+
+def _ssd_segsum(x, dt, A, B, C, Q, D=None, initial_state=None, mm_dtype=None):
+    """Chunked SSD with segment-sum decays, differentiated by autograd (exact for any span).
+    ``mm_dtype``: the matmuls' dtype; None = x's for bf16/fp16, else fp32."""
+    b, l, h, p = x.shape
+    g, n = B.shape[-2:]
+    r = h // g
+    if mm_dtype is None:
+        mm_dtype = x.dtype if x.dtype in (torch.bfloat16, torch.float16) else torch.float32
     pad = (-l) % Q
 
     dt = dt.float()
