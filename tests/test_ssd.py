@@ -203,3 +203,21 @@ def test_the_final_state_is_the_callers_to_modify():
     s.mul_(2)  # a copy, not a view of what the backward saved
     y.sum().backward()
     assert torch.isfinite(x.grad).all()
+
+
+def test_the_segment_sum_backward_runs_under_a_dispatch_mode():
+    # The segment-sum form's backward recomputes its forward under autograd inside the CPU op; it
+    # must also run under a TorchDispatchMode (the benchmarks count FLOPs with one), and agree.
+    from torch.utils.flop_counter import FlopCounterMode
+
+    x, dt, A, B, C, D, s0 = _ssd_inputs(1, 100, 4, 8, 1, 16, seed=7, init=True)
+    dt, A = torch.full_like(dt, 1.5), torch.full((4,), -2.0)
+    assert not ssd._fits_factorised(dt, A, 64)
+    y_ref, s_ref, g_ref = _values_and_grads(_naive, (x, dt, A, B, C, D, s0))
+    counter = FlopCounterMode(display=False)
+    with counter:
+        y, s, g = _values_and_grads(_chunked(64), (x, dt, A, B, C, D, s0))
+    assert rel_err(y, y_ref) < 1e-5 and rel_err(s, s_ref) < 1e-5
+    for name, ga, gb in zip("x dt A B C D s0".split(), g, g_ref):
+        if gb is not None:
+            assert rel_err(ga, gb) < 2e-5, name

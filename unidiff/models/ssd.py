@@ -387,6 +387,16 @@ def _(x, dt, A, B, C, D, initial_state, Q):
             x.new_empty((), dtype=torch.bool)) + saved
 
 
+def _autograd_reentered():
+    """The dispatch state of a plain call, for recomputing under autograd inside an op's body:
+    torch.library runs the body with the autograd keys excluded (``_AutoDispatchBelowAutograd``)."""
+    K = torch._C.DispatchKey
+    exclude = torch._C._dispatch_tls_local_exclude_set()
+    for key in (K.AutogradOther, K.AutogradNestedTensor, K.AutogradFunctionality, K.ADInplaceOrView):
+        exclude = exclude.remove(key)
+    return torch._C._ForceDispatchKeyGuard(torch._C._dispatch_tls_local_include_set(), exclude)
+
+
 @torch.library.custom_op("unidiff::ssd_chunked_cpu_backward", mutates_args=(), device_types="cpu")
 def _ssd_chunked_cpu_backward(
     grad_y: torch.Tensor, grad_final: torch.Tensor, x: torch.Tensor, dt: torch.Tensor, A: torch.Tensor,
@@ -400,19 +410,20 @@ def _ssd_chunked_cpu_backward(
         grads = _factorised_backward(grad_y, grad_final, x, dt, A, B, C, D, saved, Q, initial_state is not None)
     else:
         # The segment-sum form (long spans only): recompute it under autograd and differentiate.
-        # torch.func, not torch.autograd: an op's body runs below the autograd dispatch key.
+        # The op's body runs below the autograd dispatch key: re-enter it for the recomputation
+        # (torch.func.vjp would work too, but its wrapper tensors break under dispatch modes such
+        # as torch.utils.flop_counter's).
         inputs = (x, dt, A, B, C, D, initial_state)
         where = [i for i, t in enumerate(inputs) if t is not None]
-
-        def run(*present):
+        with _autograd_reentered(), torch.enable_grad():
+            leaves = [inputs[i].detach().requires_grad_(True) for i in where]
             full = list(inputs)
-            for i, t in zip(where, present):
+            for i, t in zip(where, leaves):
                 full[i] = t
-            return _ssd_segsum(*full[:5], Q, *full[5:])
-
-        _, vjp = torch.func.vjp(run, *(inputs[i] for i in where))
-        found = iter(vjp((grad_y, grad_final)))
+            y, final = _ssd_segsum(*full[:5], Q, *full[5:])
+            found = iter(torch.autograd.grad((y, final), leaves, (grad_y, grad_final), allow_unused=True))
         grads = [next(found) if t is not None else None for t in inputs]
+        grads = [torch.zeros_like(t) if g is None and t is not None else g for g, t in zip(grads, inputs)]
     # Contiguous, as the fake function promises (an input may be a strided view).
     return [g.contiguous() if g is not None else x.new_empty(0) for g in grads]
 
