@@ -102,7 +102,7 @@ def sample_in_batches(model, schedule, task: str, n: int, batch_size: int, *, sa
                       generator: Optional[torch.Generator] = None,
                       known_fn: Optional[Callable[[int, int], Dict[str, Any]]] = None, guidance: float = 1.0,
                       classifier_scale: float = 0.0, classifier_modality: Optional[str] = None,
-                      precision: str = "no", progress: Optional[Callable[[int], None]] = None,
+                      precision: Optional[str] = None, progress: Optional[Callable[[int], None]] = None,
                       ) -> Tuple[torch.Tensor, Dict[str, torch.Tensor]]:
     """``n`` samples of ``task`` in ``batch_size`` batches, one :func:`unidiff.diffusion.sample`
     call per batch, all drawing from ``generator`` in turn: (images (n, C, H, W) float32 on the
@@ -112,18 +112,21 @@ def sample_in_batches(model, schedule, task: str, n: int, batch_size: int, *, sa
     (``experiments.setting.generate``). ``known_fn(start, b)``: the known values of rows
     ``start:start + b`` (None: nothing known, no guidance); ``guidance`` and the classifier
     guidance apply where something is known. ``precision``: the autocast choice of
-    :func:`unidiff.launch.resolve_precision` the model runs under. ``progress(b)`` is called after
-    each batch.
+    :func:`unidiff.launch.resolve_precision` the model runs under (None: the caller's autocast
+    state, untouched). ``progress(b)`` is called after each batch.
     """
+    from contextlib import nullcontext
+
     from .diffusion import sample
     from .launch import autocast
 
     device_type = next(model.parameters()).device.type
+    amp = (lambda: nullcontext()) if precision is None else (lambda: autocast(precision, device_type))
     images, aux = [], {}
     for start in range(0, n, batch_size):
         b = min(batch_size, n - start)
         known = known_fn(start, b) if known_fn is not None else None
-        with autocast(precision, device_type):
+        with amp():
             out = sample(model, schedule, task, batch_size=b, known=known, scheduler=sampler, num_steps=steps,
                          guidance_scale=guidance if known else 1.0,
                          classifier_scale=classifier_scale if known else 0.0,
