@@ -26,7 +26,7 @@ from omegaconf import DictConfig
 
 import heads
 from unidiff.config import backbone_kwargs, to_container
-from unidiff.diffusion import sample
+from unidiff.evaluate import sample_in_batches
 
 Panels = List[Tuple[str, torch.Tensor]]  # (title, images (N, C, H, W)) for samples.png
 Rows = List[Tuple[str, str, str]]  # (metric key, label, better = "lower" | "higher")
@@ -121,19 +121,11 @@ def standalone_modality(cfg: DictConfig, kind: str, image_shape):
 @torch.no_grad()
 def generate(model, schedule, cfg: DictConfig, task: str, n: int, generator: torch.Generator,
              known_fn: Optional[Callable[[int, int], Dict[str, Any]]] = None, guidance: float = 1.0):
-    """``n`` samples of ``task`` in ``eval.batch_size`` batches: (images (n, C, H, W) on the CPU,
+    """``n`` samples of ``task`` in ``eval.batch_size`` batches, drawn one after the other from
+    ``generator`` (:func:`unidiff.evaluate.sample_in_batches`): (images (n, C, H, W) on the CPU,
     {name: (n, ...) read-outs on the CPU}). ``known_fn(start, b)``: the known values of a batch."""
-    images, aux = [], {}
-    for start in range(0, n, cfg.eval.batch_size):
-        b = min(cfg.eval.batch_size, n - start)
-        known = known_fn(start, b) if known_fn is not None else None
-        out = sample(model, schedule, task, batch_size=b, known=known, scheduler=cfg.eval.sampler.value,
-                     num_steps=cfg.eval.steps, guidance_scale=guidance if known else 1.0, generator=generator)
-        images.append(out.image.float().cpu())
-        for k, v in out.aux.items():
-            if torch.is_tensor(v):
-                aux.setdefault(k, []).append(v.float().cpu() if v.is_floating_point() else v.cpu())
-    return torch.cat(images), {k: torch.cat(v) for k, v in aux.items()}
+    return sample_in_batches(model, schedule, task, n, int(cfg.eval.batch_size), sampler=cfg.eval.sampler.value,
+                             steps=int(cfg.eval.steps), generator=generator, known_fn=known_fn, guidance=guidance)
 
 
 def known_values(name: str, value: torch.Tensor, device: torch.device) -> Callable[[int, int], Dict[str, Any]]:

@@ -2,6 +2,7 @@
 
 import json
 import math
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -26,6 +27,8 @@ from unidiff.metrics import (
     psnr,
     recall_at_k,
 )
+
+DEBUG = str(Path(__file__).resolve().parents[1] / "configs" / "debug.yaml")
 
 
 @pytest.fixture(scope="module")
@@ -328,7 +331,7 @@ def test_reference_statistics_are_cached_per_data_and_features(digits, tmp_path,
     def no_features(*args, **kwargs):
         raise AssertionError("recomputed instead of loading the cache")
 
-    monkeypatch.setattr(metrics, "extract_features", no_features)
+    monkeypatch.setattr(metrics, "feature_statistics", no_features)
     again = metrics.reference_statistics(val, feats, str(tmp_path), batch_size=50, keep=20)
     torch.testing.assert_close(again.feature_cov_sum, stats.feature_cov_sum, rtol=0, atol=0)
     other = LinearFeatures(64, 8)  # other weights: another extractor
@@ -337,3 +340,66 @@ def test_reference_statistics_are_cached_per_data_and_features(digits, tmp_path,
             metrics.reference_statistics(*args, batch_size=50, keep=20)
     with pytest.raises(AssertionError, match="recomputed"):
         metrics.reference_statistics(val, feats, str(tmp_path), batch_size=50, max_items=10, keep=20)
+
+
+def _recording_dataset(images):
+    """An in-memory dataset that records the size of every batch it materialises."""
+    from unidiff.data import InMemoryDataset
+
+    class Recording(InMemoryDataset):
+        def batch(self, index):
+            self.sizes.append(len(index))
+            return super().batch(index)
+
+        def __getitem__(self, i):
+            raise AssertionError("items read one by one: not the batched stream")
+
+    ds = Recording(images, torch.zeros(len(images), dtype=torch.long))
+    ds.sizes = []
+    return ds
+
+
+class RecordingFeatures(LinearFeatures):
+    def __init__(self, in_dim, num_features):
+        super().__init__(in_dim, num_features)
+        self.sizes = []
+
+    def forward(self, x):
+        self.sizes.append(len(x))
+        return super().forward(x)
+
+
+def test_streamed_statistics_and_floor_match_the_all_at_once_closed_form(tmp_path):
+    """The reference split and the floor's other split are streamed batch by batch: the same Fréchet
+    distance as scipy on every feature at once, and no batch above the batch size is ever built."""
+    from unidiff.config import load_config
+    from unidiff.evaluate import _image_metrics
+
+    g = torch.Generator().manual_seed(0)
+    train = _recording_dataset(torch.rand(53, 1, 4, 4, generator=g) * 2 - 1)
+    val = _recording_dataset(torch.rand(41, 1, 4, 4, generator=g) * 1.6 - 0.7)
+    fake = torch.rand(30, 1, 4, 4, generator=g) * 2 - 1
+    torch.manual_seed(1)
+    feats = RecordingFeatures(16, 5)
+    with torch.no_grad():
+        f_train, f_val, f_fake = (feats.proj(x.flatten(1)).double().numpy() for x in (train.images, val.images, fake))
+
+    # the statistics of one set: the oracle's moments
+    stats = metrics.feature_statistics(train, feats, batch_size=7, keep=10)
+    np.testing.assert_allclose(stats.mu.numpy(), f_train.mean(0), rtol=1e-10, atol=1e-12)
+    np.testing.assert_allclose(stats.sigma.numpy(), np.cov(f_train, rowvar=False), rtol=1e-9, atol=1e-12)
+    np.testing.assert_allclose(stats.features.numpy(), f_train[:10], rtol=1e-6)
+    assert stats.n == 53 and max(train.sizes) <= 7 and max(feats.sizes) <= 7
+
+    # evaluation's fid and fid_floor: the reference (val) whole, the floor's first 20 train images
+    train.sizes.clear(), val.sizes.clear(), feats.sizes.clear()
+    cfg = load_config(DEBUG, [f"eval.cache_dir={tmp_path}", "eval.batch_size=6", "eval.floor_samples=20",
+                              "eval.n_samples=30"])
+    out = _image_metrics(fake, cfg, train, val, feats, seed=0)
+    assert out["fid"] == pytest.approx(_scipy_fid(f_val, f_fake), rel=1e-6)
+    assert out["fid_floor"] == pytest.approx(_scipy_fid(f_val, f_train[:20]), rel=1e-6)
+    assert sum(train.sizes) == 24 and max(train.sizes + val.sizes + feats.sizes) <= 6
+    # eval.floor_samples=0: the floor at the samples' count (eval.n_samples)
+    cfg = load_config(DEBUG, [f"eval.cache_dir={tmp_path / 'b'}", "eval.batch_size=6", "eval.n_samples=30"])
+    out = _image_metrics(fake, cfg, train, val, feats, seed=0)
+    assert out["fid_floor"] == pytest.approx(_scipy_fid(f_val, f_train[:30]), rel=1e-6)

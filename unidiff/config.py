@@ -189,6 +189,7 @@ class EvalConfig:
     kid_subset_size: int = 1000  # at most the number of samples / kept reference features
     pr_k: int = 3  # k-th neighbour radius of precision/recall
     shard_size: int = 0  # samples per resumable shard (RUN_DIR/eval_shards/); 0 = eval.batch_size
+    floor_samples: int = 0  # real images of the other split for fid_floor (streamed); 0 = eval.n_samples
 
 
 @dataclass
@@ -440,6 +441,7 @@ def validate(cfg: DictConfig) -> None:
     for key in ("reference_features", "kid_subsets", "kid_subset_size", "pr_k"):
         _check(ev[key] >= 1, f"eval.{key}", f"must be >= 1, got {ev[key]}")
     _check(ev.shard_size >= 0, "eval.shard_size", f"must be >= 0 (0 = eval.batch_size), got {ev.shard_size}")
+    _check(ev.floor_samples >= 0, "eval.floor_samples", f"must be >= 0 (0 = eval.n_samples), got {ev.floor_samples}")
 
 
 def resolve_with_data(cfg: DictConfig, info: Any) -> DictConfig:

@@ -23,10 +23,22 @@ measures):
   recovers the conditioning class of class→image samples, drift guidance ``eval.guidance``).
 Where two modalities give the same top-level key, the first one in the model's order wins.
 
-The file also holds ``provenance`` (:func:`unidiff.provenance.provenance`: the checkpoint, the
-sampler, steps, guidance, sample count, seed, overrides, the package version and git commit, the
-command); the returned dict does not. No result is overwritten silently: an existing metrics file
-at the target is first renamed ``metrics.<its mtime>.json`` (:func:`unidiff.provenance.keep_previous`).
+A latent run (``model.vae.path`` set) is judged in pixels: its joint and conditional samples are
+VAE-decoded (:func:`unidiff.latents.decode_samples`) before the reference classifier or the
+Inception see them, and the real sets are the pixel data its latent cache was made from (the
+reference classifier is trained on those pixels); bits/dim and the read-outs stay in the model's
+latent space. The real sets' feature statistics are streamed one batch at a time, the floor's
+other split capped at ``eval.floor_samples`` images (0: ``eval.n_samples``). The model runs under
+``train.mixed_precision``'s rule (:func:`unidiff.launch.resolve_precision`: ``auto`` is bf16 only
+on hardware with native bf16), while sampling and on real data; the judges run in fp32.
+
+The file also holds ``provenance`` (:func:`unidiff.provenance.provenance`: the checkpoint and its
+step, the sampler, steps, guidance, sample count, seed, overrides, the precision and why, the VAE
+of a latent run, the package version and git commit, the command); the returned dict does not.
+No result is overwritten silently, and none outlives the run that replaces it: an existing
+metrics file at the target is renamed ``metrics.<its mtime>.json``
+(:func:`unidiff.provenance.keep_previous`) when the evaluation starts, so an evaluation killed
+half-way leaves no metrics file at the target rather than the earlier one.
 
 Every sample stream (joint samples, each modality's conditional samples) is generated in
 resumable shards (:class:`SampleStore`, :mod:`unidiff.shards`), shard ``i`` of a stream seeded by
@@ -41,11 +53,13 @@ import hashlib
 import json
 import math
 import os
+import time
 from pathlib import Path
 from typing import Any, Callable, Dict, Optional, Sequence, Tuple
 
 import torch
 from omegaconf import DictConfig
+from tqdm.auto import tqdm
 
 from .errors import CheckpointError
 from .io import write_json
@@ -83,21 +97,67 @@ def _digest(value: Any) -> str:
     return h.hexdigest()
 
 
+@torch.no_grad()
+def sample_in_batches(model, schedule, task: str, n: int, batch_size: int, *, sampler: str, steps: int,
+                      generator: Optional[torch.Generator] = None,
+                      known_fn: Optional[Callable[[int, int], Dict[str, Any]]] = None, guidance: float = 1.0,
+                      classifier_scale: float = 0.0, classifier_modality: Optional[str] = None,
+                      precision: Optional[str] = None, progress: Optional[Callable[[int], None]] = None,
+                      ) -> Tuple[torch.Tensor, Dict[str, torch.Tensor]]:
+    """``n`` samples of ``task`` in ``batch_size`` batches, one :func:`unidiff.diffusion.sample`
+    call per batch, all drawing from ``generator`` in turn: (images (n, C, H, W) float32 on the
+    CPU, {modality: (n, ...) read-outs on the CPU, floating ones float32}).
+
+    The one sampling loop of evaluation (:class:`SampleStore`'s shards) and of the experiments
+    (``experiments.setting.generate``). ``known_fn(start, b)``: the known values of rows
+    ``start:start + b`` (None: nothing known, no guidance); ``guidance`` and the classifier
+    guidance apply where something is known. ``precision``: the autocast choice of
+    :func:`unidiff.launch.resolve_precision` the model runs under (None: the caller's autocast
+    state, untouched). ``progress(b)`` is called after each batch.
+    """
+    from contextlib import nullcontext
+
+    from .diffusion import sample
+    from .launch import autocast
+
+    device_type = next(model.parameters()).device.type
+    amp = (lambda: nullcontext()) if precision is None else (lambda: autocast(precision, device_type))
+    images, aux = [], {}
+    for start in range(0, n, batch_size):
+        b = min(batch_size, n - start)
+        known = known_fn(start, b) if known_fn is not None else None
+        with amp():
+            out = sample(model, schedule, task, batch_size=b, known=known, scheduler=sampler, num_steps=steps,
+                         guidance_scale=guidance if known else 1.0,
+                         classifier_scale=classifier_scale if known else 0.0,
+                         classifier_modality=classifier_modality if known else None, generator=generator)
+        images.append(out.image.float().cpu())
+        for k, v in out.aux.items():
+            if torch.is_tensor(v):
+                aux.setdefault(k, []).append(v.float().cpu() if v.is_floating_point() else v.cpu())
+        if progress is not None:
+            progress(b)
+    return torch.cat(images), {k: torch.cat(v) for k, v in aux.items()}
+
+
 class SampleStore:
     """The evaluation's sharded sample streams (:func:`unidiff.shards.generate_sharded`).
 
     Each stream lives in ``RUN_DIR/eval_shards/<hash>/``, the hash covering everything that decides
     its samples (the evaluated weights, the task, the conditioning values, ``n``, the shard size,
-    the seed, the solver and guidance), so a rerun of a killed ``unidiff evaluate`` picks up its
-    shards and a changed setting starts a new folder. Shard ``i`` of a stream is seeded by
-    ``seed_for(stream seed, i)``: the samples do not depend on the number of processes.
+    the seed, the solver, guidance and precision), so a rerun of a killed ``unidiff evaluate``
+    picks up its shards and a changed setting starts a new folder. Shard ``i`` of a stream is
+    seeded by ``seed_for(stream seed, i)``: the samples do not depend on the number of processes.
+    The main process shows a progress bar per stream (samples done, images/s of this process).
     """
 
-    def __init__(self, model, schedule, cfg, run_dir: Path, device, seed: int, accelerator, on_shard=None):
+    def __init__(self, model, schedule, cfg, run_dir: Path, device, seed: int, accelerator, on_shard=None,
+                 precision: str = "no"):
         from .metrics import module_fingerprint
 
         self.model, self.schedule, self.ev, self.device = model, schedule, cfg.eval, device
         self.seed, self.accelerator, self.on_shard = int(seed), accelerator, on_shard
+        self.precision = precision
         self.root = run_dir / "eval_shards"
         self.shard_size = int(self.ev.shard_size or self.ev.batch_size)
         self.model_id = module_fingerprint(model)
@@ -110,42 +170,63 @@ class SampleStore:
         ``known``: the conditioning value of modality ``name`` (``n`` rows), with the evaluation's
         guidance and classifier guidance; None for joint samples (no guidance).
         """
-        from .diffusion import sample
         from .io import seed_for
         from .shards import generate_sharded
 
-        ev, bs, device = self.ev, int(self.ev.batch_size), self.device
+        ev, device = self.ev, self.device
         guided = known is not None
         settings = {"model": self.model_id, "task": task, "name": name, "known": _digest(known) if guided else None,
                     "sampler": ev.sampler.value, "steps": int(ev.steps),
                     "guidance": float(ev.guidance) if guided else 1.0,
                     "classifier_scale": float(ev.classifier_scale) if guided else 0.0}
+        if self.precision != "no":  # fp32 streams keep the folders they always had
+            settings["precision"] = self.precision
         stream_seed = seed_for(self.seed, stream)
         plan = {"n": int(n), "shard_size": self.shard_size, "seed": stream_seed, **settings}
         folder = self.root / hashlib.sha256(json.dumps(plan, sort_keys=True).encode()).hexdigest()[:16]
+        bar = _StreamProgress(n, f"eval {task}" + (f" ({name})" if name else ""), self.accelerator.is_main_process)
 
         def one_shard(shard):
-            g = torch.Generator(device=device).manual_seed(shard.seed)
-            images, aux = [], {}
-            for start in range(shard.start, shard.start + shard.count, bs):  # batches within the shard
-                b = min(bs, shard.start + shard.count - start)
-                rows = {name: _rows(known, start, start + b, device)} if guided else None
-                out = sample(self.model, self.schedule, task, batch_size=b, known=rows, scheduler=ev.sampler.value,
-                             num_steps=ev.steps, guidance_scale=settings["guidance"],
-                             classifier_scale=settings["classifier_scale"], classifier_modality=name if guided else None,
-                             generator=g)
-                images.append(out.image.float().cpu())
-                for k, v in out.aux.items():
-                    if torch.is_tensor(v):
-                        aux.setdefault(k, []).append(v.cpu())
-            return {"image": torch.cat(images), **{f"aux.{k}": torch.cat(v) for k, v in aux.items()}}
+            known_fn = (lambda start, b: {name: _rows(known, shard.start + start, shard.start + start + b, device)}
+                        ) if guided else None
+            images, aux = sample_in_batches(
+                self.model, self.schedule, task, shard.count, int(ev.batch_size), sampler=ev.sampler.value,
+                steps=int(ev.steps), generator=torch.Generator(device=device).manual_seed(shard.seed),
+                known_fn=known_fn, guidance=settings["guidance"], classifier_scale=settings["classifier_scale"],
+                classifier_modality=name, precision=self.precision, progress=bar.advance)
+            return {"image": images, **{f"aux.{k}": v for k, v in aux.items()}}
 
         image_shape = tuple(int(s) for s in self.model.image_shape)
-        arrays = generate_sharded(one_shard, int(n), self.shard_size, stream_seed, folder, settings=settings,
-                                  spec={"image": ("float32", image_shape)}, accelerator=self.accelerator,
-                                  on_shard=self.on_shard)
+        try:
+            arrays = generate_sharded(one_shard, int(n), self.shard_size, stream_seed, folder, settings=settings,
+                                      spec={"image": ("float32", image_shape)}, accelerator=self.accelerator,
+                                      on_shard=self.on_shard)
+            bar.complete()
+        finally:
+            bar.bar.close()
         aux = {k[len("aux."):]: torch.from_numpy(v) for k, v in arrays.items() if k.startswith("aux.")}
         return torch.from_numpy(arrays["image"]), aux
+
+
+class _StreamProgress:
+    """A tqdm bar over a stream's ``total`` samples on the main process (``tqdm.auto``;
+    ``disable=None``: off where the output is not a terminal, so logs and notebooks are not
+    flooded), with the images/s this process generates. Shards kept from an earlier run, or
+    written by other processes, are counted when the stream is assembled (:meth:`complete`)."""
+
+    def __init__(self, total: int, desc: str, main: bool):
+        self.bar = tqdm(total=int(total), desc=desc, unit="img", disable=None if main else True, dynamic_ncols=True)
+        self.made, self.t0 = 0, time.perf_counter()
+
+    def advance(self, b: int) -> None:
+        self.made += int(b)
+        rate = self.made / max(time.perf_counter() - self.t0, 1e-9)
+        self.bar.set_postfix({"images/s": f"{rate:.2f}"}, refresh=False)
+        self.bar.update(int(b))
+
+    def complete(self) -> None:
+        if self.bar.n < self.bar.total:  # the shards this process did not generate
+            self.bar.update(self.bar.total - self.bar.n)
 
 
 @torch.no_grad()
@@ -176,17 +257,22 @@ def _feature_module(ev, clf, device):
 
 
 @torch.no_grad()
-def _generation(model, store: SampleStore, cfg, clf, device) -> Tuple[torch.Tensor, Dict[str, Any]]:
+def _generation(model, store: SampleStore, cfg, clf, device,
+                to_pixels: Callable[[torch.Tensor], torch.Tensor]) -> Tuple[torch.Tensor, Dict[str, Any]]:
     """Every sample-generating metric stream, on every process: the joint samples and each
-    modality's ``generation_metrics`` (its conditional samples). Returns (joint images, metrics)."""
+    modality's ``generation_metrics`` (its conditional samples). Returns (joint images, metrics).
+
+    ``to_pixels``: model outputs -> images in [-1, 1] (the VAE decode of a latent run, else the
+    identity): the joint and conditional samples are judged as images, as GenerationEval says."""
     ev, bs, out = cfg.eval, cfg.eval.batch_size, {}
     fake, fake_aux = store.generate("joint", ev.n_samples, JOINT_STREAM)
+    fake = to_pixels(fake)
     classify = (lambda images: _classify(clf, images, bs, device)) if clf is not None else None
     for i, (name, mod) in enumerate(model.modalities.items()):
 
         def generate(value, name=name, i=i):
             images, _ = store.generate("conditional", _batch_size_of(value), CONDITIONAL_STREAM + i, known=value, name=name)
-            return images
+            return to_pixels(images)
 
         values = fake_aux.get(name)
         for k, v in mod.generation_metrics(GenerationEval(fake, values, classify, generate, int(ev.n_samples))).items():
@@ -196,8 +282,14 @@ def _generation(model, store: SampleStore, cfg, clf, device) -> Tuple[torch.Tens
 
 @torch.no_grad()
 def _image_metrics(fake: torch.Tensor, cfg, train_set, val_set, feats, seed: int) -> Dict[str, Any]:
-    """``eval.metrics`` of the joint samples against the ``eval.reference`` split, and ``fid_floor``,
-    in the features of ``feats`` (:func:`_feature_module`; None: no such metrics)."""
+    """``eval.metrics`` of the joint samples (images in [-1, 1]) against the ``eval.reference``
+    split of the real images, and ``fid_floor``, in the features of ``feats``
+    (:func:`_feature_module`; None: no such metrics).
+
+    Both real sets are streamed through the features one ``eval.batch_size`` batch at a time
+    (:func:`unidiff.metrics.feature_statistics`): the reference split whole, the other split's
+    first ``eval.floor_samples`` images (0: ``eval.n_samples``, the floor at the samples' count,
+    since FID is biased by the set size; all of the split when it is smaller)."""
     from . import metrics as M
 
     ev, bs = cfg.eval, cfg.eval.batch_size
@@ -207,8 +299,9 @@ def _image_metrics(fake: torch.Tensor, cfg, train_set, val_set, feats, seed: int
     ref = M.reference_statistics(reference, feats, ev.cache_dir, bs, keep=ev.reference_features)
     out = M.generative_metrics(ref, M.extract_features(fake, feats, bs), list(ev.metrics), seed=seed,
                                kid_subsets=ev.kid_subsets, kid_subset_size=ev.kid_subset_size, pr_k=ev.pr_k)
-    if "fid" in ev.metrics:  # as many real images of the other split against the same reference
-        floor = M.reference_statistics(other, feats, ev.cache_dir, bs, max_items=ev.n_samples, keep=0)
+    if "fid" in ev.metrics:  # real images of the other split against the same reference
+        floor_n = int(ev.floor_samples or ev.n_samples)
+        floor = M.reference_statistics(other, feats, ev.cache_dir, bs, max_items=floor_n, keep=0)
         out["fid_floor"] = M.frechet_distance(ref, floor)
     return out
 
@@ -254,20 +347,23 @@ def evaluate(run: str | os.PathLike | DictConfig, overrides: Sequence[str] = (),
              on_shard: Optional[Callable[[Any], None]] = None) -> Dict[str, Any]:
     """Compute the metrics of a run, write ``RUN_DIR/metrics.json`` (or ``out_path``) atomically
     and return them. ``seed`` seeds every random draw of the evaluation (samples, t, noise).
-    An existing file at the target is kept as ``metrics.<timestamp>.json`` (module docstring).
+    An existing file at the target is moved aside as ``metrics.<timestamp>.json`` before anything
+    is computed (module docstring), so a killed evaluation never leaves an older result there.
 
     ``run``: the run folder (its ``config.yaml`` is read), or the run's config itself (a
     :func:`unidiff.config.load_config` result; the folder is its ``run.dir``), as a caller that
     holds the config passes it (the experiment runner: its ``eval`` section wins over the saved one).
     ``overrides``: ``key=value`` items on top (``eval.n_samples=100``). ``datasets``: the
-    ``(train, val, info)`` of the config's ``data`` section when the caller has built them already.
+    ``(train, val, info)`` of the config's ``data`` section when the caller has built them already
+    (a latent run's latent cache; its pixel data is built here for the image metrics).
 
     Samples are generated in resumable shards under ``RUN_DIR/eval_shards/`` (:class:`SampleStore`):
     rerunning a killed evaluation reuses them and ends with the same numbers. Under
     ``accelerate launch`` every process generates its share of the shards (``accelerator``:
     default ``accelerate.Accelerator()``; ``device``: default its device); the main process then
     computes the metrics and writes the file, the others return ``{}``. ``on_shard(shard)`` is
-    called after each shard written (progress; the resume test's kill switch).
+    called after each shard written (progress; the resume test's kill switch). The model runs
+    under ``train.mixed_precision``'s rule (:func:`unidiff.launch.resolve_precision`).
     """
     from accelerate import Accelerator
 
@@ -276,6 +372,8 @@ def evaluate(run: str | os.PathLike | DictConfig, overrides: Sequence[str] = (),
     from .config import build_schedule, check_writable, load_config
     from .config import run_dir as folder_of
     from .data import build_datasets
+    from .latents import decode_samples, pixel_datasets, vae_path
+    from .launch import autocast, resolve_precision
 
     if isinstance(run, DictConfig):
         cfg = load_config(run, overrides) if overrides else run
@@ -287,19 +385,34 @@ def evaluate(run: str | os.PathLike | DictConfig, overrides: Sequence[str] = (),
     ev = cfg.eval
     acc = accelerator if accelerator is not None else Accelerator()
     device = torch.device(device) if device else acc.device
+    target = Path(out_path) if out_path is not None else run_dir / "metrics.json"
+    previous = None
+    if acc.is_main_process:  # an earlier result is moved aside now: never mistaken for this run's
+        target.parent.mkdir(parents=True, exist_ok=True)
+        previous = keep_previous(target)
     model = load_model(run_dir, device)
     schedule = build_schedule(cfg)
+    precision, precision_reason = resolve_precision(cfg.train.mixed_precision, device.type)
     train_set, val_set, info = datasets if datasets is not None else build_datasets(cfg.data)
+    latent = vae_path(cfg) is not None
+    # The image metrics judge images: a latent run's samples are decoded and compared with the
+    # pixel data its latent cache was made from (the reference classifier is a pixel classifier).
+    pixel_train, pixel_val, pixel_info = pixel_datasets(cfg) if latent else (train_set, val_set, info)
+    bs = int(ev.batch_size)
+
+    def to_pixels(x: torch.Tensor) -> torch.Tensor:
+        return decode_samples(x, cfg, bs, device=device) if latent else x
+
     out: Dict[str, Any] = {"step": None, "n_samples": int(ev.n_samples)}
     meta = run_dir / "model" / "config.json"
     out["model"] = "model/" if meta.is_file() else "latest checkpoint (EMA)"
 
     clf = None
-    if info.num_classes >= 2:  # trains (with gradients) on first use, then cached: the main process first
+    if pixel_info.num_classes >= 2:  # trains (with gradients) on first use, then cached: the main process first
         for turn in (True, False):
             if acc.is_main_process == turn:
-                clf, ref_acc = M.get_reference_classifier(train_set, val_set, info, ev.cache_dir, device=device,
-                                                          steps=ev.reference_steps)
+                clf, ref_acc = M.get_reference_classifier(pixel_train, pixel_val, pixel_info, ev.cache_dir,
+                                                          device=device, steps=ev.reference_steps)
             acc.wait_for_everyone()
         out["reference_accuracy"] = float(ref_acc)
 
@@ -308,14 +421,15 @@ def evaluate(run: str | os.PathLike | DictConfig, overrides: Sequence[str] = (),
         feats = _feature_module(ev, clf, device)
     generated: Dict[str, Any] = {}
     if model.image_head is not None:  # every process takes its share of the sample shards
-        store = SampleStore(model, schedule, cfg, run_dir, device, seed, acc, on_shard)
-        fake, generated = _generation(model, store, cfg, clf, device)
+        store = SampleStore(model, schedule, cfg, run_dir, device, seed, acc, on_shard, precision=precision)
+        fake, generated = _generation(model, store, cfg, clf, device, to_pixels)
     if not acc.is_main_process:
         return {}
     if model.image_head is not None:
-        out.update(_image_metrics(fake, cfg, train_set, val_set, feats, seed))
+        out.update(_image_metrics(fake, cfg, pixel_train, pixel_val, feats, seed))
     g = torch.Generator(device=device).manual_seed(seed)
-    out.update(_model_metrics(model, schedule, cfg, val_set, g, device))
+    with autocast(precision, device.type):
+        out.update(_model_metrics(model, schedule, cfg, val_set, g, device))
     for k, v in generated.items():  # after the read-out aliases, which win a tie (as they always did)
         out.setdefault(k, v)
     last = latest(run_dir / "checkpoints")
@@ -323,15 +437,13 @@ def evaluate(run: str | os.PathLike | DictConfig, overrides: Sequence[str] = (),
     bad = [k for k, v in out.items() if isinstance(v, float) and not math.isfinite(v)]
     if bad:
         out["non_finite"] = bad
-    # --- the metrics file: the numbers and what produced them; an earlier result is kept -----------
-    target = Path(out_path) if out_path is not None else run_dir / "metrics.json"
+    # --- the metrics file: the numbers and what produced them ----------------------------------------
     source = run_dir / "model" if meta.is_file() else last
     record = provenance(seed=int(seed), overrides=overrides, run_dir=str(run_dir),
                         checkpoint=str(source) if source is not None else None, step=out["step"],
                         sampler=ev.sampler.value, steps=int(ev.steps), guidance=float(ev.guidance),
                         classifier_scale=float(ev.classifier_scale), n_samples=int(ev.n_samples),
-                        t_read=int(ev.t_read), num_draws=int(ev.num_draws), device=str(device))
-    target.parent.mkdir(parents=True, exist_ok=True)
-    previous = keep_previous(target)
+                        t_read=int(ev.t_read), num_draws=int(ev.num_draws), device=str(device),
+                        precision=precision, precision_reason=precision_reason, vae=vae_path(cfg))
     write_json(target, {**out, "provenance": {**record, "previous": str(previous) if previous else None}})
     return out

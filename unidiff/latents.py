@@ -197,14 +197,26 @@ def codec_for(cfg: DictConfig, device: str | torch.device = "cpu") -> Optional[L
                          str(torch.device(device)))
 
 
-def decode_samples(images: torch.Tensor, cfg: DictConfig, batch_size: int = 64) -> torch.Tensor:
+def decode_samples(images: torch.Tensor, cfg: DictConfig, batch_size: int = 64,
+                   device: Optional[str | torch.device] = None) -> torch.Tensor:
     """Model outputs (B, C, H, W) -> images in [-1, 1] on the same device: the VAE decode for a
     latent run (``model.vae.path`` set), the input itself for a pixel run. What ``unidiff sample``,
-    the training sample grids and evaluation call before writing images."""
-    codec = codec_for(cfg, images.device)
+    the training sample grids and evaluation call before writing or scoring images.
+
+    ``batch_size`` latents are decoded at a time on ``device`` (default: the input's), so a large
+    CPU-held sample set is decoded on the GPU one batch at a time."""
+    codec = codec_for(cfg, images.device if device is None else device)
     if codec is None:
         return images
-    return torch.cat([codec.decode(x) for x in images.split(batch_size)]).to(images.device)
+    return torch.cat([codec.decode(x).to(images.device) for x in images.split(batch_size)])
+
+
+def pixel_datasets(cfg: DictConfig):
+    """``(train, val, info)`` of the pixel data a latent run's cache was made from (``data`` with
+    ``data.latents`` unset): the real images that evaluation compares decoded samples with."""
+    from .data import build_datasets
+
+    return build_datasets(_pixel_data_config(cfg))
 
 
 # --- the cache writer ------------------------------------------------------------------------------

@@ -336,6 +336,8 @@ def _image_batches(images: Images, batch_size: int, max_items: Optional[int] = N
     else:
         stream = images
     seen = 0
+    if max_items is not None and max_items <= 0:
+        return
     for x in stream:
         if max_items is not None:
             x = x[: max_items - seen]
@@ -343,6 +345,8 @@ def _image_batches(images: Images, batch_size: int, max_items: Optional[int] = N
             break
         seen += len(x)
         yield x
+        if max_items is not None and seen >= max_items:
+            break  # before the stream builds another batch
 
 
 @torch.no_grad()
@@ -383,6 +387,28 @@ class FeatureStats:
         f = features.double()
         return cls(len(f), f.sum(0), f.T @ f, features[:keep].float().clone())
 
+    @classmethod
+    def streamed(cls, batches: Iterable[torch.Tensor], keep: Optional[int] = None) -> "FeatureStats":
+        """The stats of a stream of (B, F) feature batches, accumulated batch by batch: only the
+        running sums and the first ``keep`` rows (all when None) are held, never the whole set."""
+        n, feature_sum, cov_sum, kept, n_kept = 0, None, None, [], 0
+        for f in batches:
+            f64 = f.detach().cpu().double()  # (B, F)
+            if feature_sum is None:
+                feature_sum = torch.zeros(f64.shape[1], dtype=torch.float64)
+                cov_sum = torch.zeros(f64.shape[1], f64.shape[1], dtype=torch.float64)
+            n += len(f64)
+            feature_sum += f64.sum(0)
+            cov_sum += f64.T @ f64
+            room = len(f64) if keep is None else min(len(f64), int(keep) - n_kept)
+            if room > 0:
+                kept.append(f[:room].detach().cpu().float().clone())
+                n_kept += room
+        if feature_sum is None:
+            raise ValueError("feature statistics got no images")
+        features = torch.cat(kept) if kept else torch.zeros(0, feature_sum.numel())
+        return cls(n, feature_sum, cov_sum, features)
+
     @property
     def mu(self) -> torch.Tensor:
         """(F,) float64 mean."""
@@ -404,6 +430,19 @@ class PrecomputedFeatures(nn.Module):
 
     def forward(self, features: torch.Tensor) -> torch.Tensor:
         return features
+
+
+@torch.no_grad()
+def feature_statistics(images: Images, feature_module: nn.Module, batch_size: int = 256,
+                       max_items: Optional[int] = None, keep: Optional[int] = None) -> FeatureStats:
+    """:class:`FeatureStats` of (N, C, H, W) images in [-1, 1] (a tensor, a dataset, an iterable of
+    batches; the first ``max_items``), streamed: one batch of ``batch_size`` images and its features
+    at a time (:meth:`FeatureStats.streamed`), so a dataset of any size (ImageNet's 1.28M train
+    images) fits. The same numbers as :meth:`FeatureStats.from_features` of all features at once,
+    up to float64 rounding of the sums."""
+    device = next(feature_module.parameters()).device
+    return FeatureStats.streamed((feature_module(x.to(device)) for x in _image_batches(images, batch_size, max_items)),
+                                 keep)
 
 
 def _stats_key(dataset: AnyDataset, feature_module: nn.Module, max_items: Optional[int], keep: int) -> str:
@@ -440,7 +479,7 @@ def reference_statistics(
                                         torch.from_numpy(f["feature_cov_sum"]), torch.from_numpy(f["features"]))
             except (OSError, KeyError, ValueError) as e:
                 warnings.warn(f"reference statistics cache {path} is unreadable ({e}); recomputing")
-    stats = FeatureStats.from_features(extract_features(dataset, feature_module, batch_size, max_items)["features"], keep)
+    stats = feature_statistics(dataset, feature_module, batch_size, max_items, keep)
     if path is not None:
         os.makedirs(cache_dir, exist_ok=True)
         write_npz(path, n=np.int64(stats.n), feature_sum=stats.feature_sum.numpy(),
