@@ -19,7 +19,9 @@ The loop steps the de-drifted ``y`` with an unmodified diffusers scheduler and r
     out = model(z, t);  Â = Σ_m π_m E_m(x̂_m or known x_m);  y = z - κ_t Â
     y' = scheduler.step(out.image, t, y);  z = y' + κ_{t'} Â
 
-where ``t'`` is the level the scheduler steps to (``κ = 0`` once it reaches the data).
+where ``t'`` is the level the scheduler steps to (``κ = 0`` once it reaches the data). In a
+conditional task an ε head's output is first moved to the same x̂0 at that ``y`` from the model's
+own ``z - κ_t Â_θ`` (:class:`Conversion`, §3.3).
 """
 
 from __future__ import annotations
@@ -62,9 +64,10 @@ class Conversion(str, Enum):
 
 
 # The conversion a conditional task uses unless told (``sample(convert_with=None)``), per
-# ``model.prediction``; x̂0 heads keep the one code path they always had (the choice cannot
-# change their samples, §3.3).
-DEFAULT_CONVERSION = {"epsilon": Conversion.predicted, "v_prediction": Conversion.predicted, "sample": Conversion.known}
+# ``model.prediction``. ε: ``predicted``, measured better on the digits (BENCHMARKS.md); v: not
+# measured, so it keeps the old path (its mismatch is damped by a_t², §3.3); x̂0 heads keep the one
+# code path they always had (the choice cannot change their samples).
+DEFAULT_CONVERSION = {"epsilon": Conversion.predicted, "v_prediction": Conversion.known, "sample": Conversion.known}
 
 
 # A modality task's action -> the generic task that runs it.
