@@ -139,7 +139,7 @@ def test_classifier_guidance_matches_analytic_gradient():
     path = []
     sample(model, s, "class_to_image", known={"label": labels}, scheduler="ddim", num_steps=6,
            classifier_scale=scale, generator=torch.Generator().manual_seed(4),
-           callback=lambda i, t, y, a: path.append(y))
+           callback=lambda i, t, y, a: path.append(y), convert_with="known")  # the oracle reads ε at z - κA
     ref = _oracle_loop("ddim", "epsilon", 6, 4, A, guided)
     for got, want in zip(path, ref):
         torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
@@ -270,3 +270,134 @@ def test_cuda_matches_cpu_with_a_cpu_generator():
         runs.append((out.image.cpu(), loss["loss"].cpu()))
     torch.testing.assert_close(runs[0][0], runs[1][0], rtol=1e-3, atol=1e-4)
     torch.testing.assert_close(runs[0][1], runs[1][1], rtol=1e-3, atol=1e-4)
+
+
+# --- §3.3: converting ε̂ with the model's own drift estimate -------------------------------------
+from unidiff.diffusion.sampling import Conversion, _guided_prediction  # noqa: E402
+
+
+def _mismatched_model(prediction, x0, believed, weight=0.7):
+    """A model whose label head predicts ``believed`` (so Â_θ = π E(believed)) and whose image head
+    is exact under that belief: for every z, the raw prediction of ε = (z - a x0 - κ Â_θ)/σ."""
+    s = DriftSchedule.from_config("linear", T, **BETAS)
+    mod = LabelKindFake("label", SHAPE, 3, weight=weight)
+    A_theta = weight * mod.encode(believed)  # (B, C, H, W)
+
+    def image_fn(z, t):
+        A = tile_rows(A_theta, z.shape[0])
+        x = tile_rows(x0, z.shape[0])
+        eps = (z - s.at("a", t, z) * x - s.at("kappa", t, z) * A) / s.at("sigma", t, z)
+        return eps if prediction == "epsilon" else s.at("a", t, z) * eps - s.at("sigma", t, z) * x  # v
+
+    def aux_fn(z, t):
+        return {"label": tile_rows(onehot_logits(believed, 3), z.shape[0])}
+
+    return s, mod, A_theta, FakeModel({"label": mod}, image_fn, aux_fn, SHAPE, prediction)
+
+
+@pytest.mark.parametrize("prediction", ["epsilon", "v_prediction"])
+@pytest.mark.parametrize("w", [1.0, 2.5])
+@pytest.mark.parametrize("t", [5, 30, 60])
+def test_predicted_conversion_recovers_x0_that_known_misses_by_gamma_sigma(prediction, w, t):
+    # z_t = a x0 + κ Â_θ + σ ε with the model's ε exact under Â_θ ≠ A = π E(y). The clean estimate
+    # the scheduler reads at y = z - κ A (diffusers: x̂0 = (y - σ ε)/a):
+    #   predicted: ε' = ε + κ(Â_θ - A)/σ          ->  x̂0 = x0
+    #   known:     ε                               ->  x̂0 = x0 + (κ/a)(Â_θ - A) = x0 + γ σ (Â_θ - A)
+    # With drift guidance w the unconditional branch sees z - κ·shift, shift = π(E(y) - E(∅)), so
+    # ε_g = ε + (w - 1) κ shift/σ and both estimates move by -(w - 1) γ σ shift.
+    # A v head is read by x̂0 = a y - σ v̂: moving y by κ(Â_θ - A) moves x̂0 by a κ(Â_θ - A), so
+    # for v both terms carry a factor a² (the unconditional v̂ is converted at the same y as well).
+    g = torch.Generator().manual_seed(3)
+    x0 = torch.randn(3, *SHAPE, generator=g)
+    labels, believed = torch.tensor([2, 0, 1]), torch.tensor([0, 1, 1])  # one row believes the truth
+    s, mod, A_theta, model = _mismatched_model(prediction, x0, believed)
+    A = mod.weight * mod.encode(labels)
+    shift = None if w == 1.0 else mod.weight * (mod.encode(labels) - mod.null_encoding(3))
+    z = s.q_sample(x0, A_theta, t, torch.randn(x0.shape, generator=g))
+    a, sig, kap, gamma = float(s.a[t]), float(s.sigma[t]), float(s.kappa[t]), s.gamma
+    y = z - kap * A
+    f = 1.0 if prediction == "epsilon" else a * a
+    guided = 0.0 if shift is None else (w - 1) * f * gamma * sig * shift
+    x0_hat = {}
+    for conv in Conversion:
+        pred, _, A_out = _guided_prediction(model, s, z, t, {"label": labels}, shift, w, None, conv)
+        torch.testing.assert_close(A_out, A)  # the chain carries the known drift either way
+        eps = pred if prediction == "epsilon" else a * pred + sig * y
+        x0_hat[conv] = (y - sig * eps) / a
+    torch.testing.assert_close(x0_hat[Conversion.predicted], x0 - guided, atol=1e-4, rtol=1e-4)
+    off = f * gamma * sig * (A_theta - A)
+    torch.testing.assert_close(x0_hat[Conversion.known], x0 - guided + off, atol=1e-4, rtol=1e-4)
+    assert float(off[:2].abs().max()) > 0.01  # the two really differ (not both ≈ x0)
+    assert torch.equal(off[2], torch.zeros_like(off[2]))  # and agree where the head is right
+
+
+def test_predicted_conversion_end_to_end_lands_on_x0():
+    # DDIM (η = 0, trailing spacing: 99, 79, ..., 19, then the data): with x̂0 = x0 at every step
+    # the chain ends on x0; the known conversion ends on its last step's x̂0, x0 + γ σ_19 (Â_θ - A).
+    g = torch.Generator().manual_seed(4)
+    x0 = torch.randn(3, *SHAPE, generator=g)
+    labels, believed = torch.tensor([2, 0, 1]), torch.tensor([0, 1, 2])
+    s, mod, A_theta, model = _mismatched_model("epsilon", x0, believed)
+    kw = dict(known={"label": labels}, scheduler="ddim", num_steps=5, clamp=False,
+              scheduler_kwargs={"timestep_spacing": "trailing"})
+    out_p = sample(model, s, "class_to_image", generator=torch.Generator().manual_seed(0), convert_with="predicted", **kw)
+    out_k = sample(model, s, "class_to_image", generator=torch.Generator().manual_seed(0), convert_with="known", **kw)
+    out_d = sample(model, s, "class_to_image", generator=torch.Generator().manual_seed(0), **kw)
+    torch.testing.assert_close(out_p.image, x0, atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(out_k.image, x0 + s.gamma * float(s.sigma[19]) * (A_theta - mod.weight * mod.encode(labels)),
+                               atol=1e-4, rtol=1e-4)
+    assert torch.equal(out_d.image, out_p.image)  # ε-prediction converts with its own Â by default
+
+
+def _linear_logits(z, mod, c=0.1):
+    """A z-dependent part of the logits, so that classifier guidance has a gradient."""
+    return c * torch.einsum("bchw,kchw->bk", z, mod.table)
+
+
+@pytest.mark.parametrize("prediction", ["epsilon", "v_prediction", "sample"])
+@pytest.mark.parametrize("w,cls", [(1.0, 0.0), (2.0, 0.0), (2.0, 0.5)])
+def test_conversions_agree_bitwise_when_the_heads_are_right(prediction, w, cls):
+    # Heads predicting the known label exactly make Â_θ = Â bit for bit: the increment is 0.
+    s, mod, labels = _setup()
+    net = TinyDenoiser(1, T)
+    model = FakeModel({"label": mod}, lambda z, t: net(z, t),
+                      lambda z, t: {"label": tile_rows(onehot_logits(labels, 3), z.shape[0]) + _linear_logits(z, mod)},
+                      SHAPE, prediction)
+    outs = [sample(model, s, "class_to_image", known={"label": labels}, scheduler="ddpm", num_steps=6,
+                   guidance_scale=w, classifier_scale=cls, generator=torch.Generator().manual_seed(1), convert_with=c)
+            for c in Conversion]
+    assert torch.equal(outs[0].image, outs[1].image)
+
+
+@pytest.mark.parametrize("scheduler", ["ddpm", "ddim", "dpm"])
+def test_sample_prediction_ignores_the_conversion(scheduler):
+    # An x̂0 head predicts x̂0 directly; its samples must not depend on convert_with, even when its
+    # label head is wrong (Â_θ ≠ Â), with both kinds of guidance.
+    s, mod, labels = _setup()
+    net = TinyDenoiser(1, T)
+    wrong = (labels + 1) % 3
+    model = FakeModel({"label": mod}, lambda z, t: net(z, t),
+                      lambda z, t: {"label": tile_rows(onehot_logits(wrong, 3, 3.0), z.shape[0]) + _linear_logits(z, mod)},
+                      SHAPE, "sample")
+    outs = [sample(model, s, "class_to_image", known={"label": labels}, scheduler=scheduler, num_steps=6, guidance_scale=2.0,
+                   classifier_scale=0.5, generator=torch.Generator().manual_seed(2), convert_with=c)
+            for c in (None, "known", "predicted")]
+    assert torch.equal(outs[0].image, outs[1].image) and torch.equal(outs[1].image, outs[2].image)
+
+
+@pytest.mark.parametrize("prediction", ["epsilon", "v_prediction", "sample"])
+def test_reframe_keeps_x0(prediction):
+    s = DriftSchedule.from_config("linear", T, **BETAS)
+    g = torch.Generator().manual_seed(5)
+    pred, y1, y2 = (torch.randn(2, *SHAPE, generator=g) for _ in range(3))
+    t = torch.tensor([10, 90])
+    moved = s.reframe(pred, y1, y2, t, prediction)
+    torch.testing.assert_close(s.to_x0(moved, y2, t, prediction), s.to_x0(pred, y1, t, prediction), atol=1e-5, rtol=1e-5)
+    assert torch.equal(s.reframe(pred, y1, y1.clone(), t, prediction), pred)
+
+
+def test_bad_conversion_is_a_config_error():
+    s, mod, labels = _setup()
+    model = FakeModel({"label": mod}, lambda z, t: torch.zeros_like(z), lambda z, t: {"label": onehot_logits(labels, 3)}, SHAPE)
+    with pytest.raises(ConfigError, match="sampling.convert_with"):
+        sample(model, s, "class_to_image", known={"label": labels}, num_steps=2, convert_with="true")

@@ -19,7 +19,9 @@ The loop steps the de-drifted ``y`` with an unmodified diffusers scheduler and r
     out = model(z, t);  Â = Σ_m π_m E_m(x̂_m or known x_m);  y = z - κ_t Â
     y' = scheduler.step(out.image, t, y);  z = y' + κ_{t'} Â
 
-where ``t'`` is the level the scheduler steps to (``κ = 0`` once it reaches the data).
+where ``t'`` is the level the scheduler steps to (``κ = 0`` once it reaches the data). In a
+conditional task an ε head's output is first moved to the same x̂0 at that ``y`` from the model's
+own ``z - κ_t Â_θ`` (:class:`Conversion`, §3.3).
 """
 
 from __future__ import annotations
@@ -48,6 +50,24 @@ class Task(str, Enum):
     joint = "joint"
     conditional = "conditional"
     image_to_aux = "image_to_aux"
+
+
+class Conversion(str, Enum):
+    """Where a conditional task turns the image head's raw ε̂ or v̂ into its clean estimate
+    (DESIGN.md §3.3): at ``z_t - κ_t Â`` with the known modalities' true encodings in ``Â``
+    (``known``), or with every modality from its head (``predicted``, the model's own drift
+    estimate, under which it produced ε̂). The scheduler steps ``z_t - κ_t Â_known`` either way.
+    An x̂0 head gives the same samples under both."""
+
+    known = "known"
+    predicted = "predicted"
+
+
+# The conversion a conditional task uses unless told (``sample(convert_with=None)``), per
+# ``model.prediction``. ε: ``predicted``, measured better on the digits (BENCHMARKS.md); v: not
+# measured, so it keeps the old path (its mismatch is damped by a_t², §3.3); x̂0 heads keep the one
+# code path they always had (the choice cannot change their samples).
+DEFAULT_CONVERSION = {"epsilon": Conversion.predicted, "v_prediction": Conversion.known, "sample": Conversion.known}
 
 
 # A modality task's action -> the generic task that runs it.
@@ -212,11 +232,14 @@ def _guided_prediction(
     shift: Optional[torch.Tensor],
     guidance_scale: float,
     classifier: Optional[Tuple[str, Any, float]],
+    convert_with: Conversion = Conversion.known,
 ) -> Tuple[torch.Tensor, Dict[str, Any], torch.Tensor]:
     """One denoiser evaluation with drift and classifier guidance.
 
-    Returns (raw image prediction for the scheduler, conditional aux predictions, Â), all for
-    the B rows of ``z``.
+    Returns (raw image prediction for the scheduler at ``z - κ_t Â``, conditional aux predictions,
+    Â), all for the B rows of ``z``; ``Â`` holds the known modalities' true encodings.
+    ``convert_with=predicted`` reads the raw prediction at the model's own ``z - κ_t Â_θ`` instead
+    and hands the scheduler the prediction with the same x̂0 at ``z - κ_t Â`` (§3.3).
     """
     B = z.shape[0]
     kappa = float(schedule.kappa[t])
@@ -241,20 +264,31 @@ def _guided_prediction(
     A_hat = model.expected_aggregate(aux, known) if len(model.modalities) else None
     A_hat = torch.zeros_like(z) if A_hat is None else A_hat.detach().float()
     pred = out.image.detach().float()
-    if shift is None and grad is None:
+    # §3.3: the model made ε̂ (or v̂) under its own drift estimate Â_θ (every modality from its
+    # head), so its consistent clean estimate is read at y_θ = z - κ_t Â_θ. Only a known modality
+    # makes Â_θ differ from Â; an x̂0 head is the same at every point (its old path is kept).
+    own = convert_with is Conversion.predicted and bool(known) and model.prediction != "sample"
+    A_conv = model.expected_aggregate(aux).detach().float() if own else A_hat
+    if shift is None and grad is None and not own:
         return pred, aux, A_hat
 
-    # Guidance acts on ε. Both branches share y = z - κ_t Â (the unconditional branch's own Â
-    # differs only in the swapped known term, which the shift removed), so convert at y.
-    y = z - kappa * A_hat
-    eps = schedule.to_eps(pred[:B], y, t, model.prediction)
-    if shift is not None:
-        eps_u = schedule.to_eps(pred[B:], y, t, model.prediction)
-        eps = eps_u + guidance_scale * (eps - eps_u)
-    if grad is not None:
-        # score = -ε/σ, so adding s∇log p̂ to the score is ε ← ε - s σ_t ∇log p̂.
-        eps = eps - classifier[2] * float(schedule.sigma[t]) * grad
-    return schedule.from_eps(eps, y, t, model.prediction), aux, A_hat
+    # Guidance acts on ε. Both branches are converted at the same point y_c (the unconditional
+    # branch's drift differs only in the swapped known term, which the shift removed).
+    y_c = z - kappa * A_conv
+    if shift is not None or grad is not None:
+        eps = schedule.to_eps(pred[:B], y_c, t, model.prediction)
+        if shift is not None:
+            eps_u = schedule.to_eps(pred[B:], y_c, t, model.prediction)
+            eps = eps_u + guidance_scale * (eps - eps_u)
+        if grad is not None:
+            # score = -ε/σ, so adding s∇log p̂ to the score is ε ← ε - s σ_t ∇log p̂.
+            eps = eps - classifier[2] * float(schedule.sigma[t]) * grad
+        pred = schedule.from_eps(eps, y_c, t, model.prediction)
+    if not own:
+        return pred, aux, A_hat
+    # The scheduler steps y = z - κ_t Â (the known drift is what the chain carries): hand it the
+    # prediction with the same x̂0 there, ε' = ε̂ + κ_t (Â_θ - Â)/σ_t.
+    return schedule.reframe(pred, y_c, z - kappa * A_hat, t, model.prediction), aux, A_hat
 
 
 @torch.no_grad()
@@ -280,6 +314,7 @@ def sample(
     t_read: Optional[int] = None,
     num_draws: int = 4,
     callback: Optional[Callable[[int, int, torch.Tensor, torch.Tensor], None]] = None,
+    convert_with: Union[str, Conversion, None] = None,
 ) -> SampleOutput:
     """Run a task of §3.
 
@@ -298,6 +333,8 @@ def sample(
             task's modality, else the only known one) toward ``classifier_target`` (default: its
             known value).
         callback: called after every step as ``callback(i, t, y_next, A_hat)`` (de-drifted path).
+        convert_with: :class:`Conversion` of a conditional task's raw ε̂ / v̂ to its clean estimate
+            (default :data:`DEFAULT_CONVERSION` of ``model.prediction``).
 
     The loop makes no host syncs of its own: timesteps stay on the CPU and every schedule scalar
     is read from the CPU tables.
@@ -324,6 +361,14 @@ def sample(
         raise ConfigError(f"task {label!r} needs {need}")
     if guidance_scale != 1.0 and not known:
         raise ConfigError("sampling.guidance_scale != 1 needs known modalities (drift guidance is conditional)")
+
+    if convert_with is None:
+        convert_with = DEFAULT_CONVERSION.get(model.prediction, Conversion.known)
+    try:
+        convert_with = Conversion(convert_with)
+    except ValueError:
+        raise ConfigError(f"sampling.convert_with must be one of {[c.value for c in Conversion]}, "
+                          f"got {convert_with!r}") from None
 
     device = _model_device(model)
     if batch_size is None:
@@ -359,7 +404,8 @@ def sample(
     aux: Dict[str, Any] = {}
     y_next = z
     for i, t in enumerate(sched.timesteps.tolist()):
-        pred, aux, A_hat = _guided_prediction(model, schedule, z, t, known, shift, guidance_scale, classifier)
+        pred, aux, A_hat = _guided_prediction(model, schedule, z, t, known, shift, guidance_scale, classifier,
+                                            convert_with)
         y = z - float(schedule.kappa[t]) * A_hat
         y_next = sched.step(pred, t, y, generator=generator, **step_kwargs).prev_sample
         abar = _target_alpha_bar(sched, i, t)

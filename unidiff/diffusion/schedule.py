@@ -219,5 +219,22 @@ class DriftSchedule:
         x0 = (y - self.at("sigma", t, y) * eps) / self.at("a", t, y)
         return self.target(x0, eps, t, prediction)
 
+    def reframe(self, pred: torch.Tensor, y_from: torch.Tensor, y_to: torch.Tensor, t: Timestep,
+                prediction: str) -> torch.Tensor:
+        """The raw prediction at ``y_to`` with the same x0 as ``pred`` has at ``y_from`` (DESIGN.md §3.3).
+
+        With ``Δ = y_to - y_from`` and x0 fixed, ``y = a x0 + σ ε`` gives ``ε' = ε + Δ/σ`` and
+        ``v' = a ε' - σ x0 = v + a Δ/σ``; an x0 prediction does not move. Written as an increment
+        so that ``Δ = 0`` returns ``pred`` bit for bit.
+        """
+        if prediction == "sample":
+            return pred
+        step = (y_to - y_from) / self.at("sigma", t, y_to)
+        if prediction == "epsilon":
+            return pred + step
+        if prediction == "v_prediction":
+            return pred + self.at("a", t, y_to) * step
+        raise ConfigError(f"model.prediction must be one of {values(Prediction)}, got {prediction!r}")
+
     def __repr__(self) -> str:
         return f"DriftSchedule(T={self.num_train_timesteps}, gamma={self.gamma}, max_kappa={float(self.kappa.max()):.4f})"
