@@ -170,6 +170,7 @@ class SampleStore:
         ``known``: the conditioning value of modality ``name`` (``n`` rows), with the evaluation's
         guidance and classifier guidance; None for joint samples (no guidance).
         """
+        from .diffusion.sampling import DEFAULT_CONVERSION, Conversion
         from .io import seed_for
         from .shards import generate_sharded
 
@@ -181,6 +182,9 @@ class SampleStore:
                     "classifier_scale": float(ev.classifier_scale) if guided else 0.0}
         if self.precision != "no":  # fp32 streams keep the folders they always had
             settings["precision"] = self.precision
+        reading = DEFAULT_CONVERSION.get(self.model.prediction, Conversion.known)
+        if guided and reading is not Conversion.known:  # ε heads' conditional reading (DESIGN.md §3.3)
+            settings["convert_with"] = reading.value
         stream_seed = seed_for(self.seed, stream)
         plan = {"n": int(n), "shard_size": self.shard_size, "seed": stream_seed, **settings}
         folder = self.root / hashlib.sha256(json.dumps(plan, sort_keys=True).encode()).hexdigest()[:16]
