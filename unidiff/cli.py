@@ -433,18 +433,6 @@ def sample_batch(pipe, task: str, n: int, known: Optional[Dict[str, "torch.Tenso
                          generator=generator, output_type="latent")
 
 
-class _OneProcess:
-    """The accelerator interface :func:`unidiff.shards.generate_sharded` needs, for one process."""
-
-    num_processes, process_index, is_main_process = 1, 0, True
-
-    def wait_for_everyone(self) -> None:
-        pass
-
-    def gather_for_metrics(self, obj, use_gather_object: bool = False):
-        return obj
-
-
 def _digest(value) -> Optional[str]:
     """A content hash of a tensor, a dict of tensors or None (what decides a shard's samples)."""
     import hashlib
@@ -544,7 +532,14 @@ def sample_to_file(run_dir, task: str, n: Optional[int], steps: Optional[int], s
     if shards_dir.exists() and not shards_dir.is_dir():
         raise ConfigError(f"--out: {str(shards_dir)!r} (the shard folder) is a file, not a folder")
     check_writable(out.parent, "--out")
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    from accelerate import Accelerator
+
+    # Under `accelerate launch`/torchrun every process samples its share of the shards; one process
+    # alone samples them all. The main process assembles and writes the files.
+    from .launch import launch_settings
+
+    acc = Accelerator(cpu=launch_settings().cpu)  # cpu: several CPU processes join one gloo group
+    device = acc.device
     pipe = UnifiedDiffusionPipeline.from_run(run_dir, device)  # progress bars on a terminal only
     model = pipe.model
     n_given, n = n, n or pipe.sampling.num_images
@@ -614,9 +609,13 @@ def sample_to_file(run_dir, task: str, n: Optional[int], steps: Optional[int], s
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         arrays_out = generate_sharded(one_shard, total, shard_size, seed, shards_dir, settings=settings,
-                                      spec=spec_arrays, accelerator=_OneProcess())
+                                      spec=spec_arrays, accelerator=acc)
     for w in caught:  # a shard of other settings or a bad shard: one line each
         print(f"unidiff: warning: {' '.join(str(w.message).split())}", file=sys.stderr)
+    paths = {"npz": out, "grid": grid_path, "record": record_path, "precision": f"{precision} ({reason})",
+             "main": acc.is_main_process}
+    if not acc.is_main_process:
+        return paths
     write_npz(out, **arrays_out, **adm_layout(arrays_out))
 
     # --- the grid: the first GRID_SAMPLES samples, each captioned with its label ----------------------
@@ -626,9 +625,9 @@ def sample_to_file(run_dir, task: str, n: Optional[int], steps: Optional[int], s
     save_labelled_grid(pixels, captions, grid_path, class_names=_class_names(cfg, cache) if captions else None)
     write_json(record_path, provenance(seed, command=sys.argv, task=task, n=total, shard_size=shard_size,
                                        run_dir=str(run_dir), precision={"mixed_precision": precision, "reason": reason},
-                                       device=str(device)))
+                                       device=str(device), processes=acc.num_processes))
     shutil.rmtree(shards_dir, ignore_errors=True)  # only once the sample file is published
-    return {"npz": out, "grid": grid_path, "record": record_path, "precision": f"{precision} ({reason})"}
+    return paths
 
 
 def _class_names(cfg, cache: Dict[str, object]) -> Optional[List[str]]:
@@ -650,7 +649,8 @@ def _class_names(cfg, cache: Dict[str, object]) -> Optional[List[str]]:
 def _sample(args) -> int:
     paths = sample_to_file(args.run_dir, args.task, args.n, args.steps, args.sampler, args.guidance, args.seed,
                            args.labels, args.inputs, args.out, args.classifier_scale, shard_size=args.shard_size)
-    print(f"samples: {paths['npz']}\ngrid: {paths['grid']}\nprecision: {paths['precision']}\n{last_threads()}")
+    if paths["main"]:
+        print(f"samples: {paths['npz']}\ngrid: {paths['grid']}\nprecision: {paths['precision']}\n{last_threads()}")
     return 0
 
 

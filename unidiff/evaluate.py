@@ -387,7 +387,9 @@ def evaluate(run: str | os.PathLike | DictConfig, overrides: Sequence[str] = (),
         cfg = load_run_config(run_dir, overrides)
     check_writable(run_dir, "run folder")  # metrics.json goes there: say so before computing anything
     ev = cfg.eval
-    acc = accelerator if accelerator is not None else Accelerator()
+    from .launch import launch_settings
+
+    acc = accelerator if accelerator is not None else Accelerator(cpu=launch_settings().cpu)
     device = torch.device(device) if device else acc.device
     target = Path(out_path) if out_path is not None else run_dir / "metrics.json"
     previous = None
