@@ -11,7 +11,6 @@ compiles the SSD op with inductor, the backend the benchmark times. Sizes are ti
 
 import pytest
 import torch
-import torch.nn.functional as F
 
 from unidiff.models import moe as moe_mod
 from unidiff.models import ssd
@@ -21,23 +20,14 @@ from unidiff.models.moe import MoE
 from unidiff.models.presets import get_preset
 from unidiff.models.ssd import ssd_chunked, ssd_naive
 
+from ssd_fixtures import ssd_inputs
+
 
 @pytest.fixture(autouse=True)
 def fresh_dynamo():
     torch._dynamo.reset()
     yield
     torch._dynamo.reset()
-
-
-def _ssd_inputs(b=1, l=21, h=4, p=4, g=2, n=8, seed=0):
-    gen = torch.Generator().manual_seed(seed)
-    x = torch.randn(b, l, h, p, generator=gen)
-    dt = F.softplus(torch.randn(b, l, h, generator=gen) - 1.0)
-    A = -torch.rand(h, generator=gen) * 2 - 0.2
-    B, C = torch.randn(b, l, g, n, generator=gen), torch.randn(b, l, g, n, generator=gen)
-    D = torch.randn(h, generator=gen)
-    s0 = torch.randn(b, h, p, n, generator=gen)
-    return [x, dt, A, B, C, D, s0]
 
 
 def _values_and_grads(fn, inputs, seed=1):
@@ -65,7 +55,7 @@ def _breaks(fn, *args):
 def test_ssd_chunked_compiles_to_one_graph_and_matches_the_recurrence(reset):
     # Both CPU forms: ordinary decays (factorised) and a state reset (segment-sum, whose backward
     # recomputes under torch.func). Oracle: the token-by-token recurrence, eager.
-    inputs = _ssd_inputs()
+    inputs = ssd_inputs()
     if reset:
         inputs[1][0, 7, 1] = 300.0  # exp(dt A) < e^-60 at one step of head 1
         assert not ssd._fits_factorised(inputs[1], inputs[2], 8)
@@ -84,7 +74,7 @@ def test_ssd_on_another_device_reads_no_data():
     # Off the CPU the form and the chunk length come from shapes alone. Meta tensors have no data:
     # any .item(), bool(tensor) or tolist() raises, so finishing proves there is no host read (and
     # hence no device synchronisation on CUDA); the gpu test checks it under set_sync_debug_mode.
-    x, dt, A, B, C, D, s0 = (t.to("meta") for t in _ssd_inputs(l=37))
+    x, dt, A, B, C, D, s0 = (t.to("meta") for t in ssd_inputs(l=37))
     y, s = ssd_chunked(x, dt, A, B, C, 16, D=D, initial_state=s0)
     assert y.shape == x.shape and s.shape == s0.shape and y.device.type == "meta"
     with pytest.raises(RuntimeError):  # the premise: a data read on meta fails
@@ -97,7 +87,7 @@ def test_the_other_devices_form_compiles_to_one_graph_and_matches_the_recurrence
     def segsum(x, dt, A, B, C, D, s0):
         return ssd._ssd_segsum(x, dt, A, B, C, 8, D, s0, mm_dtype=torch.float32)
 
-    inputs = _ssd_inputs(l=19)
+    inputs = ssd_inputs(l=19)
     ref = _values_and_grads(lambda x, dt, A, B, C, D, s0: ssd_naive(x, dt, A, B, C, D=D, initial_state=s0), inputs)
     got = _values_and_grads(torch.compile(segsum, backend="aot_eager", fullgraph=True), inputs)
     _assert_close_all(got, ref, rtol=1e-4, atol=1e-4)
@@ -105,7 +95,7 @@ def test_the_other_devices_form_compiles_to_one_graph_and_matches_the_recurrence
 
 def test_the_custom_ops_pass_opcheck():
     # Schema, fake (meta) function, autograd registration and the dispatcher's view of them agree.
-    x, dt, A, B, C, D, s0 = _ssd_inputs(l=13)
+    x, dt, A, B, C, D, s0 = ssd_inputs(l=13)
     for Q in (4, 13):
         args = (x.requires_grad_(), dt.requires_grad_(), A.requires_grad_(), B, C, D, s0, Q)
         torch.library.opcheck(torch.ops.unidiff.ssd_chunked_cpu.default, args)
@@ -168,7 +158,7 @@ def test_ssd_compiled_by_inductor_takes_strided_inputs():
     # The backend the benchmark times, on the op alone (inductor's C++ code generation of a whole
     # sublayer takes minutes on this project's CPUs). Inductor hands the op strided views, as the
     # mixer does (x, B, C are slices of one conv output), and checks the strides the fake promises.
-    x, dt, A, B, C, D, s0 = _ssd_inputs(l=20)
+    x, dt, A, B, C, D, s0 = ssd_inputs(l=20)
     xBC = torch.cat([x.flatten(2), B.flatten(2), C.flatten(2)], dim=-1)  # (b, l, h p + 2 g n)
 
     def chunked(xBC, dt, A, D, s0):

@@ -16,13 +16,14 @@ from pathlib import Path
 
 import pytest
 import torch
-import torch.nn.functional as F
 
 from unidiff.models import moe as moe_mod
 from unidiff.models.attention import Attention
 from unidiff.models.backbone import HybridBackbone
 from unidiff.models.mamba2 import Mamba2Mixer, causal_depthwise_conv
 from unidiff.models.ssd import ssd_chunked, ssd_naive
+
+from ssd_fixtures import ssd_inputs
 
 ROOT = Path(__file__).resolve().parents[1]
 CUDA = torch.cuda.is_available()
@@ -34,16 +35,6 @@ def rel(a, b):
     """Norm-wise relative error ||a - b|| / ||b|| in fp32 (robust to a few rounding outliers)."""
     a, b = a.detach().float().cpu(), b.detach().float().cpu()
     return ((a - b).norm() / b.norm().clamp_min(1e-12)).item()
-
-
-def _ssd_inputs(b, l, h, p, g, n, device, seed=0):
-    gen = torch.Generator().manual_seed(seed)
-    x = torch.randn(b, l, h, p, generator=gen)
-    dt = F.softplus(torch.randn(b, l, h, generator=gen) - 1.0)
-    A = -torch.rand(h, generator=gen) * 2 - 0.2
-    B, C = torch.randn(b, l, g, n, generator=gen), torch.randn(b, l, g, n, generator=gen)
-    D = torch.randn(h, generator=gen)
-    return [t.to(device) for t in (x, dt, A, B, C, D)]
 
 
 @gpu
@@ -134,7 +125,7 @@ def test_mamba_ssm_scan_matches_the_recurrence():
     pytest.importorskip("mamba_ssm", reason="mamba_ssm is not installed")
     from mamba_ssm.ops.triton.ssd_combined import mamba_chunk_scan_combined
 
-    inputs = _ssd_inputs(2, 70, 4, 16, 2, 16, "cuda")
+    inputs = ssd_inputs(2, 70, 4, 16, 2, 16, device="cuda")[:6]
 
     def grads(fn):
         leaves = [t.clone().requires_grad_() for t in inputs]
@@ -177,7 +168,7 @@ def test_grouped_expert_matmul_matches_the_per_expert_loop():
 def test_ssd_and_mixer_run_without_a_host_sync():
     # set_sync_debug_mode("error") raises on any operation that waits for the device (.item(),
     # bool(tensor), nonzero, ...). Values are still checked against the recurrence afterwards.
-    x, dt, A, B, C, D = (t.requires_grad_() for t in _ssd_inputs(2, 100, 4, 16, 2, 16, "cuda"))
+    x, dt, A, B, C, D = (t.requires_grad_() for t in ssd_inputs(2, 100, 4, 16, 2, 16, device="cuda")[:6])
     mixer = Mamba2Mixer(64, d_state=16, headdim=16, chunk_size=16, use_fast_path=False).cuda()
     u = torch.randn(2, 50, 64, device="cuda", requires_grad=True)
     torch.cuda.synchronize()
