@@ -125,10 +125,12 @@ def unidiff_overrides(args, name: str, run_dir: Path, steps: int) -> list:
            f"model.backbone.pattern='{PATTERNS[name]}'", f"train.steps={steps}", f"train.batch_size={args.batch_size}",
            f"train.warmup_steps={min(60, max(steps // 10, 0))}", "train.mixed_precision=no", "train.sample_every=0",
            f"train.ckpt_every={steps}", "train.keep_last=1", f"train.log_every={max(1, min(50, steps))}",
-           "train.report_to=[]", f"eval.cache_dir={args.cache_dir}", f"eval.reference_steps={args.reference_steps}"]
+           "train.report_to=[]", f"eval.cache_dir={args.cache_dir}"]
+    if args.reference_steps is not None:
+        out.append(f"eval.reference_steps={args.reference_steps}")
     if args.root:
         out.append(f"data.root={args.root}")
-    return out
+    return out + list(args.set)  # the lever under study last: it wins over the bench's own settings
 
 
 def unidiff_config(args, name: str, run_dir: Path, steps: int):
@@ -336,7 +338,7 @@ def check_args(args) -> None:
     if not (args.minutes > 0 and math.isfinite(args.minutes)):
         raise ConfigError(f"--minutes must be a positive number, got {args.minutes}")
     for key in ("samples", "steps", "batch_size", "threads", "probe_steps", "reference_steps", "sample_batch"):
-        if getattr(args, key) < 1:
+        if getattr(args, key) is not None and getattr(args, key) < 1:
             raise ConfigError(f"--{key.replace('_', '-')} must be >= 1, got {getattr(args, key)}")
     if args.samples < 2:
         raise ConfigError(f"--samples must be >= 2 (FID needs two samples), got {args.samples}")
@@ -345,8 +347,38 @@ def check_args(args) -> None:
     if not (args.guidance >= 1.0 and math.isfinite(args.guidance)):
         raise ConfigError(f"--guidance must be >= 1 (1 = no guidance), got {args.guidance}")
     unknown = [c for c in args.candidates if c not in CANDIDATES]
-    if unknown or "unidiff" not in args.candidates:
-        raise ConfigError(f"--candidates must include 'unidiff' and be among {list(CANDIDATES)}, got {args.candidates}")
+    if unknown or not args.candidates or len(set(args.candidates)) != len(args.candidates):
+        raise ConfigError(f"--candidates must be distinct names among {list(CANDIDATES)}, got {args.candidates}")
+
+
+# The settings two runs must share for one to reuse the other's candidates (--reuse).
+REUSE_KEYS = ("minutes_per_candidate", "clock", "samples", "sampler", "steps", "guidance", "batch_size", "seed",
+              "reference_steps", "train_items", "test_items")
+
+
+def load_reused(path: str, settings: Dict[str, Any], machine: Dict[str, Any], wanted) -> Dict[str, Dict[str, Any]]:
+    """The candidates of an earlier run's JSON that this run does not train itself, after checking
+    that it was made under the same settings on the same kind of CPU and thread count."""
+    import json
+
+    try:
+        with open(path) as f:
+            old = json.load(f)
+        old_settings, old_machine, old_candidates = old["settings"], old["machine"], old["candidates"]
+    except (OSError, ValueError, KeyError, TypeError) as err:
+        raise ConfigError(f"--reuse {path}: not a bench_quality result ({type(err).__name__}: {err})") from None
+    for key in REUSE_KEYS:
+        if old_settings.get(key) != settings[key]:
+            raise ConfigError(f"--reuse {path}: settings.{key} is {old_settings.get(key)!r} there, "
+                              f"{settings[key]!r} here")
+    for key in ("cpu", "threads", "precision"):
+        if old_machine.get(key) != machine[key]:
+            raise ConfigError(f"--reuse {path}: machine.{key} is {old_machine.get(key)!r} there, {machine[key]!r} here")
+    out = {}
+    for name, fig in old_candidates.items():
+        if name in CANDIDATES and name not in wanted:
+            out[name] = dict(fig, reused_from=os.path.abspath(path))
+    return out
 
 
 def run(args) -> Dict[str, Any]:
@@ -366,13 +398,23 @@ def run(args) -> Dict[str, Any]:
                           f"of {tuple(info.image_shape)}")
     datasets = (train_set, val_set, info)
 
+    settings = {"minutes_per_candidate": args.minutes, "clock": args.clock, "samples": args.samples,
+                "sampler": "ddim", "steps": args.steps, "guidance": args.guidance, "batch_size": args.batch_size,
+                "seed": args.seed, "reference_steps": int(cfg0.eval.reference_steps), "read_n": args.read_n,
+                "unidiff_overrides": list(args.set), "train_items": len(train_set), "test_items": len(val_set),
+                "command": " ".join(sys.argv)}
+    machine = {"cpu": cpu_name(), "threads": args.threads, "torch": torch.__version__,
+               "python": platform.python_version(), "precision": "fp32"}
+    # Checked before any training, so a mismatch costs nothing.
+    reused = load_reused(args.reuse, settings, machine, args.candidates) if args.reuse else {}
+
     # The judge and the FID features (unidiff evaluate's reference classifier, cached).
-    clf, ref_acc = M.get_reference_classifier(train_set, val_set, info, args.cache_dir, steps=args.reference_steps)
+    clf, ref_acc = M.get_reference_classifier(train_set, val_set, info, args.cache_dir,
+                                                 steps=int(cfg0.eval.reference_steps))
     feats = M.ClassifierFeatures(clf)
     test_stats = M.reference_statistics(val_set, feats, args.cache_dir, keep=0)
     floor_stats = M.reference_statistics(train_set, feats, args.cache_dir, max_items=args.samples, keep=0)
     labels = torch.arange(args.samples) % NUM_CLASSES  # classes cycled: balanced
-
     results: Dict[str, Dict[str, Any]] = {}
     for name in args.candidates:
         if name in PEERS:
@@ -394,7 +436,21 @@ def run(args) -> Dict[str, Any]:
         results[name] = fig
         print(f"{name}: {fig['steps']} steps, FID {fig['fid']:.2f}, class->image accuracy "
               f"{fig['class_to_image_accuracy']:.3f}", file=sys.stderr, flush=True)
+    results.update(reused)
 
+    out = {"benchmark": "bench_quality (issue 12)", "machine": machine, "settings": settings,
+           "reference": {"classifier_test_accuracy": float(ref_acc),
+                         "fid_floor": M.frechet_distance(test_stats, floor_stats),
+                         "fid_floor_note": f"{min(args.samples, len(train_set))} real train images vs the test set"},
+           "candidates": results}
+    return dict(out, **verdict(results))
+
+
+def verdict(results: Dict[str, Dict[str, Any]]) -> Dict[str, Any]:
+    """unidiff's margins over every other candidate and whether the issue's target is met (None
+    without unidiff: a peers-only run, made to be reused)."""
+    if "unidiff" not in results:
+        return {"margins_vs_unidiff": {}, "target": None}
     ours = results["unidiff"]
     margins = {peer: {"fid_ratio": results[peer]["fid"] / max(ours["fid"], 1e-12),  # > 1: unidiff lower
                       "fid_difference": results[peer]["fid"] - ours["fid"],  # > 0: unidiff lower
@@ -405,22 +461,9 @@ def run(args) -> Dict[str, Any]:
     fid_ok = bool(peers) and all(margins[p]["fid_difference"] > 0 for p in peers)
     acc_ok = bool(peers) and all(margins[p]["accuracy_difference"] > 0 for p in peers)
     read_ok = ours["image_to_label_accuracy"] >= 0.88
-    return {
-        "benchmark": "bench_quality (issue 12)",
-        "machine": {"cpu": cpu_name(), "threads": args.threads, "torch": torch.__version__,
-                    "python": platform.python_version(), "precision": "fp32"},
-        "settings": {"minutes_per_candidate": args.minutes, "clock": args.clock, "samples": args.samples,
-                     "sampler": "ddim", "steps": args.steps, "guidance": args.guidance, "batch_size": args.batch_size,
-                     "seed": args.seed, "reference_steps": args.reference_steps, "read_n": args.read_n,
-                     "train_items": len(train_set), "test_items": len(val_set), "command": " ".join(sys.argv)},
-        "reference": {"classifier_test_accuracy": float(ref_acc),
-                      "fid_floor": M.frechet_distance(test_stats, floor_stats),
-                      "fid_floor_note": f"{min(args.samples, len(train_set))} real train images vs the test set"},
-        "candidates": results,
-        "margins_vs_unidiff": margins,
-        "target": {"fid_lower_than_peers": fid_ok, "accuracy_higher_than_peers": acc_ok,
-                   "image_to_label_at_least_0.88": read_ok, "met": fid_ok and acc_ok and read_ok, "peers": peers},
-    }
+    return {"margins_vs_unidiff": margins,
+            "target": {"fid_lower_than_peers": fid_ok, "accuracy_higher_than_peers": acc_ok,
+                       "image_to_label_at_least_0.88": read_ok, "met": fid_ok and acc_ok and read_ok, "peers": peers}}
 
 
 def parse_args(argv=None):
@@ -435,12 +478,17 @@ def parse_args(argv=None):
     ap.add_argument("--threads", type=int, default=1, help="torch intra-op threads")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--probe-steps", type=int, default=5, help="timed steps of unidiff's cost-per-step probe")
-    ap.add_argument("--reference-steps", type=int, default=1200, help="reference classifier steps (the config's)")
+    ap.add_argument("--reference-steps", type=int, default=None,
+                    help="reference classifier steps (default: the config's eval.reference_steps)")
     ap.add_argument("--read-n", type=int, default=0, help="test images for image->label (0 = all 10,000)")
     ap.add_argument("--root", default=None, help="Fashion-MNIST idx folder (default: the config's data.root)")
     ap.add_argument("--cache-dir", default="runs/.cache", help="reference classifier and statistics cache")
     ap.add_argument("--work", default=None, help="folder for unidiff's run folders (default: a temporary one, removed)")
     ap.add_argument("--candidates", nargs="+", default=list(CANDIDATES), help="which candidates to run")
+    ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                    help="a config override of the unidiff candidates (repeatable), e.g. model.backbone.patch_size=4")
+    ap.add_argument("--reuse", default=None, metavar="FILE",
+                    help="take the candidates not named in --candidates from this earlier result (same settings)")
     ap.add_argument("--out", default=None, help="also write the JSON here (atomically)")
     return ap.parse_args(argv)
 
