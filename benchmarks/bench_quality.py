@@ -349,6 +349,8 @@ def check_args(args) -> None:
     unknown = [c for c in args.candidates if c not in CANDIDATES]
     if unknown or not args.candidates or len(set(args.candidates)) != len(args.candidates):
         raise ConfigError(f"--candidates must be distinct names among {list(CANDIDATES)}, got {args.candidates}")
+    if args.reuse is not None and not os.path.isfile(args.reuse):
+        raise ConfigError(f"--reuse {args.reuse}: no such file")
 
 
 # The settings two runs must share for one to reuse the other's candidates (--reuse).

@@ -117,7 +117,10 @@ def test_bench_quality_end_to_end_schema_and_matched_sizes(tmp_path):
 @pytest.mark.parametrize("args, needle", [
     (["--minutes", "0"], "--minutes"),
     (["--samples", "1"], "--samples"),
-    (["--candidates", "unet", "dit"], "--candidates"),
+    (["--candidates", "unet", "unet"], "--candidates"),
+    (["--candidates", "vae"], "--candidates"),
+    (["--set", "model.backbone.no_such_key=1"], "no_such_key"),
+    (["--reuse", "MISSING.json"], "MISSING.json"),
     (["--root", "MISSING"], "MISSING"),
 ])
 def test_bench_quality_bad_input_is_one_line_and_writes_nothing(tmp_path, args, needle):
@@ -127,3 +130,50 @@ def test_bench_quality_bad_input_is_one_line_and_writes_nothing(tmp_path, args, 
     lines = proc.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("bench_quality: error: ") and needle in lines[0]
     assert not out.exists() and not (tmp_path / "cache").exists()
+
+
+TINY = ["--minutes", "0.01", "--samples", "10", "--steps", "2", "--batch-size", "8", "--probe-steps", "1",
+        "--reference-steps", "5", "--read-n", "10", "--sample-batch", "10"]
+
+
+def test_bench_quality_reuses_an_earlier_runs_peers_under_the_same_settings(tmp_path):
+    """A peers-only run, then unidiff alone with --reuse: the result pairs the two, the margins are
+    computed from the reused peer's own figures, and the unidiff override is applied and recorded."""
+    _fixture(tmp_path / "fm")
+    common = [*TINY, "--root", str(tmp_path / "fm"), "--cache-dir", str(tmp_path / "cache")]
+    peers = tmp_path / "peers.json"
+    proc = _run([*common, "--candidates", "unet", "--out", str(peers)], tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    first = json.loads(peers.read_text())
+    assert set(first["candidates"]) == {"unet"} and first["target"] is None and first["margins_vs_unidiff"] == {}
+
+    out = tmp_path / "q.json"
+    proc = _run([*common, "--candidates", "unidiff", "--set", "model.backbone.patch_size=4", "--reuse", str(peers),
+                 "--work", str(tmp_path / "work"), "--out", str(out)], tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    res = json.loads(out.read_text())
+    assert set(res["candidates"]) == {"unidiff", "unet"}
+    unet, ours = res["candidates"]["unet"], res["candidates"]["unidiff"]
+    assert unet["reused_from"] == str(peers.resolve())
+    assert {k: v for k, v in unet.items() if k != "reused_from"} == first["candidates"]["unet"]
+    assert math.isclose(res["margins_vs_unidiff"]["unet"]["fid_difference"], first["candidates"]["unet"]["fid"] - ours["fid"],
+                        rel_tol=1e-9, abs_tol=1e-9)
+    assert res["target"]["peers"] == ["unet"]
+    assert res["settings"]["unidiff_overrides"] == ["model.backbone.patch_size=4"]
+    # The override reached the model: the run folder's config has patch 4 (1x32x32 -> 64 tokens).
+    from unidiff.checkpoint import load_model
+    assert load_model(tmp_path / "work" / "unidiff", "cpu").backbone.patch_size == 4
+
+
+def test_bench_quality_refuses_to_reuse_a_run_made_under_other_settings(tmp_path):
+    _fixture(tmp_path / "fm")
+    common = [*TINY, "--root", str(tmp_path / "fm"), "--cache-dir", str(tmp_path / "cache")]
+    peers = tmp_path / "peers.json"
+    assert _run([*common, "--candidates", "unet", "--out", str(peers)], tmp_path).returncode == 0
+    out = tmp_path / "q.json"
+    args = [a if a != "2" else "3" for a in common]  # --steps 3 instead of 2
+    proc = _run([*args, "--candidates", "unidiff", "--reuse", str(peers), "--out", str(out)], tmp_path)
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and "settings.steps" in lines[0] and str(peers) in lines[0]
+    assert not out.exists()
