@@ -174,3 +174,82 @@ def test_bad_unknown_drift_is_a_one_line_config_error():
         sample(model, s, "class_to_image", known={"label": labels}, num_steps=2, unknown_drift="prior")
     msg = str(err.value)
     assert "unknown_drift" in msg and "'prior'" in msg and "null_encoding" in msg and "\n" not in msg
+
+
+# --- the config keys and `unidiff sample --unknown-drift` -----------------------------------------
+from pathlib import Path  # noqa: E402
+
+import numpy as np  # noqa: E402
+
+from test_sample_shards import run  # noqa: E402,F401 (the tiny trained debug run, a module fixture)
+from unidiff.cli import main  # noqa: E402
+from unidiff.config import load_config  # noqa: E402
+from unidiff.io import seed_for  # noqa: E402
+from unidiff.modality import images_to_uint8  # noqa: E402
+from unidiff.pipeline import UnifiedDiffusionPipeline  # noqa: E402
+
+DEBUG = str(Path(__file__).resolve().parents[1] / "configs" / "debug.yaml")
+
+
+@pytest.mark.parametrize("key", ["eval.unknown_drift", "sample.unknown_drift"])
+def test_config_keys_accept_the_choices_and_name_a_bad_value(key, capsys, tmp_path):
+    section, leaf = key.split(".")
+    assert load_config(DEBUG)[section][leaf].value == "predicted"
+    assert load_config(DEBUG, [f"{key}=null_encoding"])[section][leaf].value == "null_encoding"
+    rc = main(["train", DEBUG, f"run.dir={tmp_path / 'r'}", "--dry-run", f"{key}=prior"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert rc == 2 and len(err) == 1 and err[0].startswith("unidiff: error: "), err
+    assert key in err[0] and "prior" in err[0]
+    assert not (tmp_path / "r").exists()  # --dry-run writes nothing
+
+
+def _sample(run_dir, out, *extra):
+    assert main(["sample", str(run_dir), "--task", "joint", "-n", "4", "--shard-size", "4", "--steps", "2",
+                 "--seed", "9", "--out", str(out), *extra]) == 0
+    with np.load(out) as f:
+        arrays = {k: f[k] for k in f.files}
+    return arrays, json.loads(out.with_suffix(".json").read_text())
+
+
+def test_unidiff_sample_unknown_drift_is_sampled_and_recorded(run, tmp_path):  # noqa: F811
+    null, record = _sample(run, tmp_path / "null.npz", "--unknown-drift", "null_encoding")
+    assert record["unknown_drift"] == "null_encoding"
+    # Oracle: the run's pipeline with shard 0's documented seed and the same choice.
+    pipe = UnifiedDiffusionPipeline.from_run(run)
+    by_hand = pipe.generate("joint", batch_size=4, num_inference_steps=2, output_type="latent",
+                            generator=torch.Generator().manual_seed(seed_for(9, 0)), unknown_drift="null_encoding")
+    assert np.array_equal(null["images"], images_to_uint8(by_hand.images))
+    predicted, record_p = _sample(run, tmp_path / "pred.npz")
+    assert record_p["unknown_drift"] == "predicted"  # joint's default: every drift from its head
+    assert not np.array_equal(null["images"], predicted["images"])  # E(∅) is not the label head's E(x̂)
+
+
+@pytest.mark.parametrize("eval_drift,sample_drift,want", [("predicted", "predicted", "predicted"),
+                                                          ("null_encoding", "predicted", "null_encoding"),
+                                                          ("predicted", "null_encoding", "null_encoding")])
+def test_unidiff_sample_conditional_default_is_the_evaluations(run, tmp_path, eval_drift, sample_drift, want):  # noqa: F811
+    # As for the guidance: sample.unknown_drift when set away from predicted, else eval.unknown_drift.
+    import shutil
+
+    import yaml
+
+    copy = tmp_path / "run"
+    shutil.copytree(run, copy)
+    cfg = yaml.safe_load((copy / "config.yaml").read_text())
+    cfg["eval"]["unknown_drift"], cfg["sample"]["unknown_drift"] = eval_drift, sample_drift
+    (copy / "config.yaml").write_text(yaml.safe_dump(cfg))
+    out = tmp_path / "c.npz"
+    assert main(["sample", str(copy), "--task", "class_to_image", "-n", "2", "--steps", "2", "--out", str(out)]) == 0
+    assert json.loads(out.with_suffix(".json").read_text())["unknown_drift"] == want
+    joint = tmp_path / "j.npz"  # joint samples take every drift from the heads unless told
+    assert main(["sample", str(copy), "--task", "joint", "-n", "2", "--steps", "2", "--out", str(joint)]) == 0
+    assert json.loads(joint.with_suffix(".json").read_text())["unknown_drift"] == "predicted"
+
+
+def test_unidiff_sample_unknown_drift_on_a_read_task_is_a_one_line_error(run, tmp_path, capsys):  # noqa: F811
+    out = tmp_path / "r.npz"
+    rc = main(["sample", str(run), "--task", "image_to_label", "-n", "2", "--unknown-drift", "null_encoding",
+               "--out", str(out)])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert rc == 2 and len(err) == 1 and "--unknown-drift" in err[0] and "image_to_label" in err[0], err
+    assert not out.exists() and not out.with_suffix(".json").exists()
