@@ -120,12 +120,16 @@ def standalone_modality(cfg: DictConfig, kind: str, image_shape):
 
 @torch.no_grad()
 def generate(model, schedule, cfg: DictConfig, task: str, n: int, generator: torch.Generator,
-             known_fn: Optional[Callable[[int, int], Dict[str, Any]]] = None, guidance: float = 1.0):
+             known_fn: Optional[Callable[[int, int], Dict[str, Any]]] = None, guidance: float = 1.0,
+             unknown_drift: str = "predicted"):
     """``n`` samples of ``task`` in ``eval.batch_size`` batches, drawn one after the other from
     ``generator`` (:func:`unidiff.evaluate.sample_in_batches`): (images (n, C, H, W) on the CPU,
-    {name: (n, ...) read-outs on the CPU}). ``known_fn(start, b)``: the known values of a batch."""
+    {name: (n, ...) read-outs on the CPU}). ``known_fn(start, b)``: the known values of a batch.
+    ``unknown_drift``: the drift of the modalities not known (``predicted`` | ``null_encoding``,
+    DESIGN.md §3.3)."""
     return sample_in_batches(model, schedule, task, n, int(cfg.eval.batch_size), sampler=cfg.eval.sampler.value,
-                             steps=int(cfg.eval.steps), generator=generator, known_fn=known_fn, guidance=guidance)
+                             steps=int(cfg.eval.steps), generator=generator, known_fn=known_fn, guidance=guidance,
+                             unknown_drift=unknown_drift)
 
 
 def known_values(name: str, value: torch.Tensor, device: torch.device) -> Callable[[int, int], Dict[str, Any]]:

@@ -1,6 +1,7 @@
 """The experiment code of the paper's claims (experiments/README.md, "The paper's claims"):
 the masked class-conditional setting with evaluations over training, the ablation configs, the
-masks-as-augmentation control, the null-drift stand-in and the constrained-inpainting sweep.
+masks-as-augmentation control, the null-drift ablation (``sample(unknown_drift=...)``) and the
+constrained-inpainting sweep.
 
 Every new config is loaded and checked against its data as ``--dry-run`` would (the Fashion-MNIST
 one against tiny idx files written here); one tiny end-to-end run of the masked class-conditional
@@ -21,7 +22,6 @@ import torch
 
 from experiments import load_experiment, run_experiment
 from experiments.augment import MaskAugmented
-from experiments.masked_class_conditional import null_unknown_drift
 from experiments.runner import Datasets, check_arms
 from unidiff.config import build_model, load_config, resolve_with_data, to_container
 from unidiff.data import build_datasets
@@ -159,9 +159,9 @@ def test_only_the_augmentation_arm_trains_on_masked_images_with_the_modality_mas
     assert aug_train.mask_modality.mask_ratio == masked.mask_ratio and aug_train.mask_modality.mask_patch == masked.mask_patch
 
 
-# --- the null-drift stand-in ------------------------------------------------------------------------
-def test_null_unknown_drift_puts_the_null_encoding_of_unknown_modalities_in_the_drift():
-    exp = load_experiment(CONFIGS / "masked_class_conditional.yaml", ["model.preset=debug"])
+# --- the null-drift ablation: the sampler's unknown_drift ------------------------------------------
+def _perturbed_label_masked_model(*overrides):
+    exp = load_experiment(CONFIGS / "masked_class_conditional.yaml", ["model.preset=debug", *overrides])
     cfg = exp.arms["label_masked"]
     info = build_datasets(cfg.data)[2]
     model = build_model(resolve_with_data(cfg, info), info.image_shape).eval()
@@ -169,20 +169,55 @@ def test_null_unknown_drift_puts_the_null_encoding_of_unknown_modalities_in_the_
     with torch.no_grad():  # make the heads' predictions non-trivial
         for p in model.parameters():
             p.add_(0.05 * torch.randn_like(p))
-    z, t = torch.randn(3, 1, 8, 8), torch.full((3,), 500)
+    return exp, cfg, model
+
+
+def test_null_encoding_drift_puts_the_null_encoding_of_the_masked_image_in_the_sampler():
+    from unidiff.config import build_schedule
+    from unidiff.diffusion import sample
+
+    exp, cfg, model = _perturbed_label_masked_model()
     labels = torch.tensor([1, 4, 7])
     lab, msk = model.modalities["label"], model.modalities["masked"]
     with torch.no_grad():
-        aux = model(z, t).aux
-        predicted = model.expected_aggregate(aux, {"label": labels})
-        want = lab.weight * lab.encode(labels) + msk.weight * msk.null_encoding(3)  # by hand
-        with null_unknown_drift(model):
-            null = model.expected_aggregate(aux, {"label": labels})
-        after = model.expected_aggregate(aux, {"label": labels})
-    torch.testing.assert_close(null, want)
-    assert not torch.allclose(null, predicted)  # the masked head's prediction is not E(∅)
-    torch.testing.assert_close(after, predicted)  # the method is back after the block
-    assert "expected_aggregate" not in vars(model)
+        want = (lab.weight * lab.encode(labels) + msk.weight * msk.null_encoding(3)).float()  # by hand
+    drifts = {}
+    for drift in ("predicted", "null_encoding"):
+        seen = []
+        sample(model, build_schedule(cfg), "class_to_image", known={"label": labels}, num_steps=2,
+               generator=torch.Generator().manual_seed(0), unknown_drift=drift,
+               callback=lambda i, t, y, A_hat: seen.append(A_hat.clone()))
+        drifts[drift] = seen
+    assert len(drifts["null_encoding"]) == 2
+    for A_hat in drifts["null_encoding"]:  # the same fixed drift at every step
+        torch.testing.assert_close(A_hat, want)
+    # The masked image's head prediction is not E(∅): the default chain carries another drift.
+    assert not torch.allclose(drifts["predicted"][0], want)
+    assert "expected_aggregate" not in vars(model)  # nothing patched on the instance
+
+
+def test_conditional_metrics_pass_each_unknown_drift_to_the_sampler(monkeypatch):
+    import unidiff.diffusion
+    from experiments.setting import Context
+    from unidiff.config import build_schedule
+
+    exp, cfg, model = _perturbed_label_masked_model("experiment.unknown_drift=[predicted,null_encoding]",
+                                                    "eval.steps=2", "eval.batch_size=2")
+    seen = []
+    real = unidiff.diffusion.sample
+
+    def spy(*args, **kwargs):
+        seen.append(kwargs.get("unknown_drift"))
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(unidiff.diffusion, "sample", spy)  # sample_in_batches imports it per call
+    setting = exp.setting
+    monkeypatch.setattr(setting, "_score", lambda images, labels, batch_size: {"fid": 0.0, "accuracy": 0.0})
+    ctx = Context(None, None, None, torch.zeros(0), torch.zeros(0), 2, inputs={"c2i_labels": torch.arange(2)})
+    gen = lambda k: torch.Generator().manual_seed(k)  # noqa: E731
+    out, panels = setting.conditional_metrics(model, build_schedule(cfg), cfg, ctx, torch.device("cpu"), "label", gen)
+    assert seen == ["predicted", "null_encoding"]  # one batch of 2 per drift
+    assert {"c2i/fid", "c2i_null/fid"} <= set(out) and out["c2i_null/n_samples"] == 2 and len(panels) == 2
 
 
 # --- the constrained-inpainting sweep ---------------------------------------------------------------

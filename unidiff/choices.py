@@ -46,6 +46,14 @@ class Sampler(str, Enum):
     dpm = "dpm"
 
 
+class UnknownDrift(str, Enum):
+    """What a generating task puts in the drift ``Â`` for the modalities that are not given
+    (DESIGN.md §3.3): their heads' predictions ``E_m(x̂_m)`` or their null encodings ``E_m(∅)``."""
+
+    predicted = "predicted"
+    null_encoding = "null_encoding"
+
+
 class LRSchedule(str, Enum):
     """diffusers ``get_scheduler`` names (``piecewise_constant`` left out: it needs step rules)."""
 

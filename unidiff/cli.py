@@ -35,7 +35,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Callable, Dict, List, Optional, Sequence
 
-from .choices import Sampler, values
+from .choices import Sampler, UnknownDrift, values
 from .errors import ConfigError, DataError, UnidiffError
 from .runtime import apply_threads, last_threads
 
@@ -240,6 +240,7 @@ def _train(args) -> int:
 # modality off given images; "joint" generates everything. Each modality converts its own values
 # to and from .npz arrays (Modality.npz_key / to_array / from_array / default_inputs).
 SAMPLERS = tuple(values(Sampler))
+UNKNOWN_DRIFTS = tuple(values(UnknownDrift))
 # The PNG beside a sample file shows at most this many samples (the first ones): a 10x10 grid.
 GRID_SAMPLES = 100
 # Rows per shard of `unidiff sample` (--shard-size): each is sampled as one batch and written as one
@@ -264,6 +265,10 @@ def _sample_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--classifier-scale", type=_nonneg_float, default=None,
                    help="conditional tasks: classifier guidance from the conditioning modality's head, 0 = off "
                         "(default: the run's sample.classifier_scale)")
+    p.add_argument("--unknown-drift", choices=UNKNOWN_DRIFTS, default=None,
+                   help="tasks that generate images: the drift of the modalities not given, their heads' "
+                        "predictions or their null encodings E(∅) (DESIGN.md §3.3; default: predicted for joint, "
+                        "for a conditional task the run's sample.unknown_drift, else eval.unknown_drift)")
     p.add_argument("--seed", type=_seed, default=0,
                    help="seed of every random draw (initial noise, sampler noise, random masks), in [0, 2**32)")
     p.add_argument("--labels", type=_label_list, default=None,
@@ -414,7 +419,7 @@ def known_values(pipe, task: str, n: int, n_given: Optional[int], arrays: Dict[s
 def sample_batch(pipe, task: str, n: int, known: Optional[Dict[str, "torch.Tensor"]],
                  images: Optional["torch.Tensor"], generator: "torch.Generator", *, steps: Optional[int] = None,
                  sampler: Optional[str] = None, guidance: Optional[float] = None,
-                 classifier_scale: Optional[float] = None):
+                 classifier_scale: Optional[float] = None, unknown_drift: str = "predicted"):
     """One batch (one shard) of a task's outputs by ``pipe`` (a
     :class:`unidiff.pipeline.UnifiedDiffusionPipeline`): its
     :class:`~unidiff.pipeline.UnifiedPipelineOutput` with ``images`` the raw (n, C, H, W) samples in
@@ -424,13 +429,14 @@ def sample_batch(pipe, task: str, n: int, known: Optional[Dict[str, "torch.Tenso
     ``known``: this batch's rows of :func:`known_values` (None: ``joint``, ``n`` samples);
     ``images``: a read task's input rows. ``generator`` draws the sampler's noise. Settings left None
     take the pipeline's defaults (``sampling.json``: a conditional task's guidance is the evaluation's).
+    ``unknown_drift``: what a generated batch's drift holds for the modalities not known (§3.3).
     """
     task_spec, _ = pipe.resolve_task(task)
     if task_spec is not None and task_spec.action == "read":
         return pipe.read(task, images, generator=generator, output_type="latent")
     return pipe.generate(task, known, batch_size=n if known is None else None, num_inference_steps=steps,
                          sampler=sampler, guidance_scale=guidance, classifier_scale=classifier_scale,
-                         generator=generator, output_type="latent")
+                         generator=generator, output_type="latent", unknown_drift=unknown_drift)
 
 
 def _digest(value) -> Optional[str]:
@@ -460,7 +466,7 @@ def shard_folder(out: Path) -> Path:
 def sample_to_file(run_dir, task: str, n: Optional[int], steps: Optional[int], sampler: Optional[str],
                    guidance: Optional[float], seed: int, labels: Optional[List[int]], inputs: Optional[Path],
                    out: Path, classifier_scale: Optional[float] = None,
-                   shard_size: int = SHARD_SIZE) -> Dict[str, Path]:
+                   shard_size: int = SHARD_SIZE, unknown_drift: Optional[str] = None) -> Dict[str, Path]:
     """Run one sampling task of a trained run (DESIGN.md §3); write ``out``, a labelled PNG grid and
     a JSON record beside it.
 
@@ -469,6 +475,9 @@ def sample_to_file(run_dir, task: str, n: Optional[int], steps: Optional[int], s
     sampling; ``-n``, ``--steps``, ``--sampler``, ``--guidance``, ``--classifier-scale`` left out take
     its defaults (``sample.n``, ``sample.steps``, ``sample.sampler``; a conditional task's guidance is
     the one its evaluation used, ``eval.guidance``/``eval.classifier_scale``, see unidiff/pipeline.py).
+    ``--unknown-drift`` left out is ``predicted`` for ``joint`` and, for a conditional task, the run's
+    ``sample.unknown_drift`` when set away from ``predicted``, else ``eval.unknown_drift`` (the
+    evaluation's, as for the guidance); it is written to ``OUT.json``.
 
     The .npz holds ``images`` (uint8 N×H×W×C: generated, or the inputs of a read task) and, per
     modality involved, its ``Modality.to_array`` under its ``npz_key`` (first modality of a key
@@ -511,6 +520,7 @@ def sample_to_file(run_dir, task: str, n: Optional[int], steps: Optional[int], s
     from .launch import autocast, resolve_precision
     from .metrics import module_fingerprint
     from .modality import images_from_array, images_to_uint8
+    from .diffusion.sampling import DEFAULT_CONVERSION, Conversion
     from .pipeline import UnifiedDiffusionPipeline
     from .provenance import provenance
     from .shards import generate_sharded
@@ -520,6 +530,19 @@ def sample_to_file(run_dir, task: str, n: Optional[int], steps: Optional[int], s
     cfg = load_run_config(run_dir)  # the data of the default inputs; older runs' schedule
     if classifier_scale and (spec is None or not generate):
         raise ConfigError("--classifier-scale only applies to a conditional task (e.g. --task class_to_image)")
+    if unknown_drift is not None and not generate:
+        raise ConfigError(f"--unknown-drift only applies to a task that generates images, not --task {task}")
+    if unknown_drift is not None and unknown_drift not in UNKNOWN_DRIFTS:
+        raise ConfigError(f"--unknown-drift must be one of {list(UNKNOWN_DRIFTS)}, got {unknown_drift!r}")
+    if not generate:
+        drift = None  # a read task: image_to_aux puts E(∅) in the drift of the rest (§3.6)
+    elif unknown_drift is not None:
+        drift = unknown_drift
+    elif spec is None:
+        drift = UnknownDrift.predicted.value  # joint: every drift from its head
+    else:  # a conditional task samples as its evaluation did, unless sample.* asks otherwise
+        chosen = cfg.sample.unknown_drift
+        drift = (chosen if chosen is not UnknownDrift.predicted else cfg.eval.unknown_drift).value
     T = cfg.diffusion.num_train_timesteps
     if steps is not None and not 1 <= steps <= T:
         raise ConfigError(f"--steps {steps} exceeds the run's diffusion.num_train_timesteps={T}")
@@ -592,6 +615,11 @@ def sample_to_file(run_dir, task: str, n: Optional[int], steps: Optional[int], s
                 "sampling": dict(pipe.config.sampling), "task": task, "steps": steps, "sampler": sampler,
                 "guidance": guidance, "classifier_scale": classifier_scale, "known": _digest(known),
                 "images": _digest(images), "precision": precision, "vae": cfg.model.vae.path}
+    if generate and (known is not None or drift == UnknownDrift.null_encoding.value):
+        # The ε/v reading decides the samples where the chain's drift is not the heads' own (§3.3).
+        settings["convert_with"] = DEFAULT_CONVERSION.get(model.prediction, Conversion.known).value
+    if drift == UnknownDrift.null_encoding.value:  # predicted keeps the shard folders it always had
+        settings["unknown_drift"] = drift
 
     def one_shard(shard):
         g = torch.Generator(device=device).manual_seed(shard.seed)
@@ -599,7 +627,8 @@ def sample_to_file(run_dir, task: str, n: Optional[int], steps: Optional[int], s
         with autocast(precision, device.type):
             result = sample_batch(pipe, task, shard.count, _rows_of(known, shard.start, stop) if known else None,
                                   images[shard.start:stop] if read else None, g, steps=steps, sampler=sampler,
-                                  guidance=guidance, classifier_scale=classifier_scale)
+                                  guidance=guidance, classifier_scale=classifier_scale,
+                                  unknown_drift=drift or UnknownDrift.predicted.value)
         if cfg.model.vae.path:  # latent runs: VAE decode to pixels (unidiff.latents)
             result.arrays["images"] = images_to_uint8(decode_samples(result.images.float(), cfg))
         return result.arrays
@@ -624,7 +653,8 @@ def sample_to_file(run_dir, task: str, n: Optional[int], steps: Optional[int], s
     pixels = images_from_array(shown, "samples", (shown.shape[-1], *shown.shape[1:3]))
     save_labelled_grid(pixels, captions, grid_path, class_names=_class_names(cfg, cache) if captions else None)
     write_json(record_path, provenance(seed, command=sys.argv, task=task, n=total, shard_size=shard_size,
-                                       run_dir=str(run_dir), precision={"mixed_precision": precision, "reason": reason},
+                                       unknown_drift=drift, run_dir=str(run_dir),
+                                       precision={"mixed_precision": precision, "reason": reason},
                                        device=str(device), processes=acc.num_processes))
     shutil.rmtree(shards_dir, ignore_errors=True)  # only once the sample file is published
     return paths
@@ -648,7 +678,8 @@ def _class_names(cfg, cache: Dict[str, object]) -> Optional[List[str]]:
 @command("sample", "sample from a trained run into an .npz (+ labelled PNG grid, JSON record)", _sample_args)
 def _sample(args) -> int:
     paths = sample_to_file(args.run_dir, args.task, args.n, args.steps, args.sampler, args.guidance, args.seed,
-                           args.labels, args.inputs, args.out, args.classifier_scale, shard_size=args.shard_size)
+                           args.labels, args.inputs, args.out, args.classifier_scale, shard_size=args.shard_size,
+                           unknown_drift=args.unknown_drift)
     if paths["main"]:
         print(f"samples: {paths['npz']}\ngrid: {paths['grid']}\nprecision: {paths['precision']}\n{last_threads()}")
     return 0

@@ -41,13 +41,13 @@ import yaml
 from omegaconf import DictConfig, ListConfig, OmegaConf, read_write
 from omegaconf.errors import OmegaConfBaseException
 
-from .choices import BetaSchedule, LRSchedule, MixedPrecision, Prediction, Sampler, Tracker, Weighting
+from .choices import BetaSchedule, LRSchedule, MixedPrecision, Prediction, Sampler, Tracker, UnknownDrift, Weighting
 from .data import DataConfig
 from .errors import ConfigError, DataError
 from .latents import resolve_vae
 from .seeds import SEED_LIMIT, check_seed  # noqa: F401 (SEED_LIMIT re-exported: the one seed range)
 
-# The string options (BetaSchedule, Prediction, Weighting, Sampler, LRSchedule, MixedPrecision)
+# The string options (BetaSchedule, Prediction, Weighting, Sampler, UnknownDrift, LRSchedule, MixedPrecision)
 # are defined once in unidiff/choices.py, beside nothing heavy, and re-exported here.
 
 # Upper bounds that keep an accepted config runnable (each would otherwise fail or hang later):
@@ -160,6 +160,9 @@ class SampleConfig:
     steps: int = 50
     guidance: float = 1.0  # 1 = no classifier-free guidance
     classifier_scale: float = 0.0  # classifier guidance from the label head (§3); 0 = off
+    # Conditional tasks: the drift of the modalities not given, heads' E(x̂) or E(∅) (DESIGN.md §3.3);
+    # left at predicted, `unidiff sample` takes eval.unknown_drift (as it does eval.guidance).
+    unknown_drift: UnknownDrift = UnknownDrift.predicted
     n: int = 64  # at most MAX_GRID
 
 
@@ -174,6 +177,7 @@ class EvalConfig:
     steps: int = 50
     guidance: float = 1.0
     classifier_scale: float = 0.0  # classifier guidance from the label head for class -> image (§3)
+    unknown_drift: UnknownDrift = UnknownDrift.predicted  # conditional samples: heads' E(x̂) or E(∅) for the rest (§3.3)
     t_read: int = 50
     num_draws: int = 4
     batch_size: int = 250

@@ -103,7 +103,7 @@ def sample_in_batches(model, schedule, task: str, n: int, batch_size: int, *, sa
                       known_fn: Optional[Callable[[int, int], Dict[str, Any]]] = None, guidance: float = 1.0,
                       classifier_scale: float = 0.0, classifier_modality: Optional[str] = None,
                       precision: Optional[str] = None, progress: Optional[Callable[[int], None]] = None,
-                      ) -> Tuple[torch.Tensor, Dict[str, torch.Tensor]]:
+                      unknown_drift: str = "predicted") -> Tuple[torch.Tensor, Dict[str, torch.Tensor]]:
     """``n`` samples of ``task`` in ``batch_size`` batches, one :func:`unidiff.diffusion.sample`
     call per batch, all drawing from ``generator`` in turn: (images (n, C, H, W) float32 on the
     CPU, {modality: (n, ...) read-outs on the CPU, floating ones float32}).
@@ -113,7 +113,8 @@ def sample_in_batches(model, schedule, task: str, n: int, batch_size: int, *, sa
     ``start:start + b`` (None: nothing known, no guidance); ``guidance`` and the classifier
     guidance apply where something is known. ``precision``: the autocast choice of
     :func:`unidiff.launch.resolve_precision` the model runs under (None: the caller's autocast
-    state, untouched). ``progress(b)`` is called after each batch.
+    state, untouched). ``progress(b)`` is called after each batch. ``unknown_drift``: the drift of
+    the modalities not known, ``predicted`` or ``null_encoding`` (DESIGN.md §3.3).
     """
     from contextlib import nullcontext
 
@@ -130,7 +131,8 @@ def sample_in_batches(model, schedule, task: str, n: int, batch_size: int, *, sa
             out = sample(model, schedule, task, batch_size=b, known=known, scheduler=sampler, num_steps=steps,
                          guidance_scale=guidance if known else 1.0,
                          classifier_scale=classifier_scale if known else 0.0,
-                         classifier_modality=classifier_modality if known else None, generator=generator)
+                         classifier_modality=classifier_modality if known else None, generator=generator,
+                         unknown_drift=unknown_drift)
         images.append(out.image.float().cpu())
         for k, v in out.aux.items():
             if torch.is_tensor(v):
@@ -145,7 +147,7 @@ class SampleStore:
 
     Each stream lives in ``RUN_DIR/eval_shards/<hash>/``, the hash covering everything that decides
     its samples (the evaluated weights, the task, the conditioning values, ``n``, the shard size,
-    the seed, the solver, guidance and precision), so a rerun of a killed ``unidiff evaluate``
+    the seed, the solver, guidance, the unknown modalities' drift and precision), so a rerun of a killed ``unidiff evaluate``
     picks up its shards and a changed setting starts a new folder. Shard ``i`` of a stream is
     seeded by ``seed_for(stream seed, i)``: the samples do not depend on the number of processes.
     The main process shows a progress bar per stream (samples done, images/s of this process).
@@ -168,7 +170,8 @@ class SampleStore:
         """``n`` samples of ``task``: (images (n, C, H, W) float32 on the CPU, {modality: (n, ...) readouts}).
 
         ``known``: the conditioning value of modality ``name`` (``n`` rows), with the evaluation's
-        guidance and classifier guidance; None for joint samples (no guidance).
+        guidance, classifier guidance and ``eval.unknown_drift``; None for joint samples (no
+        guidance, every drift from its head).
         """
         from .diffusion.sampling import DEFAULT_CONVERSION, Conversion
         from .io import seed_for
@@ -185,6 +188,9 @@ class SampleStore:
         reading = DEFAULT_CONVERSION.get(self.model.prediction, Conversion.known)
         if guided and reading is not Conversion.known:  # ε heads' conditional reading (DESIGN.md §3.3)
             settings["convert_with"] = reading.value
+        drift = ev.unknown_drift.value if guided else "predicted"
+        if drift != "predicted":  # streams with the heads' drift keep the folders they always had
+            settings["unknown_drift"] = drift
         stream_seed = seed_for(self.seed, stream)
         plan = {"n": int(n), "shard_size": self.shard_size, "seed": stream_seed, **settings}
         folder = self.root / hashlib.sha256(json.dumps(plan, sort_keys=True).encode()).hexdigest()[:16]
@@ -197,7 +203,7 @@ class SampleStore:
                 self.model, self.schedule, task, shard.count, int(ev.batch_size), sampler=ev.sampler.value,
                 steps=int(ev.steps), generator=torch.Generator(device=device).manual_seed(shard.seed),
                 known_fn=known_fn, guidance=settings["guidance"], classifier_scale=settings["classifier_scale"],
-                classifier_modality=name, precision=self.precision, progress=bar.advance)
+                classifier_modality=name, precision=self.precision, progress=bar.advance, unknown_drift=drift)
             return {"image": images, **{f"aux.{k}": v for k, v in aux.items()}}
 
         image_shape = tuple(int(s) for s in self.model.image_shape)
@@ -448,7 +454,8 @@ def evaluate(run: str | os.PathLike | DictConfig, overrides: Sequence[str] = (),
     record = provenance(seed=int(seed), overrides=overrides, run_dir=str(run_dir),
                         checkpoint=str(source) if source is not None else None, step=out["step"],
                         sampler=ev.sampler.value, steps=int(ev.steps), guidance=float(ev.guidance),
-                        classifier_scale=float(ev.classifier_scale), n_samples=int(ev.n_samples),
+                        classifier_scale=float(ev.classifier_scale), unknown_drift=ev.unknown_drift.value,
+                        n_samples=int(ev.n_samples),
                         t_read=int(ev.t_read), num_draws=int(ev.num_draws), device=str(device),
                         precision=precision, precision_reason=precision_reason, vae=vae_path(cfg))
     write_json(target, {**out, "provenance": {**record, "previous": str(previous) if previous else None}})

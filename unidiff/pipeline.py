@@ -391,13 +391,15 @@ class UnifiedDiffusionPipeline(DiffusionPipeline):
     def generate(self, task: str = "joint", known: Optional[Dict[str, Any]] = None, *, batch_size: Optional[int] = None,
                  num_inference_steps: Optional[int] = None, guidance_scale: Optional[float] = None,
                  classifier_scale: Optional[float] = None, sampler: Optional[str] = None, eta: float = 0.0,
-                 generator: Optional[torch.Generator] = None, output_type: str = "pil", return_dict: bool = True):
+                 generator: Optional[torch.Generator] = None, output_type: str = "pil", return_dict: bool = True,
+                 unknown_drift: str = "predicted"):
         """Images of ``task`` (``joint`` or a generate task) in one batch: :func:`unidiff.diffusion.sample`.
 
         known: ``{modality name: value}`` (a conditional task needs its modality's value).
         batch_size: joint only (default ``sampling.num_images``). sampler: ``ddpm``/``ddim``/``dpm``
         with make_scheduler's defaults, instead of the pipeline's scheduler. guidance_scale /
-        classifier_scale: default the task's :class:`SamplingSettings`.
+        classifier_scale: default the task's :class:`SamplingSettings`. unknown_drift: the drift of
+        the modalities not in ``known``, ``predicted`` or ``null_encoding`` (DESIGN.md §3.3).
         """
         if output_type not in OUTPUT_TYPES:
             raise ConfigError(f"output_type must be one of {list(OUTPUT_TYPES)}, got {output_type!r}")
@@ -437,7 +439,8 @@ class UnifiedDiffusionPipeline(DiffusionPipeline):
                          scheduler=scheduler, num_steps=steps, guidance_scale=guidance if known else 1.0,
                          classifier_scale=cscale if known else 0.0,
                          classifier_modality=name if known else None, eta=eta,
-                         generator=generator, scheduler_kwargs=scheduler_kwargs, callback=step)
+                         generator=generator, scheduler_kwargs=scheduler_kwargs, callback=step,
+                         unknown_drift=unknown_drift)
         arrays = {"images": images_to_uint8(res.image)}
         for m_name, m in self.model.modalities.items():  # the known values, and every generated modality
             array = m.to_array(res.aux[m_name]) if m.npz_key and m.npz_key not in arrays else None

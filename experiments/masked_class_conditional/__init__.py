@@ -14,17 +14,14 @@ the setting scores ``experiment.n_fid`` class→image samples (classes cycled, d
 - ``c2i/fid``, ``c2i/accuracy``: the modalities that are not given (the masked image) enter the
   drift through their heads' predictions, the sampler's ``Â`` (DESIGN.md §3);
 - ``c2i_null/fid``, ``c2i_null/accuracy`` (``null_encoding`` in ``experiment.unknown_drift``): they enter
-  as their null encodings ``E(∅)`` instead. The sampler has no such option yet
-  (``unidiff/diffusion/sampling.py``); :func:`null_unknown_drift` stands in for it here by
-  replacing the model's ``expected_aggregate`` for the duration of the call (README.md beside
-  this file says which option the sampler should get). Only arms with a modality besides the
-  label have it: with the label alone both are the same chain.
+  as their null encodings ``E(∅)`` instead, the sampler's ``sample(unknown_drift="null_encoding")``
+  (DESIGN.md §3.3). Only arms with a modality besides the label have it: with the label alone both
+  are the same chain.
 """
 
 from __future__ import annotations
 
-import contextlib
-from typing import Dict, Iterator, Optional
+from typing import Dict
 
 import torch
 
@@ -33,27 +30,6 @@ from unidiff import metrics as M
 from ..setting import Setting, generate, known_values, register
 
 DRIFT_PREFIX = {"predicted": "c2i", "null_encoding": "c2i_null"}
-
-
-@contextlib.contextmanager
-def null_unknown_drift(model) -> Iterator[None]:
-    """Within the block, ``model.expected_aggregate`` puts ``E_m(∅)`` (not ``E_m(x̂_m)``) in the drift
-    of every modality that is not known; known ones keep their true encoding, as in the sampler."""
-
-    def aggregate(aux_pred: Dict, known: Optional[Dict] = None) -> torch.Tensor:
-        known = known or {}
-        batch = next(v for v in aux_pred.values()).shape[0]  # every head's prediction has B rows
-        total = None
-        for name, mod in model.modalities.items():
-            e = mod.encode(known[name]) if name in known else mod.null_encoding(batch)
-            total = mod.weight * e if total is None else total + mod.weight * e
-        return total
-
-    model.expected_aggregate = aggregate  # an instance attribute shadows the method
-    try:
-        yield
-    finally:
-        del model.expected_aggregate
 
 
 @register
@@ -89,10 +65,8 @@ class MaskedClassConditional(Setting):
         for k, drift in enumerate(self.spec.unknown_drift):
             if drift == "null_encoding" and not others:
                 continue  # nothing unknown: the same chain as "predicted"
-            ctx_drift = null_unknown_drift(model) if drift == "null_encoding" else contextlib.nullcontext()
-            with ctx_drift:
-                images, _ = generate(model, schedule, cfg, "class_to_image", len(labels), gen(3 + k),
-                                     known_values(name, labels, device), cfg.eval.guidance)
+            images, _ = generate(model, schedule, cfg, "class_to_image", len(labels), gen(3 + k),
+                                 known_values(name, labels, device), cfg.eval.guidance, unknown_drift=drift)
             prefix = DRIFT_PREFIX[drift]
             out.update({f"{prefix}/{key}": v for key, v in self._score(images, labels, int(cfg.eval.batch_size)).items()})
             out[f"{prefix}/n_samples"] = len(labels)

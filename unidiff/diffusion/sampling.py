@@ -21,7 +21,8 @@ The loop steps the de-drifted ``y`` with an unmodified diffusers scheduler and r
 
 where ``t'`` is the level the scheduler steps to (``κ = 0`` once it reaches the data). In a
 conditional task an ε head's output is first moved to the same x̂0 at that ``y`` from the model's
-own ``z - κ_t Â_θ`` (:class:`Conversion`, §3.3).
+own ``z - κ_t Â_θ`` (:class:`Conversion`, §3.3). ``sample(unknown_drift="null_encoding")`` puts
+``E_m(∅)`` in ``Â`` for the modalities not known instead of their heads' ``E_m(x̂_m)``.
 """
 
 from __future__ import annotations
@@ -38,7 +39,7 @@ from einops import repeat
 
 import heads
 
-from ..choices import Sampler, values
+from ..choices import Sampler, UnknownDrift, values
 from ..errors import ConfigError
 from .schedule import DriftSchedule
 
@@ -233,13 +234,16 @@ def _guided_prediction(
     guidance_scale: float,
     classifier: Optional[Tuple[str, Any, float]],
     convert_with: Conversion = Conversion.known,
+    unknown_drift: UnknownDrift = UnknownDrift.predicted,
 ) -> Tuple[torch.Tensor, Dict[str, Any], torch.Tensor]:
     """One denoiser evaluation with drift and classifier guidance.
 
     Returns (raw image prediction for the scheduler at ``z - κ_t Â``, conditional aux predictions,
-    Â), all for the B rows of ``z``; ``Â`` holds the known modalities' true encodings.
-    ``convert_with=predicted`` reads the raw prediction at the model's own ``z - κ_t Â_θ`` instead
-    and hands the scheduler the prediction with the same x̂0 at ``z - κ_t Â`` (§3.3).
+    Â), all for the B rows of ``z``; ``Â`` holds the known modalities' true encodings and, for the
+    others, their heads' expected encodings (``unknown_drift=predicted``) or their null encodings
+    ``E_m(∅)`` (``null_encoding``). ``convert_with=predicted`` reads the raw prediction at the
+    model's own ``z - κ_t Â_θ`` instead and hands the scheduler the prediction with the same x̂0 at
+    ``z - κ_t Â`` (§3.3).
     """
     B = z.shape[0]
     kappa = float(schedule.kappa[t])
@@ -261,13 +265,22 @@ def _guided_prediction(
             logp = mod.log_likelihood(mod.select(out.aux[cname], rows), target).float().sum()
             grad = torch.autograd.grad(logp, z_in)[0][:B].float()  # (B, C, H, W)
     aux = {n: m.select(out.aux[n], rows) for n, m in model.modalities.items()}
-    A_hat = model.expected_aggregate(aux, known) if len(model.modalities) else None
+    null = unknown_drift is UnknownDrift.null_encoding
+    if not len(model.modalities):
+        A_hat = None
+    elif null:
+        # §3.3: Σ_m π_m (E_m(x_m) if known else E_m(∅)), the aggregate with the rest dropped.
+        A_hat = model.aggregate(known, None, batch_size=B)
+    else:
+        A_hat = model.expected_aggregate(aux, known)
     A_hat = torch.zeros_like(z) if A_hat is None else A_hat.detach().float()
     pred = out.image.detach().float()
     # §3.3: the model made ε̂ (or v̂) under its own drift estimate Â_θ (every modality from its
-    # head), so its consistent clean estimate is read at y_θ = z - κ_t Â_θ. Only a known modality
-    # makes Â_θ differ from Â; an x̂0 head is the same at every point (its old path is kept).
-    own = convert_with is Conversion.predicted and bool(known) and model.prediction != "sample"
+    # head), so its consistent clean estimate is read at y_θ = z - κ_t Â_θ. Â_θ differs from the
+    # chain's Â where a modality is known, and for the unknown ones under null_encoding (Â_θ stays
+    # the heads' own estimate either way); an x̂0 head is the same at every point (old path kept).
+    mismatch = bool(known) or (null and len(model.modalities) > 0)
+    own = convert_with is Conversion.predicted and mismatch and model.prediction != "sample"
     A_conv = model.expected_aggregate(aux).detach().float() if own else A_hat
     if shift is None and grad is None and not own:
         return pred, aux, A_hat
@@ -315,6 +328,7 @@ def sample(
     num_draws: int = 4,
     callback: Optional[Callable[[int, int, torch.Tensor, torch.Tensor], None]] = None,
     convert_with: Union[str, Conversion, None] = None,
+    unknown_drift: Union[str, UnknownDrift] = UnknownDrift.predicted,
 ) -> SampleOutput:
     """Run a task of §3.
 
@@ -335,6 +349,10 @@ def sample(
         callback: called after every step as ``callback(i, t, y_next, A_hat)`` (de-drifted path).
         convert_with: :class:`Conversion` of a conditional task's raw ε̂ / v̂ to its clean estimate
             (default :data:`DEFAULT_CONVERSION` of ``model.prediction``).
+        unknown_drift: what the drift ``Â`` holds for the modalities not in ``known``
+            (:class:`~unidiff.choices.UnknownDrift`): their heads' predictions ``E_m(x̂_m)``
+            (``predicted``) or their null encodings ``E_m(∅)`` (``null_encoding``, the ablation of
+            §3.3); the same for every task that generates (in ``joint`` nothing is known).
 
     The loop makes no host syncs of its own: timesteps stay on the CPU and every schedule scalar
     is read from the CPU tables.
@@ -369,6 +387,11 @@ def sample(
     except ValueError:
         raise ConfigError(f"sampling.convert_with must be one of {[c.value for c in Conversion]}, "
                           f"got {convert_with!r}") from None
+    try:
+        unknown_drift = UnknownDrift(unknown_drift)
+    except ValueError:
+        raise ConfigError(f"sampling.unknown_drift must be one of {values(UnknownDrift)}, "
+                          f"got {unknown_drift!r}") from None
 
     device = _model_device(model)
     if batch_size is None:
@@ -405,7 +428,7 @@ def sample(
     y_next = z
     for i, t in enumerate(sched.timesteps.tolist()):
         pred, aux, A_hat = _guided_prediction(model, schedule, z, t, known, shift, guidance_scale, classifier,
-                                            convert_with)
+                                            convert_with, unknown_drift)
         y = z - float(schedule.kappa[t]) * A_hat
         y_next = sched.step(pred, t, y, generator=generator, **step_kwargs).prev_sample
         abar = _target_alpha_bar(sched, i, t)
