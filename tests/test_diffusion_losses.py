@@ -462,3 +462,34 @@ def test_elbo_classifier_picks_the_true_drift():
     assert float(true_terms["diffusion"].abs().max()) < 1e-6  # the true drift has zero KL
     with pytest.raises(ConfigError, match="no modality"):
         elbo_classify(model, s, x0, "representation", range(K))
+
+
+@pytest.mark.parametrize("gamma", [0.0, 1.0])
+def test_with_one_modality_the_bound_term_is_the_ddpm_term(gamma):
+    """The paper's reduction: with the image alone (no drift: A = Â = 0, whatever γ) the bound's
+    t-term is DDPM's L_{t-1} = ||μ̃(x0) − μ̃(x̂0)||² / (2 σ̃²), μ̃'s coefficients from diffusers'
+    DDPMScheduler tables and σ̃² its ``_get_variance`` (the posterior variance, "fixed_small")."""
+    T = 1000
+    s = DriftSchedule.from_config("linear", T, gamma=gamma)
+    ddpm = DDPMScheduler(num_train_timesteps=T, beta_schedule="linear", prediction_type="sample",
+                         variance_type="fixed_small", clip_sample=False)
+    ddpm.set_timesteps(T)
+    abars = ddpm.alphas_cumprod.double()
+    g = torch.Generator().manual_seed(3)
+    shape = (2, 1, 4, 4)
+    zero = torch.zeros(shape, dtype=torch.float64)
+    for t in [1, 5, 250, 999]:
+        x0, eps = torch.randn(shape, generator=g, dtype=torch.float64), torch.randn(shape, generator=g, dtype=torch.float64)
+        eps_hat = eps + 0.2 * torch.randn(shape, generator=g, dtype=torch.float64)
+        a, sig = float(abars[t]) ** 0.5, float(1 - abars[t]) ** 0.5
+        z_t = a * x0 + sig * eps
+        x0_hat = (z_t - sig * eps_hat) / a
+        # DDPM's posterior mean coefficients (Ho et al. eq. 7) from diffusers' tables:
+        coef_x0 = abars[t - 1] ** 0.5 * ddpm.betas.double()[t] / (1 - abars[t])
+        coef_zt = ddpm.alphas.double()[t] ** 0.5 * (1 - abars[t - 1]) / (1 - abars[t])
+        var = float(ddpm._get_variance(t))
+        oracle = ((coef_x0 * (x0 - x0_hat)) ** 2).flatten(1).sum(1) / (2 * var)
+        tt = torch.full((shape[0],), t)
+        got = exact_kl_term(s, zero, eps, eps_hat, zero, tt)
+        # diffusers keeps its tables in fp32: 1 - ᾱ near t = 0 loses digits to cancellation (~1e-3 at t = 1)
+        torch.testing.assert_close(got, oracle, rtol=2e-3 if t < 10 else 1e-5, atol=1e-9)
