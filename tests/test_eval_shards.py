@@ -173,3 +173,23 @@ def test_killed_evaluate_resumes_to_the_same_metrics(run):
     # in its own folder
     other = evaluate(run, [cache])
     assert set(other) == set(clean) and len(list((run / "eval_shards").iterdir())) == 4
+
+
+def test_unknown_drift_is_part_of_the_conditional_streams_plan(run):
+    # eval.unknown_drift changes what class->image samples are, so it is in that stream's plan (its
+    # folder); the joint stream has every drift from its head whatever the key says, and is reused.
+    cache = f"eval.cache_dir={run.parent / 'cache'}"
+    evaluate(run, [cache])
+    before = {f.name for f in (run / "eval_shards").iterdir()}
+    written = []
+    evaluate(run, [cache, "eval.unknown_drift=null_encoding"], on_shard=lambda s: written.append(s.index))
+    after = {f.name for f in (run / "eval_shards").iterdir()}
+    new = after - before
+    assert len(new) == 1 and written == [0]  # one new folder, one shard (16 samples in one batch)
+    from unidiff.shards import MANIFEST
+    plan = json.loads((run / "eval_shards" / next(iter(new)) / MANIFEST).read_text())["settings"]
+    assert plan["unknown_drift"] == "null_encoding" and plan["task"] != "joint"
+    # and back to the default: every stream is found again, nothing generated
+    written.clear()
+    evaluate(run, [cache, "eval.unknown_drift=predicted"], on_shard=lambda s: written.append(s.index))
+    assert written == [] and {f.name for f in (run / "eval_shards").iterdir()} == after
