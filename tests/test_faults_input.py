@@ -242,3 +242,27 @@ def test_setup_cfg_dev_extra_lists_hypothesis():
     dev = [line.split("#")[0].strip() for line in cfg["options.extras_require"]["dev"].splitlines()]
     assert any(d.startswith("hypothesis") for d in dev)
     assert yaml  # the module is imported for YAML round trips above
+
+
+# --- `unidiff run`: what evaluation needs is checked before training ----------------------------
+def test_run_dry_run_checks_every_seed_and_writes_nothing(workdir, capsys):
+    rc = main(["run", DEBUG, "--dry-run", "--seeds", "3,4", "train.steps=5"])
+    out, err = capsys.readouterr()
+    assert rc == 0, err
+    assert "seed: 3" in out and "steps: 5" in out and "parameters:" in out  # the first seed's config
+    assert _files(workdir) == []
+
+
+@pytest.mark.parametrize("dry", [True, False])
+def test_run_without_the_inception_weights_fails_before_training(workdir, capsys, monkeypatch, dry):
+    # eval.features=inception needs a local weights file; `unidiff run` used to train for the
+    # whole budget and only then fail in the evaluation
+    monkeypatch.delenv("UNIDIFF_INCEPTION_WEIGHTS", raising=False)
+    argv = ["run", DEBUG, "eval.features=inception", "train.steps=2", *(["--dry-run"] if dry else [])]
+    _one_line_error(capsys, argv, "eval.inception_weights")
+    missing = workdir / "nowhere.pth"
+    _one_line_error(capsys, [*argv, f"eval.inception_weights={missing}"], str(missing))
+    garbage = workdir / "garbage.pth"
+    garbage.write_bytes(b"not a state dict")
+    _one_line_error(capsys, [*argv, f"eval.inception_weights={garbage}"], str(garbage))
+    assert _files(workdir) == ["garbage.pth"]  # no run folder, no checkpoint

@@ -6,7 +6,7 @@
               image_to_label, representation_to_image, image_to_representation, inpaint,
               transition, target_to_source, ...
     unidiff evaluate RUN_DIR [key=value ...] [--seed K] [--out FILE.json]
-    unidiff run CONFIG [key=value ...] [--seeds 0,1,2]        # train, sample, evaluate
+    unidiff run CONFIG [key=value ...] [--seeds 0,1,2] [--dry-run]  # train, sample, evaluate
     unidiff experiment CONFIG [key=value ...] [--seeds 0,1,2]  # multi-task vs single-task
     unidiff encoder train CONFIG [key=value ...]  # the multi-tower representation encoder
     unidiff plot RUN_DIR [RUN_DIR ...] [--out DIR]  # curves.png, metrics.png
@@ -18,7 +18,7 @@ missing run folder, a bad argument) prints one line ``unidiff: error: ...`` on s
 with code 2, without a traceback; run outputs are written only after validation, atomically.
 ``--help`` of every command describes every argument and shows its default (:class:`HelpFormatter`).
 ``train`` and ``run`` first run :func:`preflight` (what ``--dry-run`` checks: the run folder,
-the built model, one training step), and an ``OSError`` from the file system (a full disk) is one
+the built model, one training step; for ``run`` also what evaluation needs), and an ``OSError`` from the file system (a full disk) is one
 line too.
 """
 
@@ -180,10 +180,12 @@ def _train_args(p: argparse.ArgumentParser) -> None:
                    help="resolve and validate the config, build the model, print it and its size; write nothing")
 
 
-def preflight(cfg):
+def preflight(cfg, evaluation: bool = False):
     """Everything that can reject a run config before training writes a file: the run folder is
     writable, what training builds builds (:func:`unidiff.train.prepare_seeded`: data, resolved
-    config, seeded model, schedule), and one no-grad training step on two items runs. Returns the
+    config, seeded model, schedule), and one no-grad training step on two items runs; with
+    ``evaluation`` (``unidiff run``) also what evaluating it needs
+    (:func:`unidiff.evaluate.check_evaluation`: the Inception weights). Returns the
     :class:`unidiff.train.Prepared` build, which ``train(cfg, prepared=...)`` trains: the data and
     the model are built once. The check leaves the model as built (its buffers, such as MoE token
     counts, are put back), and the build keeps the RNG state it left, so the numbers of a run are
@@ -194,6 +196,10 @@ def preflight(cfg):
     from .train import prepare_seeded
 
     check_run_folder(cfg)
+    if evaluation:
+        from .evaluate import check_evaluation
+
+        check_evaluation(cfg)
     prepared = prepare_seeded(cfg)
     model = prepared.model
     buffers = {name: b.detach().clone() for name, b in model.named_buffers()}
@@ -204,11 +210,12 @@ def preflight(cfg):
     return prepared
 
 
-def _dry_run(cfg) -> None:
-    """``train --dry-run``: the :func:`preflight`, then the config and the sizes; writes nothing."""
+def _dry_run(cfg, evaluation: bool = False) -> None:
+    """``train --dry-run`` (``run --dry-run``: ``evaluation``): the :func:`preflight`, then the
+    config and the sizes; writes nothing."""
     from .config import to_yaml
 
-    cfg, train_set, val_set, info, model, _ = preflight(cfg)
+    cfg, train_set, val_set, info, model, _ = preflight(cfg, evaluation=evaluation)
     print(to_yaml(cfg), end="")
     total = sum(p.numel() for p in model.parameters())
     backbone = sum(p.numel() for p in model.backbone.parameters())
@@ -724,6 +731,10 @@ _SEEDS_HELP = ("comma-separated seeds, e.g. 0,1,2: one {what} per seed named <na
 def _run_args(p: argparse.ArgumentParser) -> None:
     _add_config_args(p)
     p.add_argument("--seeds", type=_seed_list, default=None, metavar="0,1,2", help=_SEEDS_HELP.format(what="run"))
+    p.add_argument("--dry-run", action="store_true",
+                   help="what train --dry-run checks, plus what evaluation needs (the Inception weights when "
+                        "eval.features=inception), for every seed; print the (first seed's) config and sizes; "
+                        "write nothing")
 
 
 def _run_one(cfg, eval_seed: int):
@@ -731,7 +742,7 @@ def _run_one(cfg, eval_seed: int):
     from .evaluate import evaluate
     from .train import train
 
-    out = train(cfg, prepared=preflight(cfg))
+    out = train(cfg, prepared=preflight(cfg, evaluation=True))
     paths = None
     if cfg.image_head:
         paths = sample_to_file(out, "joint", None, None, None, None, cfg.run.seed, None, None, out / "samples" / "final.npz")
@@ -751,7 +762,10 @@ def _run(args) -> int:
 
     cfg = load_config(args.config, args.overrides)
     if args.seeds is None:
-        _run_one(cfg, eval_seed=0)  # as always: the evaluation draws of seed 0
+        if args.dry_run:
+            _dry_run(cfg, evaluation=True)
+        else:
+            _run_one(cfg, eval_seed=0)  # as always: the evaluation draws of seed 0
         return 0
     base_name, base_dir = cfg.run.name, cfg.run.dir
     configs = {}
@@ -760,6 +774,11 @@ def _run(args) -> int:
         if base_dir:
             extra.append(f"run.dir={seed_dir(base_dir, seed)}")
         configs[seed] = load_config(args.config, [*args.overrides, *extra])
+    if args.dry_run:
+        for seed, seed_cfg in list(configs.items())[1:]:
+            preflight(seed_cfg, evaluation=True)
+        _dry_run(configs[args.seeds[0]], evaluation=True)
+        return 0
     runs, per_seed = {}, {}
     for seed, seed_cfg in configs.items():
         print(f"--- seed {seed}")

@@ -351,6 +351,18 @@ def _model_metrics(model, schedule, cfg, val_set, g, device) -> Dict[str, Any]:
     return out
 
 
+def check_evaluation(cfg: DictConfig) -> None:
+    """What :func:`evaluate` needs beyond the trained run, checked before a ``unidiff run`` trains
+    (and by its ``--dry-run``): the Inception-v3 weights when ``eval.features=inception`` are
+    loaded once (a missing, unreadable or wrong file, or a missing torch-fidelity, is the one-line
+    error evaluation would give after training). Everything else evaluation reads is the run's own
+    (its config, checkpoint and data), which the training preflight has built already."""
+    from . import metrics as M
+
+    if cfg.eval.features == "inception":
+        M.inception_feature_module(M.inception_weights_path(cfg.eval.inception_weights))
+
+
 def evaluate(run: str | os.PathLike | DictConfig, overrides: Sequence[str] = (), device: Optional[str] = None,
              seed: int = 0, datasets: Optional[Tuple[Any, Any, Any]] = None,
              out_path: Optional[str | os.PathLike] = None, accelerator: Any = None,
