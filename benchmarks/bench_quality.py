@@ -215,8 +215,17 @@ def train_unidiff(args, name: str, datasets, budget: float, clock) -> Tuple[Any,
     return model, cfg, {"steps": steps, "train_seconds": seconds, "probe_seconds_per_step": per_step,
                         "overrides": list(args.set),
                         "images_per_s": steps * args.batch_size / max(seconds, 1e-9),
-                        "recipe": f"{FASHION_CONFIG.relative_to(REPO)} (AdamW lr 1e-3, wd 0.01, cosine over the "
-                                  f"steps, warm-up {min(60, steps // 10)}), x0-prediction, drift guidance"}
+                        "recipe": unidiff_recipe(cfg)}
+
+
+def unidiff_recipe(cfg) -> str:
+    """The training recipe a unidiff candidate ran, read off its config (``--set`` included); the
+    sampling settings are the run's ``settings``, the same for every candidate."""
+    tr = cfg.train
+    return (f"{FASHION_CONFIG.relative_to(REPO)} (AdamW lr {tr.lr:g}, wd {tr.weight_decay:g}, "
+            f"{getattr(tr.lr_schedule, 'value', tr.lr_schedule)} over {tr.steps} steps, warm-up {tr.warmup_steps}, "
+            f"EMA {tr.ema_decay:g}), patch {cfg.model.backbone.patch_size}, p_drop {cfg.diffusion.p_drop:g}, "
+            f"{getattr(cfg.model.prediction, 'value', cfg.model.prediction)}-prediction, drift guidance (--guidance)")
 
 
 def ddpm_scheduler():

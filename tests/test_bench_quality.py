@@ -177,3 +177,17 @@ def test_bench_quality_refuses_to_reuse_a_run_made_under_other_settings(tmp_path
     lines = proc.stderr.strip().splitlines()
     assert len(lines) == 1 and "settings.steps" in lines[0] and str(peers) in lines[0]
     assert not out.exists()
+
+
+def test_unidiff_recipe_is_read_off_the_config_it_trained_with(tmp_path):
+    # the recipe string in the JSON used to be a fixed text whatever --set changed
+    bench = _bench_module()
+    args = bench.parse_args(["--set", "train.lr=0.0025", "--set", "diffusion.p_drop=0.2", "--set",
+                             "model.backbone.patch_size=2", "--root", str(tmp_path)])
+    cfg = bench.unidiff_config(args, "unidiff", tmp_path / "run", 400)
+    recipe = bench.unidiff_recipe(cfg)
+    for part in ("lr 0.0025", "p_drop 0.2", "patch 2", "over 400 steps", "warm-up 40"):
+        assert part in recipe, (part, recipe)
+    plain = bench.unidiff_recipe(bench.unidiff_config(bench.parse_args(["--root", str(tmp_path)]), "unidiff",
+                                                      tmp_path / "run", 400))
+    assert "lr 0.0025" not in plain and "p_drop 0.5" in plain and "patch 4" in plain  # the config's own values
