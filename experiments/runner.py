@@ -30,8 +30,8 @@ from tqdm.auto import tqdm
 from unidiff.checkpoint import latest, load_model, step_of
 from unidiff.config import build_model, build_schedule, check_writable, load_config, resolve_with_data, to_container
 from unidiff.data import build_datasets, iter_batches
-from unidiff.errors import ConfigError, DataError
-from unidiff.evaluate import evaluate
+from unidiff.errors import CheckpointError, ConfigError, DataError
+from unidiff.evaluate import check_evaluation, evaluate
 from unidiff.io import write_json, write_text
 from unidiff.train import train
 
@@ -72,7 +72,8 @@ def is_trained(cfg: DictConfig, run_dir: Path, info) -> bool:
 def check_arms(exp: Experiment, datasets: Datasets) -> None:
     """What training would reject, for every arm, before anything is written: the config against
     its data (``resolve_with_data``), the model and schedule built from it, and a writable
-    experiment folder. Errors name the arm (``experiment.arms.<arm>: ...``)."""
+    experiment folder; and what evaluating it needs (:func:`unidiff.evaluate.check_evaluation`).
+    Errors name the arm (``experiment.arms.<arm>: ...``)."""
     check_writable(exp.out_dir, "experiment.out_dir")
     for arm, cfg in exp.arms.items():
         try:
@@ -80,8 +81,9 @@ def check_arms(exp: Experiment, datasets: Datasets) -> None:
             resolved = resolve_with_data(cfg, info)
             build_model(resolved, info.image_shape)
             build_schedule(resolved)
-        except ConfigError as err:
-            raise ConfigError(f"experiment.arms.{arm}: {err}") from None
+            check_evaluation(resolved)
+        except (ConfigError, CheckpointError) as err:
+            raise type(err)(f"experiment.arms.{arm}: {err}") from None
 
 
 def build_context(exp: Experiment, datasets: Datasets) -> Context:

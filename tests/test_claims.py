@@ -392,3 +392,15 @@ def test_the_fashion_representation_and_transition_settings_run_end_to_end(name,
         config = json.loads((Path(encoder["encoder_dir"]) / "encoder_config.json").read_text())
         assert config["model"]["class_names"][-1] == "ankle boot"  # the product titles are Fashion's classes
         assert config["model"]["image_size"] == [32, 32]
+
+
+def test_an_experiment_without_the_inception_weights_fails_before_any_arm_trains(tmp_path, monkeypatch):
+    monkeypatch.delenv("UNIDIFF_INCEPTION_WEIGHTS", raising=False)
+    exp = load_experiment(CONFIGS / "ablation_gamma.yaml", [f"experiment.out_dir={tmp_path / 'x'}",
+                                                             "eval.features=inception",
+                                                             f"eval.inception_weights={tmp_path / 'none.pth'}"])
+    from unidiff.errors import CheckpointError
+
+    with pytest.raises(CheckpointError, match=r"experiment\.arms\.gamma_0: .*none\.pth"):
+        check_arms(exp, Datasets())
+    assert not (tmp_path / "x").exists()

@@ -18,8 +18,8 @@ missing run folder, a bad argument) prints one line ``unidiff: error: ...`` on s
 with code 2, without a traceback; run outputs are written only after validation, atomically.
 ``--help`` of every command describes every argument and shows its default (:class:`HelpFormatter`).
 ``train`` and ``run`` first run :func:`preflight` (what ``--dry-run`` checks: the run folder,
-the built model, one training step; for ``run`` also what evaluation needs), and an ``OSError`` from the file system (a full disk) is one
-line too.
+the built model, one training step; for ``run`` also what evaluation needs), and an ``OSError``
+from the file system (a full disk) is one line too.
 """
 
 from __future__ import annotations
