@@ -499,6 +499,22 @@ def test_seed_summary_is_mean_and_sample_std():
     assert math.isnan(summarize({0: {"fid": 1.0}, 1: {"fid": float("nan")}})["fid"]["mean"])
 
 
+def test_paired_differences_are_within_seed_and_count_the_positive_ones():
+    from unidiff.seeds import paired_differences
+
+    per_seed = {0: {"a/fid": 30.0, "b/fid": 26.0, "c/fid": 31.0, "a/acc": 0.9, "b/acc": 0.95, "a/step": 9, "b/step": 9},
+                1: {"a/fid": 20.0, "b/fid": 19.0, "c/fid": 18.0, "a/acc": 0.8},  # b/acc missing in seed 1
+                2: {"a/fid": 40.0, "b/fid": 33.0, "c/fid": 41.0, "a/acc": 0.7, "b/acc": 0.6}}
+    p = paired_differences(per_seed, ["a", "b", "c"])
+    assert set(p) == {"b - a/fid", "c - a/fid", "b - a/acc"}  # step is bookkeeping; c has no acc
+    assert p["b - a/fid"]["values"] == [-4.0, -1.0, -7.0] and p["b - a/fid"]["positive"] == 0
+    assert p["b - a/fid"]["mean"] == pytest.approx(-4.0) and p["b - a/fid"]["std"] == pytest.approx(3.0)
+    assert p["c - a/fid"]["values"] == [1.0, -2.0, 1.0] and p["c - a/fid"]["positive"] == 2
+    acc = p["b - a/acc"]
+    assert acc["seeds"] == [0, 2] and acc["values"] == pytest.approx([0.05, -0.1]) and acc["positive"] == 1
+    assert paired_differences(per_seed, ["a"]) == {}
+
+
 @pytest.mark.parametrize("bad", ["0,x", "1,1", "-1", ","])
 def test_bad_seeds_are_one_line_errors(workdir, capsys, bad):
     rc, _, err = _run(capsys, "run", DEBUG, "--seeds", bad)
@@ -539,7 +555,7 @@ def test_experiment_with_seeds_names_each_seed_and_summarises_per_arm(tmp_path, 
         seed = int(next(iter(exp.arms.values())).run.seed)
         calls.append((exp.spec.name, seed, str(exp.out_dir)))
         exp.out_dir.mkdir(parents=True)
-        arms = {arm: {"metrics": {"fid": 10.0 + seed, "step": 2}} for arm in exp.arms}
+        arms = {arm: {"metrics": {"fid": 10.0 + seed + k * (1 + seed), "step": 2}} for k, arm in enumerate(exp.arms)}
         (exp.out_dir / "results.json").write_text(json.dumps({"arms": arms}))
         (exp.out_dir / "results.md").write_text(f"seed {seed}\n")
         return exp.out_dir
@@ -556,6 +572,14 @@ def test_experiment_with_seeds_names_each_seed_and_summarises_per_arm(tmp_path, 
     assert set(summary["metrics"]) == {f"{arm}/fid" for arm in arms}
     e = summary["metrics"][f"{arms[0]}/fid"]
     assert e["values"] == [12.0, 15.0] and e["mean"] == 13.5 and e["std"] == pytest.approx(math.sqrt(4.5))
+    # arm k minus the first arm, within each seed: k * (1 + seed), i.e. k*3 and k*6
+    assert summary["arms"] == arms and len(arms) >= 2
+    for k, arm in enumerate(arms[1:], start=1):
+        d = summary["paired"][f"{arm} - {arms[0]}/fid"]
+        assert d["values"] == [3.0 * k, 6.0 * k] and d["seeds"] == [2, 5] and d["positive"] == 2
+        assert d["mean"] == pytest.approx(4.5 * k) and d["std"] == pytest.approx(math.sqrt(4.5) * k)
+    md = Path(f"{out_dir}_seeds/summary.md").read_text()
+    assert "## Paired differences" in md and f"| {arms[1]} - {arms[0]}/fid | 4.5 ± 2.1 | 2/2 | 2 | 3, 6 |" in md
 
 
 # --- issue 13: faults in the inputs of sample / evaluate (README "What survives what") -------------

@@ -831,7 +831,8 @@ def _experiment(args) -> int:
         print((out / "results.md").read_text(), end="")
     folder = Path(f"{out_dir.rstrip('/')}_seeds") if out_dir else base.out_dir.with_name(f"{name}_seeds")
     paths = write_summary(folder, f"{name}: {len(args.seeds)} seeds (metric keys are arm/metric)", args.seeds,
-                          runs, per_seed, config=str(args.config), provenance=provenance(overrides=args.overrides))
+                          runs, per_seed, arms=list(base.arms), config=str(args.config),
+                          provenance=provenance(overrides=args.overrides))
     print(paths["md"].read_text(), end="")
     print(f"summary: {paths['json']}")
     return 0

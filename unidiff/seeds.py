@@ -6,6 +6,8 @@ experiment ``experiment.name=<name>_s<s>`` with ``run.seed=s`` for every arm. Th
 metrics go through :func:`summarize` into ``<name>_seeds/summary.json`` and ``summary.md``
 (:func:`write_summary`): per metric the values in seed order, their mean and the sample standard
 deviation (``ddof=1``, the spread a reader expects of "mean ± std over seeds"; null for one seed).
+An experiment's summary also gets :func:`paired_differences`: each arm minus the first arm within
+each seed (same data order and initial weights), the comparison a seed-to-seed spread hides.
 """
 
 from __future__ import annotations
@@ -84,6 +86,32 @@ def summarize(per_seed: Mapping[int, Mapping[str, Any]]) -> Dict[str, Dict[str, 
     return out
 
 
+def paired_differences(per_seed: Mapping[int, Mapping[str, Any]], arms: Sequence[str]) -> Dict[str, Dict[str, Any]]:
+    """Within-seed differences of an experiment's ``<arm>/<metric>`` values against the first arm.
+
+    ``{"<arm> - <first>/<metric>": {"values", "seeds", "n", "mean", "std", "positive"}}`` for every
+    other arm and every metric both arms have in a seed (``values[i]`` = arm minus first arm in
+    ``seeds[i]``; ``positive``: how many of them are > 0), summarised as :func:`summarize` does.
+    """
+    if len(arms) < 2:
+        return {}
+    first = arms[0]
+    diffs: Dict[int, Dict[str, float]] = {}
+    for seed, metrics in per_seed.items():
+        for arm in arms[1:]:
+            for key, v in metrics.items():
+                if not key.startswith(f"{first}/"):
+                    continue
+                metric = key[len(first) + 1:]
+                other, base = _number(metrics.get(f"{arm}/{metric}")), _number(v)
+                if other is not None and base is not None and metric.rsplit("/", 1)[-1] not in SKIP_KEYS:
+                    diffs.setdefault(seed, {})[f"{arm} - {first}/{metric}"] = other - base
+    out = summarize(diffs)
+    for entry in out.values():
+        entry["positive"] = sum(1 for v in entry["values"] if v > 0)
+    return out
+
+
 def _json_safe(x: Any) -> Any:
     if isinstance(x, float) and not math.isfinite(x):
         return None
@@ -120,17 +148,31 @@ def summary_markdown(title: str, summary: Mapping[str, Any]) -> str:
     if counts:
         lines += ["", "Samples per seed behind the sampled metrics: "
                   + ", ".join(f"{k} = {'/'.join(map(str, sorted(v)))}" for k, v in counts.items()) + "."]
+    paired = summary.get("paired") or {}
+    if paired:
+        lines += ["", "## Paired differences", "", "Each arm minus the first arm within each seed (same data order and "
+                  "initial weights); `> 0` counts the seeds where the difference is positive.", "",
+                  "| arm - first arm / metric | mean ± std | > 0 | n | values |", "|---|---|---|---|---|"]
+        for key, e in paired.items():
+            values = ", ".join(f"{v:.4g}" for v in e["values"])
+            lines.append(f"| {key} | {fmt_mean_std(e)} | {e['positive']}/{e['n']} | {e['n']} | {values} |")
     return "\n".join(lines) + "\n"
 
 
 def write_summary(folder: str | os.PathLike, title: str, seeds: Sequence[int], runs: Mapping[int, str],
-                  per_seed: Mapping[int, Mapping[str, Any]], **meta: Any) -> Dict[str, Path]:
+                  per_seed: Mapping[int, Mapping[str, Any]], arms: Optional[Sequence[str]] = None,
+                  **meta: Any) -> Dict[str, Path]:
     """Write ``summary.json`` (``seeds``, ``runs`` {seed: folder}, ``metrics`` from :func:`summarize`,
-    ``per_seed``, and ``meta`` such as provenance) and ``summary.md`` into ``folder`` atomically."""
+    ``per_seed``, with ``arms`` (an experiment's, in its order) ``arms`` and ``paired`` from
+    :func:`paired_differences`, and ``meta`` such as provenance) and ``summary.md`` into ``folder``
+    atomically."""
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     summary = {"title": title, "seeds": list(seeds), "runs": {str(s): str(r) for s, r in runs.items()},
                "metrics": summarize(per_seed), "per_seed": {str(s): dict(m) for s, m in per_seed.items()}, **meta}
+    if arms is not None:
+        summary["arms"] = list(arms)
+        summary["paired"] = paired_differences(per_seed, list(arms))
     paths = {"json": folder / "summary.json", "md": folder / "summary.md"}
     write_json(paths["json"], _json_safe(summary))
     write_text(paths["md"], summary_markdown(title, summary))
