@@ -33,6 +33,7 @@ from unidiff.data import build_datasets, iter_batches
 from unidiff.errors import CheckpointError, ConfigError, DataError
 from unidiff.evaluate import check_evaluation, evaluate
 from unidiff.io import write_json, write_text
+from unidiff.seeds import CONTEXT_KEYS
 from unidiff.train import train
 
 from . import report
@@ -212,7 +213,7 @@ def run_experiment(config_path: str | os.PathLike, overrides: Sequence[str] = ()
     rows = report.table_rows(setting, arms, list(spec.eval_at) + [steps] if spec.eval_at else None)
     results["table"] = report.table(rows, {a: r["metrics"] for a, r in results["arms"].items()})
     for r in results["arms"].values():  # properties of the data and the judge, equal in every arm
-        for key in ("fid_floor", "reference_accuracy"):
+        for key in CONTEXT_KEYS:
             if key in r["metrics"] and key not in results["context"]:
                 results["context"][key] = r["metrics"][key]
     results["context"].update(ctx.reference)

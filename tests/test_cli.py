@@ -502,11 +502,12 @@ def test_seed_summary_is_mean_and_sample_std():
 def test_paired_differences_are_within_seed_and_count_the_positive_ones():
     from unidiff.seeds import paired_differences
 
-    per_seed = {0: {"a/fid": 30.0, "b/fid": 26.0, "c/fid": 31.0, "a/acc": 0.9, "b/acc": 0.95, "a/step": 9, "b/step": 9},
+    per_seed = {0: {"a/fid": 30.0, "b/fid": 26.0, "c/fid": 31.0, "a/acc": 0.9, "b/acc": 0.95, "a/step": 9, "b/step": 9,
+                    "a/fid_floor": 7.0, "b/fid_floor": 7.0},
                 1: {"a/fid": 20.0, "b/fid": 19.0, "c/fid": 18.0, "a/acc": 0.8},  # b/acc missing in seed 1
                 2: {"a/fid": 40.0, "b/fid": 33.0, "c/fid": 41.0, "a/acc": 0.7, "b/acc": 0.6}}
     p = paired_differences(per_seed, ["a", "b", "c"])
-    assert set(p) == {"b - a/fid", "c - a/fid", "b - a/acc"}  # step is bookkeeping; c has no acc
+    assert set(p) == {"b - a/fid", "c - a/fid", "b - a/acc"}  # step: bookkeeping; the floor: the data's; c: no acc
     assert p["b - a/fid"]["values"] == [-4.0, -1.0, -7.0] and p["b - a/fid"]["positive"] == 0
     assert p["b - a/fid"]["mean"] == pytest.approx(-4.0) and p["b - a/fid"]["std"] == pytest.approx(3.0)
     assert p["c - a/fid"]["values"] == [1.0, -2.0, 1.0] and p["c - a/fid"]["positive"] == 2

@@ -23,6 +23,9 @@ from .io import write_json, write_text
 
 # Bookkeeping numbers of a metrics file that are not results (equal in every seed by construction).
 SKIP_KEYS = ("step", "n_samples")
+# Properties of the data and the judge (the FID floor, the reference classifier's accuracy): equal
+# in every arm of an experiment, so not compared between arms.
+CONTEXT_KEYS = ("fid_floor", "reference_accuracy")
 SEED_LIMIT = 1 << 32  # every seed is in [0, 2**32): numpy's seed range (accelerate's set_seed)
 
 
@@ -90,8 +93,9 @@ def paired_differences(per_seed: Mapping[int, Mapping[str, Any]], arms: Sequence
     """Within-seed differences of an experiment's ``<arm>/<metric>`` values against the first arm.
 
     ``{"<arm> - <first>/<metric>": {"values", "seeds", "n", "mean", "std", "positive"}}`` for every
-    other arm and every metric both arms have in a seed (``values[i]`` = arm minus first arm in
-    ``seeds[i]``; ``positive``: how many of them are > 0), summarised as :func:`summarize` does.
+    other arm and every metric both arms have in a seed, but :data:`CONTEXT_KEYS` (``values[i]`` =
+    arm minus first arm in ``seeds[i]``; ``positive``: how many of them are > 0), summarised as
+    :func:`summarize` does.
     """
     if len(arms) < 2:
         return {}
@@ -104,7 +108,7 @@ def paired_differences(per_seed: Mapping[int, Mapping[str, Any]], arms: Sequence
                     continue
                 metric = key[len(first) + 1:]
                 other, base = _number(metrics.get(f"{arm}/{metric}")), _number(v)
-                if other is not None and base is not None and metric.rsplit("/", 1)[-1] not in SKIP_KEYS:
+                if other is not None and base is not None and metric.rsplit("/", 1)[-1] not in SKIP_KEYS + CONTEXT_KEYS:
                     diffs.setdefault(seed, {})[f"{arm} - {first}/{metric}"] = other - base
     out = summarize(diffs)
     for entry in out.values():
