@@ -76,13 +76,17 @@ def check_arms(exp: Experiment, datasets: Datasets) -> None:
     experiment folder; and what evaluating it needs (:func:`unidiff.evaluate.check_evaluation`).
     Errors name the arm (``experiment.arms.<arm>: ...``)."""
     check_writable(exp.out_dir, "experiment.out_dir")
+    evaluations = set()  # (features, weights) checked already: the arms usually share one eval section
     for arm, cfg in exp.arms.items():
         try:
             info = datasets(cfg)[2]
             resolved = resolve_with_data(cfg, info)
             build_model(resolved, info.image_shape)
             build_schedule(resolved)
-            check_evaluation(resolved)
+            needs = (resolved.eval.features, resolved.eval.inception_weights)
+            if needs not in evaluations:
+                check_evaluation(resolved)
+                evaluations.add(needs)
         except (ConfigError, CheckpointError) as err:
             raise type(err)(f"experiment.arms.{arm}: {err}") from None
 

@@ -245,12 +245,15 @@ def test_setup_cfg_dev_extra_lists_hypothesis():
 
 
 # --- `unidiff run`: what evaluation needs is checked before training ----------------------------
-def test_run_dry_run_checks_every_seed_and_writes_nothing(workdir, capsys):
+def test_run_dry_run_checks_every_seeds_folder_and_writes_nothing(workdir, capsys):
     rc = main(["run", DEBUG, "--dry-run", "--seeds", "3,4", "train.steps=5"])
     out, err = capsys.readouterr()
     assert rc == 0, err
     assert "seed: 3" in out and "steps: 5" in out and "parameters:" in out  # the first seed's config
     assert _files(workdir) == []
+    (workdir / "r_s4").write_text("a file where seed 4's run folder would go")
+    _one_line_error(capsys, ["run", DEBUG, "--dry-run", "--seeds", "3,4", f"run.dir={workdir / 'r'}"], "run.dir", "r_s4")
+    assert _files(workdir) == ["r_s4"]
 
 
 @pytest.mark.parametrize("dry", [True, False])

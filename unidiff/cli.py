@@ -733,8 +733,8 @@ def _run_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seeds", type=_seed_list, default=None, metavar="0,1,2", help=_SEEDS_HELP.format(what="run"))
     p.add_argument("--dry-run", action="store_true",
                    help="what train --dry-run checks, plus what evaluation needs (the Inception weights when "
-                        "eval.features=inception), for every seed; print the (first seed's) config and sizes; "
-                        "write nothing")
+                        "eval.features=inception), on the first seed, and every seed's run folder; print the first "
+                        "seed's config and sizes; write nothing")
 
 
 def _run_one(cfg, eval_seed: int):
@@ -774,9 +774,11 @@ def _run(args) -> int:
         if base_dir:
             extra.append(f"run.dir={seed_dir(base_dir, seed)}")
         configs[seed] = load_config(args.config, [*args.overrides, *extra])
-    if args.dry_run:
-        for seed, seed_cfg in list(configs.items())[1:]:
-            preflight(seed_cfg, evaluation=True)
+    if args.dry_run:  # the seeds differ in run.seed and their folders: one build, every folder checked
+        from .config import check_run_folder
+
+        for seed_cfg in list(configs.values())[1:]:
+            check_run_folder(seed_cfg)
         _dry_run(configs[args.seeds[0]], evaluation=True)
         return 0
     runs, per_seed = {}, {}

@@ -108,9 +108,9 @@ def paired_differences(per_seed: Mapping[int, Mapping[str, Any]], arms: Sequence
                     continue
                 metric = key[len(first) + 1:]
                 other, base = _number(metrics.get(f"{arm}/{metric}")), _number(v)
-                if other is not None and base is not None and metric.rsplit("/", 1)[-1] not in SKIP_KEYS + CONTEXT_KEYS:
+                if other is not None and base is not None and metric.rsplit("/", 1)[-1] not in CONTEXT_KEYS:
                     diffs.setdefault(seed, {})[f"{arm} - {first}/{metric}"] = other - base
-    out = summarize(diffs)
+    out = summarize(diffs)  # which also leaves out SKIP_KEYS
     for entry in out.values():
         entry["positive"] = sum(1 for v in entry["values"] if v > 0)
     return out
@@ -134,14 +134,17 @@ def fmt_mean_std(entry: Mapping[str, Any]) -> str:
     return f"{mean:.4g}" if std is None else f"{mean:.4g} ± {std:.2g}"
 
 
+def _values(entry: Mapping[str, Any]) -> str:
+    return ", ".join(f"{v:.4g}" for v in entry["values"])
+
+
 def summary_markdown(title: str, summary: Mapping[str, Any]) -> str:
     """``summary.md``: one row per metric: mean ± std, n, and the per-seed values."""
     metrics = summary["metrics"]
     lines = [f"# {title}", "", f"Seeds {', '.join(str(s) for s in summary['seeds'])}; mean ± sample std (ddof=1) "
              "over the seeds that have the metric.", "", "| metric | mean ± std | n | values |", "|---|---|---|---|"]
     for key, e in metrics.items():
-        values = ", ".join(f"{v:.4g}" for v in e["values"])
-        lines.append(f"| {key} | {fmt_mean_std(e)} | {e['n']} | {values} |")
+        lines.append(f"| {key} | {fmt_mean_std(e)} | {e['n']} | {_values(e)} |")
     # n is the number of seeds; the samples behind each seed's FID (and other sampled metrics) are
     # the metrics files' own *n_samples counts (equal in every seed by construction).
     counts: Dict[str, set] = {}
@@ -158,8 +161,7 @@ def summary_markdown(title: str, summary: Mapping[str, Any]) -> str:
                   "initial weights); `> 0` counts the seeds where the difference is positive.", "",
                   "| arm - first arm / metric | mean ± std | > 0 | n | values |", "|---|---|---|---|---|"]
         for key, e in paired.items():
-            values = ", ".join(f"{v:.4g}" for v in e["values"])
-            lines.append(f"| {key} | {fmt_mean_std(e)} | {e['positive']}/{e['n']} | {e['n']} | {values} |")
+            lines.append(f"| {key} | {fmt_mean_std(e)} | {e['positive']}/{e['n']} | {e['n']} | {_values(e)} |")
     return "\n".join(lines) + "\n"
 
 
