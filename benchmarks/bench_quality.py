@@ -66,7 +66,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
-from typing import Any, Callable, Dict, Tuple
+from typing import Any, Callable, Dict, Optional, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -319,8 +319,10 @@ def sample_unidiff(args, model, cfg, labels: torch.Tensor) -> torch.Tensor:
 
 
 @torch.no_grad()
-def image_to_label_accuracy(args, model, cfg, val_set) -> Tuple[float, int]:
-    """The model's own label read-out on the test images (the first ``--read-n``; 0 = all)."""
+def image_to_label_accuracy(args, model, cfg, val_set, t_read: Optional[int] = None,
+                            num_draws: Optional[int] = None) -> Tuple[float, int]:
+    """The model's own label read-out on the test images (the first ``--read-n``; 0 = all), at the
+    config's ``eval.t_read`` / ``eval.num_draws`` unless given."""
     from unidiff.config import build_schedule
     from unidiff.data import iter_batches
     from unidiff.diffusion import image_to_aux
@@ -333,7 +335,8 @@ def image_to_label_accuracy(args, model, cfg, val_set) -> Tuple[float, int]:
         x, y = batch["image"][: limit - seen].float(), batch["label"][: limit - seen]
         if len(x) == 0:
             break
-        pred, _ = image_to_aux(model, schedule, x, "label", int(cfg.eval.t_read), int(cfg.eval.num_draws), g)
+        pred, _ = image_to_aux(model, schedule, x, "label", int(cfg.eval.t_read if t_read is None else t_read),
+                               int(cfg.eval.num_draws if num_draws is None else num_draws), g)
         right += int((pred.long() == y.long()).sum())
         seen += len(x)
     return right / max(seen, 1), seen
@@ -368,6 +371,7 @@ def check_args(args) -> None:
         raise ConfigError(f"--candidates must be distinct names among {list(CANDIDATES)}, got {args.candidates}")
     if args.reuse is not None and not os.path.isfile(args.reuse):
         raise ConfigError(f"--reuse {args.reuse}: no such file")
+    args.read_at = [read_at_pair(text) for text in args.read_at]
 
 
 # The settings two runs must share for one to reuse the other's candidates (--reuse).
@@ -416,6 +420,10 @@ def run(args) -> Dict[str, Any]:
         raise ConfigError(f"the data must be 10-class 1x32x32 Fashion-MNIST, got {info.num_classes} classes "
                           f"of {tuple(info.image_shape)}")
     datasets = (train_set, val_set, info)
+    T = int(cfg0.diffusion.num_train_timesteps)
+    late = [f"{t}x{d}" for t, d in args.read_at if t >= T]
+    if late:  # before any training: image_to_aux would refuse them only after it
+        raise ConfigError(f"--read-at {' '.join(late)}: the read-out timestep must be < {T} (diffusion.num_train_timesteps)")
 
     settings = {"minutes_per_candidate": args.minutes, "clock": args.clock, "samples": args.samples,
                 "sampler": "ddim", "steps": args.steps, "guidance": args.guidance, "batch_size": args.batch_size,
@@ -452,6 +460,9 @@ def run(args) -> Dict[str, Any]:
                        M.extract_features(fake, feats)["features"], keep=0)))
         if cfg is not None:
             fig["image_to_label_accuracy"], fig["image_to_label_n"] = image_to_label_accuracy(args, model, cfg, val_set)
+            # the read-out lever: other (t_read, draws) on the same model, keyed "TxD"
+            fig["image_to_label_grid"] = {f"{t}x{d}": image_to_label_accuracy(args, model, cfg, val_set, t, d)[0]
+                                          for t, d in args.read_at}
         results[name] = fig
         print(f"{name}: {fig['steps']} steps, FID {fig['fid']:.2f}, class->image accuracy "
               f"{fig['class_to_image_accuracy']:.3f}", file=sys.stderr, flush=True)
@@ -485,6 +496,17 @@ def verdict(results: Dict[str, Dict[str, Any]]) -> Dict[str, Any]:
                        "image_to_label_at_least_0.88": read_ok, "met": fid_ok and acc_ok and read_ok, "peers": peers}}
 
 
+def read_at_pair(text: str) -> Tuple[int, int]:
+    """``"TxD"`` -> (t_read, num_draws) with T >= 0 and D >= 1, else a ConfigError naming it."""
+    try:
+        t, d = (int(v) for v in text.split("x"))
+    except ValueError:
+        raise ConfigError(f"--read-at: {text!r} is not TxD (a timestep x a number of draws, e.g. 50x4)") from None
+    if t < 0 or d < 1:
+        raise ConfigError(f"--read-at: {text!r} needs T >= 0 and D >= 1")
+    return t, d
+
+
 def parse_args(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     ap.add_argument("--minutes", type=float, default=15.0, help="training budget of each candidate")
@@ -500,6 +522,8 @@ def parse_args(argv=None):
     ap.add_argument("--reference-steps", type=int, default=None,
                     help="reference classifier steps (default: the config's eval.reference_steps)")
     ap.add_argument("--read-n", type=int, default=0, help="test images for image->label (0 = all 10,000)")
+    ap.add_argument("--read-at", nargs="*", default=[], metavar="TxD",
+                    help="also read image->label at timestep T averaged over D noise draws (e.g. 0x1 50x4)")
     ap.add_argument("--root", default=None, help="Fashion-MNIST idx folder (default: the config's data.root)")
     ap.add_argument("--cache-dir", default="runs/.cache", help="reference classifier and statistics cache")
     ap.add_argument("--work", default=None, help="folder for unidiff's run folders (default: a temporary one, removed)")

@@ -72,15 +72,15 @@ class AdaLNNorm(nn.Module):
     The modulation is zero-initialised (STYLE.md habit 8), so at init this is a plain LayerNorm.
     """
 
-    def __init__(self, hidden_size: int):
+    def __init__(self, hidden_size: int, cond_size: Optional[int] = None):
         super().__init__()
         self.norm = nn.LayerNorm(hidden_size, elementwise_affine=False, eps=1e-6)
-        self.ada = nn.Sequential(nn.SiLU(), nn.Linear(hidden_size, 2 * hidden_size))
+        self.ada = nn.Sequential(nn.SiLU(), nn.Linear(cond_size or hidden_size, 2 * hidden_size))
         nn.init.zeros_(self.ada[-1].weight)
         nn.init.zeros_(self.ada[-1].bias)
 
     def forward(self, x: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
-        """x: (B, ..., D), c: (B, D) -> (B, ..., D)."""
+        """x: (B, ..., D), c: (B, cond_size) -> (B, ..., D)."""
         shift, scale = self.ada(c).chunk(2, dim=-1)  # (B, D) each
         return modulate(self.norm(x), shift, scale)
 
@@ -94,12 +94,23 @@ def zero_linear(in_features: int, out_features: int) -> nn.Linear:
 
 
 # --- heads ---------------------------------------------------------------------------------------
-def pool_features(feats: BackboneOutput) -> torch.Tensor:
-    """(B, D) summary of the backbone features: the mean of the register tokens when there are
-    any (they exist to gather global information), else the mean over the patch tokens."""
-    if feats.registers is not None and feats.registers.shape[1] > 0:
-        return feats.registers.mean(dim=1)  # (B, R, D) -> (B, D)
-    return feats.tokens.mean(dim=1)  # (B, L, D) -> (B, D)
+POOLS = ("auto", "tokens", "concat")
+
+
+def pool_features(feats: BackboneOutput, pool: str = "auto") -> torch.Tensor:
+    """A summary of the backbone features, (B, D) or (B, 2D).
+
+    ``auto``: the mean of the register tokens when there are any (they exist to gather global
+    information), else the mean over the patch tokens; ``tokens``: the mean over the patch tokens;
+    ``concat``: the register mean and the token mean side by side (B, 2D), the register half zero
+    when the backbone has no registers.
+    """
+    tokens = feats.tokens.mean(dim=1)  # (B, L, D) -> (B, D)
+    has_registers = feats.registers is not None and feats.registers.shape[1] > 0
+    if pool == "tokens" or (pool == "auto" and not has_registers):
+        return tokens
+    registers = feats.registers.mean(dim=1) if has_registers else torch.zeros_like(tokens)  # (B, D)
+    return torch.cat([registers, tokens], dim=-1) if pool == "concat" else registers
 
 
 class PooledHead(nn.Module):
@@ -108,23 +119,26 @@ class PooledHead(nn.Module):
     Args:
         hidden_size: backbone width D.
         out_dim: output width (number of classes, vector dimension).
-        mlp_hidden: width of an optional hidden layer (None: a single linear read-out).
+        mlp_hidden: width of an optional hidden layer (None or 0: a single linear read-out).
+        pool: what is read (:func:`pool_features`); ``concat`` doubles the read width to 2D.
     """
 
-    def __init__(self, hidden_size: int, out_dim: int, mlp_hidden: Optional[int] = None):
+    def __init__(self, hidden_size: int, out_dim: int, mlp_hidden: Optional[int] = None, pool: str = "auto"):
         super().__init__()
-        self.norm = AdaLNNorm(hidden_size)
+        self.pool = check_choice("head", "pool", pool, POOLS)
+        width = 2 * hidden_size if pool == "concat" else hidden_size
+        # adaLN's modulation comes from the (B, D) conditioning c; the read width may be 2D.
+        self.norm = AdaLNNorm(width, cond_size=hidden_size)
         if mlp_hidden:
-            self.mlp = nn.Sequential(nn.Linear(hidden_size, mlp_hidden), nn.GELU(approximate="tanh"))
+            self.mlp = nn.Sequential(nn.Linear(width, mlp_hidden), nn.GELU(approximate="tanh"))
             width = mlp_hidden
         else:
             self.mlp = nn.Identity()
-            width = hidden_size
         # Zero output at init: logits 0 (uniform p̂) / a zero vector, like DiT's FinalLayer.
         self.out = zero_linear(width, out_dim)
 
     def forward(self, feats: BackboneOutput) -> torch.Tensor:
-        h = self.norm(pool_features(feats), feats.c)  # (B, D)
+        h = self.norm(pool_features(feats, self.pool), feats.c)  # (B, D) or (B, 2D)
         return self.out(self.mlp(h))  # (B, out_dim)
 
 

@@ -1,7 +1,7 @@
 """Class label modality (DESIGN.md §4, "joint image-label").
 
 - encoder: class embedding (K, E) -> Linear(E -> C·H·W) -> unit RMS, one map ``E(k)`` in S per class;
-- head: pooled features -> adaLN LayerNorm -> zero-init Linear(D -> K) class logits;
+- head: pooled features -> adaLN LayerNorm -> [Linear -> GELU] -> zero-init Linear(-> K) class logits;
 - loss: cross-entropy, which bounds the label term of the drift (DESIGN.md §2:
   ``‖E(y) - Σ_k p̂_k E(k)‖ ≤ 2·max_k‖E(k)‖·(1 - p̂_y)`` and ``1 - p̂_y ≤ -log p̂_y``);
 - expected encoding: ``Σ_k p̂_k E(k)`` with ``p̂ = softmax(logits)``.
@@ -19,7 +19,7 @@ from torch import nn
 from unidiff.errors import ConfigError, DataError
 from unidiff.modality import BackboneOutput, GenerationEval, Modality, ModalityTask, check_array
 
-from .common import NullEncoding, PooledHead, VectorToImage, check_int
+from .common import NullEncoding, PooledHead, VectorToImage, POOLS, check_choice, check_int
 
 
 class LabelModality(Modality):
@@ -28,6 +28,9 @@ class LabelModality(Modality):
     Options:
         num_classes: K.
         embed_dim: width E of the class embedding before the map into S (default 64).
+        head_hidden: width of a hidden GELU layer in the classifier head (default 0: linear).
+        head_pool: what the classifier reads (``heads.common.pool_features``): ``auto`` (the
+            registers), ``tokens`` (the patch-token mean) or ``concat`` (both, 2D wide).
     """
 
     kind = "label"
@@ -50,6 +53,8 @@ class LabelModality(Modality):
         *,
         num_classes: int,
         embed_dim: int = 64,
+        head_hidden: int = 0,
+        head_pool: str = "auto",
     ):
         super().__init__(name, image_shape, hidden_size, patch_size, weight, loss_weight)
         self.num_classes = check_int(self.kind, "num_classes", num_classes, minimum=2)
@@ -57,7 +62,9 @@ class LabelModality(Modality):
         self.embed = nn.Embedding(self.num_classes, embed_dim)
         self.to_image = VectorToImage(embed_dim, self.image_shape)
         self.null = NullEncoding(self.image_shape)
-        self.classifier = PooledHead(self.hidden_size, self.num_classes)
+        head_hidden = check_int(self.kind, "head_hidden", head_hidden, minimum=0)
+        self.classifier = PooledHead(self.hidden_size, self.num_classes, mlp_hidden=head_hidden,
+                                     pool=check_choice(self.kind, "head_pool", head_pool, POOLS))
 
     @classmethod
     def resolve_options(cls, options: Dict[str, Any], info: Any) -> Dict[str, Any]:

@@ -55,6 +55,7 @@ def test_bench_quality_end_to_end_schema_and_matched_sizes(tmp_path):
     out = tmp_path / "q.json"
     proc = _run(["--minutes", "0.02", "--samples", "20", "--steps", "2", "--batch-size", "8", "--probe-steps", "1",
                  "--reference-steps", "5", "--read-n", "20", "--sample-batch", "20", "--root", str(tmp_path / "fm"),
+                 "--read-at", "0x1", "5x3",
                  "--cache-dir", str(tmp_path / "cache"), "--work", str(tmp_path / "work"), "--out", str(out)], tmp_path)
     assert proc.returncode == 0, proc.stderr[-3000:]
     res = json.loads(out.read_text())
@@ -71,6 +72,8 @@ def test_bench_quality_end_to_end_schema_and_matched_sizes(tmp_path):
         c = res["candidates"][name]
         assert c["params_active"] < c["params_total"] and c["image_to_label_n"] == 20
         assert 0.0 <= c["image_to_label_accuracy"] <= 1.0
+        assert set(c["image_to_label_grid"]) == {"0x1", "5x3"}
+        assert all(0.0 <= a <= 1.0 and a * 20 == round(a * 20) for a in c["image_to_label_grid"].values())  # of 20
     for name in ("unet", "dit"):
         assert res["candidates"][name]["params_active"] == res["candidates"][name]["params_total"]
         assert "image_to_label_accuracy" not in res["candidates"][name]
@@ -122,6 +125,9 @@ def test_bench_quality_end_to_end_schema_and_matched_sizes(tmp_path):
     (["--set", "model.backbone.no_such_key=1"], "no_such_key"),
     (["--reuse", "MISSING.json"], "MISSING.json"),
     (["--root", "MISSING"], "MISSING"),
+    (["--read-at", "50x4", "fifty"], "'fifty'"),
+    (["--read-at", "50x0"], "'50x0'"),
+    (["--read-at", "1000x1"], "1000x1"),  # past the schedule's T: refused before any training
 ])
 def test_bench_quality_bad_input_is_one_line_and_writes_nothing(tmp_path, args, needle):
     out = tmp_path / "q.json"

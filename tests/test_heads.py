@@ -111,6 +111,14 @@ def _rank(x):
 
 
 F_B = fake_feats(B=B)
+FR_B = fake_feats(B=B, R=2)
+FR_B_OTHER_REGISTERS = BackboneOutput(tokens=FR_B.tokens, registers=fake_feats(B=B, R=2, seed=9).registers,
+                                      c=FR_B.c, aux_loss=FR_B.aux_loss)
+LABEL_10 = heads.build_modality("label", name="m", **COMMON, num_classes=10)
+
+
+def _n_params(module):
+    return sum(p.numel() for p in module.parameters())
 X_B = torch.rand(B, C, H, W, generator=torch.Generator().manual_seed(5)) * 2 - 1
 BASE = {"label": dict(num_classes=10), "representation": dict(dim=5), "masked_image": {}, "source_image": {}}
 
@@ -126,6 +134,10 @@ EFFECTS = {
     "label": {
         "num_classes": (3, lambda m: m.head(F_B).shape == (B, 3)),
         "embed_dim": (2, lambda m: _rank(m.class_encodings()) <= 3),
+        # a hidden layer of 16: D*16 + 16 more weights, and the output reads 16 wide instead of D
+        "head_hidden": (16, lambda m: _n_params(m.classifier) == _n_params(LABEL_10.classifier) + D * 16 + 16 + (16 - D) * 10),
+        # the patch-token mean: the registers are not read any more
+        "head_pool": ("tokens", lambda m: torch.equal(randomize_(m).head(FR_B), m.head(FR_B_OTHER_REGISTERS))),
     },
     "representation": {
         "dim": (3, lambda m: m.head(F_B).shape == (B, 3)),
@@ -192,6 +204,8 @@ def test_unknown_kind_names_it_and_the_allowed_set():
         ("label", dict(), r"'label'.*'num_classes'"),  # missing required option
         ("label", dict(num_classes="ten"), r"'label'.*'num_classes'"),
         ("label", dict(num_classes=1), r"'label'.*'num_classes'"),
+        ("label", dict(num_classes=3, head_pool="max"), r"'label'.*'head_pool'.*concat"),
+        ("label", dict(num_classes=3, head_hidden=-1), r"'label'.*'head_hidden'"),
         ("representation", dict(dim=4, embed_dim=0), r"'representation'.*'embed_dim'"),
         ("masked_image", dict(mask_ratio=1.5), r"'masked_image'.*'mask_ratio'"),
         ("masked_image", dict(mask_patch=3), r"'masked_image'.*mask_patch"),
@@ -292,6 +306,21 @@ def test_label_head_pools_registers_when_present():
     perm = torch.randperm(L)
     p0 = BackboneOutput(tokens=f0.tokens[:, perm], registers=f0.registers, c=f0.c, aux_loss=f0.aux_loss)
     torch.testing.assert_close(m.head(f0), m.head(p0), rtol=1e-5, atol=1e-5)  # a mean: order-free
+
+
+def test_label_head_concat_reads_registers_and_tokens():
+    m = randomize_(make_label(head_pool="concat", head_hidden=8))
+    f, other = fake_feats(R=2), fake_feats(R=2, seed=7)
+    new_tokens = BackboneOutput(tokens=other.tokens, registers=f.registers, c=f.c, aux_loss=f.aux_loss)
+    new_registers = BackboneOutput(tokens=f.tokens, registers=other.registers, c=f.c, aux_loss=f.aux_loss)
+    assert not torch.allclose(m.head(f), m.head(new_tokens))  # the tokens are read ...
+    assert not torch.allclose(m.head(f), m.head(new_registers))  # ... and so are the registers
+    perm = BackboneOutput(tokens=f.tokens[:, torch.randperm(L)], registers=f.registers, c=f.c, aux_loss=f.aux_loss)
+    torch.testing.assert_close(m.head(f), m.head(perm), rtol=1e-5, atol=1e-5)  # both means: order-free
+    # without registers the register half is zero: the head still reads the tokens
+    m0, f0 = randomize_(make_label(head_pool="concat")), fake_feats(R=0)
+    g0 = BackboneOutput(tokens=fake_feats(R=0, seed=7).tokens, registers=f0.registers, c=f0.c, aux_loss=f0.aux_loss)
+    assert m0.head(f0).shape == (3, K) and not torch.allclose(m0.head(f0), m0.head(g0))
 
 
 def test_label_loss_and_log_likelihood_match_formulas():
