@@ -4,6 +4,8 @@ Resume is rerunning the same command: an arm whose final model (``<arm>/model``)
 the same config is not retrained (an interrupted arm resumes from its checkpoints through
 :func:`unidiff.train.train`); evaluation always reruns, with the *current* ``eval`` section.
 The datasets are built once per distinct ``data`` section and handed to the evaluation.
+An arm with ``train.init_from=arm:<earlier arm>`` (a fine-tuned baseline) starts from that arm's
+final weights; retraining the earlier arm does not retrain it (delete its folder).
 
 With ``experiment.eval_at`` (convergence), every arm is also evaluated at those training steps:
 it trains to each in turn (:func:`unidiff.train.train` with ``stop_at``: the checkpoint at that
@@ -27,7 +29,7 @@ import yaml
 from omegaconf import DictConfig
 from tqdm.auto import tqdm
 
-from unidiff.checkpoint import latest, load_model, step_of
+from unidiff.checkpoint import init_from, latest, load_model, step_of
 from unidiff.config import build_model, build_schedule, check_writable, load_config, resolve_with_data, to_container
 from unidiff.data import build_datasets, iter_batches
 from unidiff.errors import CheckpointError, ConfigError, DataError
@@ -77,11 +79,14 @@ def check_arms(exp: Experiment, datasets: Datasets) -> None:
     Errors name the arm (``experiment.arms.<arm>: ...``)."""
     check_writable(exp.out_dir, "experiment.out_dir")
     evaluations = set()  # (features, weights) checked already: the arms usually share one eval section
+    arm_dirs = {str(c.run.dir) for c in exp.arms.values()}
     for arm, cfg in exp.arms.items():
         try:
             info = datasets(cfg)[2]
             resolved = resolve_with_data(cfg, info)
-            build_model(resolved, info.image_shape)
+            model = build_model(resolved, info.image_shape)
+            if cfg.train.init_from is not None and str(cfg.train.init_from) not in arm_dirs:
+                init_from(model, cfg.train.init_from)  # a run outside the experiment: it must load now
             build_schedule(resolved)
             needs = (resolved.eval.features, resolved.eval.inception_weights)
             if needs not in evaluations:

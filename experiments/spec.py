@@ -37,6 +37,8 @@ from .setting import SETTINGS, Setting, modality_index
 _SAFE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
 # What must be equal in every arm: "same backbone, steps and seed" (DESIGN.md §4 baselines).
 _SHARED_KEYS = ("run.seed", "data", "model", "train.steps", "train.batch_size")
+# train.init_from=arm:<name>: start from the weights of an earlier arm (a fine-tuned baseline).
+ARM_PREFIX = "arm:"
 
 # The choice of experiment.setting: the registered names, so the schema rejects a typo at load.
 SettingName = Enum("SettingName", {name: name for name in SETTINGS}, type=str)
@@ -228,6 +230,12 @@ def load_experiment(config_path: str | os.PathLike, overrides: Sequence[str] = (
             cfg = load_config(base, [*spec.overrides, *run_overrides, *arm_overrides])
             arm_sections = to_container(cfg)
             arm_sections["run"].update(name=f"{spec.name}-{arm}", dir=str(out_dir / arm))
+            source = arm_sections["train"].get("init_from")
+            if isinstance(source, str) and source.startswith(ARM_PREFIX):  # fine-tuned from an earlier arm
+                ref = source[len(ARM_PREFIX):]
+                _check(ref in arms, "train.init_from", f"{source!r}: {ref!r} is not an earlier arm of this "
+                       f"experiment (arms train in order; earlier: {list(arms)})")
+                arm_sections["train"]["init_from"] = str(out_dir / ref)
             setting.configure_arm(arm_sections)
             arms[str(arm)] = load_config(arm_sections)
         except ConfigError as err:

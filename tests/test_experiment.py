@@ -20,13 +20,14 @@ from PIL import Image
 
 from experiments import load_experiment, results_markdown, run_experiment
 from experiments.joint_image_representation import with_representation_file
+from unidiff.config import load_config
 from unidiff.diffusion import replacement_inpaint
 from unidiff.errors import ConfigError
 
 ROOT = Path(__file__).resolve().parents[1]
 SETTINGS = ("joint_image_label", "joint_image_representation", "masked_image", "image_transition")
 ARMS = {
-    "joint_image_label": ["multitask", "image_only", "label_only"],
+    "joint_image_label": ["multitask", "image_only", "label_only", "label_finetuned"],
     "joint_image_representation": ["multitask", "image_only"],
     "masked_image": ["multitask", "image_only"],
     "image_transition": ["multitask", "image_only", "conditional"],
@@ -94,6 +95,11 @@ def test_label_setting_fills_each_arm_where_it_applies(runs):
     # the evaluate() metrics of an arm are exactly its metrics.json
     own = json.loads((runs.dirs["joint_image_label"] / "multitask" / "metrics.json").read_text())
     assert r["arms"]["multitask"]["metrics"]["fid"] == own["fid"]
+    # the fine-tuned classifier: a label-only arm that started from image_only's final weights
+    out = runs.dirs["joint_image_label"]
+    assert acc["label_finetuned"] is not None and fid["label_finetuned"] is None
+    assert load_config(out / "label_finetuned" / "config.yaml").train.init_from == str(out / "image_only")
+    assert load_config(out / "label_only" / "config.yaml").train.init_from is None
 
 
 def test_representation_setting(runs):
@@ -259,6 +265,10 @@ BASE = f"base: {ROOT / 'configs/joint_image_label.yaml'}\n  setting: joint_image
                  "  - {name: representation, kind: representation}\n",
                  ["experiment.setting=joint_image_representation"], "experiment.arms.b",
                  id="representation-arm-changes-data"),
+    pytest.param(f"experiment:\n  {BASE}\n  arms: {{a: [train.init_from=arm:b], b: []}}\n", [], "train.init_from",
+                 id="fine-tuned-from-a-later-arm"),
+    pytest.param(f"experiment:\n  {BASE}\n  arms: {{a: [], b: [train.init_from=arm:c]}}\n", [], "experiment.arms.b",
+                 id="fine-tuned-from-no-arm"),
 ])
 def test_bad_experiment_configs_name_the_problem(tmp_path, text, overrides, needle):
     with pytest.raises(ConfigError, match=needle.replace(".", r"\.")):

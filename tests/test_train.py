@@ -201,3 +201,36 @@ def test_bf16_autocast_run_after_an_fp32_run_in_the_same_process(tmp_path):
     assert len(losses) == 2 and all(torch.isfinite(torch.tensor(losses)))
     # Weights stay float32 (autocast only changes the compute dtype).
     assert all(v.dtype == torch.float32 for v in _weights(out).values() if v.is_floating_point())
+
+
+# --- train.init_from: fine-tuning from another run -------------------------------------------------
+def test_init_from_copies_the_matching_weights_and_leaves_the_rest_fresh(tmp_path):
+    from unidiff.train import prepare_seeded
+
+    src = train(_cfg(tmp_path / "src", "modalities=[]", "train.steps=2", "train.lr=1e-2"))  # image-only
+    source = ckpt.load_model(src).state_dict()
+    label_only = ("image_head=false", "diffusion.p_drop=1.0")
+    scratch = prepare_seeded(_cfg(tmp_path / "a", *label_only)).model.state_dict()
+    tuned = prepare_seeded(_cfg(tmp_path / "b", *label_only, f"train.init_from={src}")).model.state_dict()
+    backbone = [k for k in tuned if k.startswith("backbone.")]
+    assert backbone and set(backbone) <= set(source)
+    assert all(torch.equal(tuned[k], source[k]) for k in backbone)  # the trained backbone ...
+    assert not all(torch.equal(scratch[k], source[k]) for k in backbone)  # ... not a fresh one
+    heads = [k for k in tuned if k.startswith("modalities.")]
+    assert heads and all(torch.equal(tuned[k], scratch[k]) for k in heads)  # the source has no label head
+    report = ckpt.init_from(prepare_seeded(_cfg(tmp_path / "c", *label_only)).model, src)
+    assert report["fresh"] == sorted(heads) and report["copied"] == len(tuned) - len(heads)
+    assert report["dropped"] and all(k.startswith("image_head.") for k in report["dropped"])
+    # and a run from it trains, the source recorded in its config
+    out = train(_cfg(tmp_path / "d", *label_only, f"train.init_from={src}", "train.steps=2"))
+    assert load_config(out / "config.yaml").train.init_from == str(src)
+
+
+def test_init_from_a_missing_or_unrelated_run_is_refused_before_training(tmp_path):
+    with pytest.raises(ckpt.CheckpointError, match="nowhere"):
+        prepare_run(_cfg(tmp_path / "a", f"train.init_from={tmp_path / 'nowhere'}"))
+    other = train(_cfg(tmp_path / "src", "model.backbone.hidden_size=16", "model.backbone.headdim=4",
+                       "train.steps=1", "train.ckpt_every=1"))
+    with pytest.raises(ckpt.CheckpointError, match="backbone differs"):
+        prepare_run(_cfg(tmp_path / "b", f"train.init_from={other}"))
+    assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()

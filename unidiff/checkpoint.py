@@ -406,3 +406,32 @@ def load_model(run_dir: str | os.PathLike, device: str | torch.device = "cpu") -
     except _LOADERS as err:
         raise CheckpointError(f"checkpoint {str(ckpt)!r} cannot be loaded: {str(err).splitlines()[0]}") from None
     return model.to(device).eval().requires_grad_(False)
+
+
+def init_from(model: nn.Module, source: str | os.PathLike) -> Dict[str, Any]:
+    """Fine-tuning's start (``train.init_from``): copy into ``model`` the weights and buffers of the
+    run at ``source`` (its model export, else its latest checkpoint's EMA: :func:`load_model`) whose
+    name and shape match. The backbone must match whole (the same ``model`` section); a head the
+    source lacks (or has in another shape) keeps its fresh initialisation.
+
+    Returns ``{"source", "copied", "fresh", "dropped"}``: how many tensors were copied, the names
+    left fresh and the source's names not used (e.g. its image head). CheckpointError when the
+    source does not load or its backbone differs.
+    """
+    src = load_model(source, "cpu").state_dict()
+    dst = model.state_dict()
+    same = [k for k, v in src.items() if k in dst and tuple(dst[k].shape) == tuple(v.shape)]
+    taken = set(same)
+    backbone = [k for k in dst if k.startswith("backbone.")]
+    missing = [k for k in backbone if k not in taken]
+    if missing:
+        k = missing[0]
+        theirs = tuple(src[k].shape) if k in src else "absent"
+        raise CheckpointError(f"train.init_from={str(source)!r}: its backbone differs from this one ({len(missing)} of "
+                              f"{len(backbone)} tensors, e.g. {k!r}: {tuple(dst[k].shape)} here, {theirs} there); "
+                              "fine-tuning needs the same model section")
+    with torch.no_grad():
+        for k in same:
+            dst[k].copy_(src[k].to(dst[k].dtype))
+    return {"source": str(source), "copied": len(same), "fresh": sorted(k for k in dst if k not in taken),
+            "dropped": sorted(k for k in src if k not in taken)}

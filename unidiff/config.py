@@ -150,6 +150,10 @@ class TrainConfig:
     # Experiment trackers fed through accelerate (README "Tracking and plots"); [] = log.jsonl only.
     report_to: List[Tracker] = field(default_factory=lambda: [Tracker.tensorboard])
     max_bad_steps: int = 10  # consecutive optimiser steps skipped for a non-finite loss/gradient before the run stops
+    # Fine-tuning: a run folder whose weights start this run (unidiff.checkpoint.init_from: every tensor
+    # whose name and shape match is copied, the rest stay fresh); null = from scratch. In an experiment,
+    # "arm:<name>" is an earlier arm's run folder (experiments/spec.py).
+    init_from: Optional[str] = None
 
 
 @dataclass

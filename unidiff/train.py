@@ -278,6 +278,8 @@ def prepare_run(cfg: DictConfig, datasets: Optional[Tuple[Any, Any, Any]] = None
     train_set, val_set, info = datasets if datasets is not None else build_datasets(cfg.data)
     cfg = resolve_with_data(cfg, info)
     model = build_model(cfg, info.image_shape)
+    if cfg.train.init_from is not None:  # fine-tuning: the source must load and share weights (dry-run too)
+        ckpt.init_from(model, cfg.train.init_from)
     build_objective(cfg, model)
     return cfg, train_set, val_set, info, model
 
@@ -462,6 +464,8 @@ def train(cfg: DictConfig, stop_at: Optional[int] = None, datasets: Optional[Tup
         if state.step != ckpt.step_of(resume_from):
             raise CheckpointError(f"checkpoint {str(resume_from)!r} holds step {state.step}, its name says otherwise")
         accelerator.print(f"resumed from {resume_from} (step {state.step})")
+    elif tc.init_from is not None:
+        accelerator.print(f"weights from {tc.init_from} (train.init_from: those whose name and shape match)")
     step = state.step
 
     train_data = train_set.to(device) if hasattr(train_set, "to") else train_set
