@@ -222,8 +222,15 @@ def test_init_from_copies_the_matching_weights_and_leaves_the_rest_fresh(tmp_pat
     assert report["fresh"] == sorted(heads) and report["copied"] == len(tuned) - len(heads)
     assert report["dropped"] and all(k.startswith("image_head.") for k in report["dropped"])
     # and a run from it trains, the source recorded in its config
-    out = train(_cfg(tmp_path / "d", *label_only, f"train.init_from={src}", "train.steps=2"))
-    assert load_config(out / "config.yaml").train.init_from == str(src)
+    tuned_cfg = _cfg(tmp_path / "d", *label_only, f"train.init_from={src}", "train.steps=4", "train.ckpt_every=2")
+    train(tuned_cfg, stop_at=2)
+    assert load_config(tmp_path / "d" / "config.yaml").train.init_from == str(src)
+    # a resumed run continues from its own checkpoint: the source may be gone by then
+    import shutil
+
+    shutil.rmtree(src)
+    out = train(tuned_cfg)
+    assert ckpt.step_of(ckpt.latest(out / "checkpoints")) == 4
 
 
 def test_init_from_a_missing_or_unrelated_run_is_refused_before_training(tmp_path):

@@ -278,7 +278,9 @@ def prepare_run(cfg: DictConfig, datasets: Optional[Tuple[Any, Any, Any]] = None
     train_set, val_set, info = datasets if datasets is not None else build_datasets(cfg.data)
     cfg = resolve_with_data(cfg, info)
     model = build_model(cfg, info.image_shape)
-    if cfg.train.init_from is not None:  # fine-tuning: the source must load and share weights (dry-run too)
+    # Fine-tuning: the source must load and share the backbone (dry-run too). A run that resumes
+    # takes its weights from its own checkpoint and does not need the source any more.
+    if cfg.train.init_from is not None and not ckpt.complete_checkpoints(run_dir(cfg) / "checkpoints"):
         ckpt.init_from(model, cfg.train.init_from)
     build_objective(cfg, model)
     return cfg, train_set, val_set, info, model
