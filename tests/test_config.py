@@ -94,6 +94,8 @@ def test_saved_yaml_round_trips(tmp_path):
         ("modalities.0.kind=colour", "modalities[0].kind"),
         ("train.batch_size=0", "train.batch_size"),
         ("diffusion.p_drop=1.5", "diffusion.p_drop"),
+        ("diffusion.t_sampling=lognormal", "diffusion.t_sampling"),
+        ("diffusion.t_scale=0", "diffusion.t_scale"),
         ("nosection.key=1", "nosection"),
     ],
 )

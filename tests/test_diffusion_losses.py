@@ -9,6 +9,7 @@ encoders, ``aggregate`` and ``expected_aggregate`` stay the model's.
 
 import math
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -254,6 +255,40 @@ def test_random_draws_follow_the_documented_order():
     with torch.no_grad():
         torch.testing.assert_close(calls[0][0], _z_ref(batch["image"], _true_drift(model, batch, drop), noise, t),
                                    rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("loc,scale", [(0.0, 1.0), (-1.5, 0.7)])
+def test_logit_normal_timesteps_follow_the_closed_form(loc, scale):
+    # Oracle: P(t = k) = Φ((logit((k+1)/T) - μ)/s) - Φ((logit(k/T) - μ)/s), from scipy's normal CDF.
+    from unidiff.diffusion.objective import draw_timesteps
+
+    T, n = 50, 200_000
+    t = draw_timesteps(T, (n,), torch.Generator().manual_seed(0), torch.device("cpu"), "logit_normal", loc, scale)
+    assert t.dtype == torch.int64 and int(t.min()) >= 0 and int(t.max()) < T
+    edges = np.arange(T + 1) / T
+    with np.errstate(divide="ignore"):
+        logit = np.log(edges) - np.log1p(-edges)  # -inf .. +inf at the ends
+    p = np.diff(norm.cdf((logit - loc) / scale))
+    freq = np.bincount(t.numpy(), minlength=T) / n
+    sd = np.sqrt(p * (1 - p) / n)
+    assert np.all(np.abs(freq - p) <= 5 * sd + 1e-12), np.max(np.abs(freq - p) / (sd + 1e-12))
+    # and it is not the uniform draw: the mass at the ends is far below 1/T each
+    assert freq[0] < 0.5 / T and freq[-1] < 0.5 / T
+
+
+def test_the_objective_draws_t_as_configured():
+    s, model, batch = _schedule(), _model(), _batch()
+    g = lambda: torch.Generator().manual_seed(3)  # noqa: E731
+    uniform = MultiModalDiffusion(model, s)(batch, generator=g())
+    assert torch.equal(uniform.t, torch.randint(0, 50, (B,), generator=g()))  # the default is unchanged
+    low = MultiModalDiffusion(model, s, t_sampling="logit_normal", t_loc=-6.0, t_scale=0.1)(batch, generator=g())
+    assert int(low.t.max()) == 0  # sigmoid(-6 ± 0.5) < 1/50: every row at t = 0
+    high = MultiModalDiffusion(model, s, t_sampling="logit_normal", t_loc=6.0, t_scale=0.1)(batch, generator=g())
+    assert int(high.t.min()) == 49
+    with pytest.raises(ConfigError, match=r"diffusion\.t_sampling"):
+        MultiModalDiffusion(model, s, t_sampling="lognormal")
+    with pytest.raises(ConfigError, match=r"t_scale"):
+        MultiModalDiffusion(model, s, t_sampling="logit_normal", t_scale=0.0)
 
 
 def test_vlb_weighting_reproducibility_and_functional_form():

@@ -172,7 +172,8 @@ def test_batch_the_processes_do_not_divide_is_a_clear_error(two_processes):
     assert not (root / "runs" / "odd").exists()  # nothing half-written
 
 
-def test_rank_draws_are_rows_of_the_objectives_own_draws():
+@pytest.mark.parametrize("t_sampling", ["uniform", "logit_normal"])
+def test_rank_draws_are_rows_of_the_objectives_own_draws(t_sampling):
     # Oracle: the objective's own draws from the same generator (its forward with nothing given).
     from unidiff.data import rank_rows
     from unidiff.train import build_objective, prepare_run, rank_draws
@@ -180,6 +181,7 @@ def test_rank_draws_are_rows_of_the_objectives_own_draws():
     cfg, train_set, _, _, model = prepare_run(_cfg(Path("/nonexistent")))
     objective = build_objective(cfg, model).eval()
     objective.p_drop = 0.5  # both outcomes of the dropout in 8 rows
+    objective.t_sampling = t_sampling  # a multi-process run draws t as the objective does
     batch = train_set.batch(torch.arange(8))
     own = objective(batch, generator=torch.Generator().manual_seed(3))
     halves = [objective({k: v[rows] for k, v in batch.items()},

@@ -38,6 +38,14 @@ class Weighting(str, Enum):
     vlb = "vlb"
 
 
+class TimestepSampling(str, Enum):
+    """How training draws t (DESIGN.md §2): uniform on ``{0..T-1}`` (the bound's own expectation) or
+    logit-normal, ``t = ⌊T·sigmoid(μ + s·n)⌋`` with ``n ~ N(0, 1)`` (Esser et al. 2024, SD3)."""
+
+    uniform = "uniform"
+    logit_normal = "logit_normal"
+
+
 class Sampler(str, Enum):
     """Reverse-process solvers (DESIGN.md §3): diffusers DDPM, DDIM, DPM-Solver++ (2M)."""
 

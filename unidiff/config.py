@@ -41,7 +41,8 @@ import yaml
 from omegaconf import DictConfig, ListConfig, OmegaConf, read_write
 from omegaconf.errors import OmegaConfBaseException
 
-from .choices import BetaSchedule, LRSchedule, MixedPrecision, Prediction, Sampler, Tracker, UnknownDrift, Weighting
+from .choices import (BetaSchedule, LRSchedule, MixedPrecision, Prediction, Sampler, TimestepSampling, Tracker,
+                      UnknownDrift, Weighting)
 from .data import DataConfig
 from .errors import ConfigError, DataError
 from .latents import resolve_vae
@@ -108,6 +109,9 @@ class DiffusionConfig:
     gamma: float = 1.0  # κ_t = γ a_t σ_t
     weighting: Weighting = Weighting.simple
     p_drop: float = 0.1  # modality dropout (§2)
+    t_sampling: TimestepSampling = TimestepSampling.uniform  # how training draws t (§2)
+    t_loc: float = 0.0  # logit_normal: the mean μ of logit(t/T) (negative: more low-noise steps)
+    t_scale: float = 1.0  # logit_normal: its standard deviation s
 
 
 @dataclass
@@ -396,6 +400,8 @@ def validate(cfg: DictConfig) -> None:
     _check(0 < d.beta_start < d.beta_end < 1, "diffusion.beta_start", f"need 0 < beta_start < beta_end < 1, got {d.beta_start}, {d.beta_end}")
     _check(d.gamma >= 0, "diffusion.gamma", f"must be >= 0, got {d.gamma}")
     _check(0 <= d.p_drop <= 1, "diffusion.p_drop", f"must be in [0, 1], got {d.p_drop}")
+    _check(math.isfinite(d.t_loc), "diffusion.t_loc", f"must be a finite number, got {d.t_loc}")
+    _check(d.t_scale > 0 and math.isfinite(d.t_scale), "diffusion.t_scale", f"must be > 0, got {d.t_scale}")
 
     import heads
 

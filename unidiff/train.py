@@ -251,10 +251,11 @@ def rank_draws(objective, batch_size: int, image_shape, dtype: torch.dtype, gene
     one-process objective draws those masks between ``ε`` and the dropout). Every process draws the
     whole global noise: B·C·H·W normals per micro-step, negligible beside the forward.
     """
-    from .diffusion.objective import draw_randint, draw_uniform
+    from .diffusion.objective import draw_timesteps, draw_uniform
 
     device = generator.device
-    t = draw_randint(0, objective.schedule.num_train_timesteps, (batch_size,), generator, device)
+    t = draw_timesteps(objective.schedule.num_train_timesteps, (batch_size,), generator, device,
+                       objective.t_sampling, objective.t_loc, objective.t_scale)
     noise = randn_tensor((batch_size, *image_shape), generator=generator, device=device, dtype=dtype)
     drop = {name: draw_uniform((batch_size,), generator, device) < objective.p_drop
             for name in objective.model.modalities}
@@ -262,11 +263,12 @@ def rank_draws(objective, batch_size: int, image_shape, dtype: torch.dtype, gene
 
 
 def build_objective(cfg: DictConfig, model: nn.Module):
-    """The training objective of ``cfg`` around ``model`` (checks ``diffusion.weighting``/``p_drop``)."""
+    """The training objective of ``cfg`` around ``model`` (checks ``diffusion.weighting``, ``p_drop``, ``t_sampling``)."""
     from .diffusion import MultiModalDiffusion
 
-    return MultiModalDiffusion(model, build_schedule(cfg), weighting=cfg.diffusion.weighting.value,
-                               p_drop=cfg.diffusion.p_drop)
+    d = cfg.diffusion
+    return MultiModalDiffusion(model, build_schedule(cfg), weighting=d.weighting.value, p_drop=d.p_drop,
+                               t_sampling=d.t_sampling.value, t_loc=d.t_loc, t_scale=d.t_scale)
 
 
 def prepare_run(cfg: DictConfig, datasets: Optional[Tuple[Any, Any, Any]] = None):

@@ -31,7 +31,7 @@ import torch
 from diffusers.utils.torch_utils import randn_tensor
 from torch import nn
 
-from ..choices import Weighting, values
+from ..choices import TimestepSampling, Weighting, values
 from ..errors import ConfigError
 from .schedule import DriftSchedule
 MODEL_PREFIX = "model."  # the submodule name of the model in the objective's state dict
@@ -50,6 +50,19 @@ def draw_randint(low: int, high: int, shape: Tuple[int, ...], generator: Optiona
     """Integers in ``[low, high)``, drawn like :func:`draw_uniform`."""
     gen_device = generator.device if generator is not None else device
     return torch.randint(low, high, shape, generator=generator, device=gen_device).to(device)
+
+
+def draw_timesteps(num_timesteps: int, shape: Tuple[int, ...], generator: Optional[torch.Generator],
+                   device: torch.device, sampling: str = "uniform", loc: float = 0.0, scale: float = 1.0) -> torch.Tensor:
+    """Training timesteps in ``[0, T)``: uniform (``U{0..T-1}``, the bound's own expectation) or
+    logit-normal, ``⌊T·sigmoid(loc + scale·n)⌋`` with ``n ~ N(0, 1)``, so that
+    ``P(t = k) = Φ((logit((k+1)/T) - loc)/scale) - Φ((logit(k/T) - loc)/scale)``."""
+    if sampling == "uniform":
+        return draw_randint(0, num_timesteps, shape, generator, device)
+    gen_device = generator.device if generator is not None else device
+    n = torch.randn(shape, generator=generator, device=gen_device, dtype=torch.float64)
+    u = torch.sigmoid(loc + scale * n)
+    return (u * num_timesteps).floor().long().clamp_(0, num_timesteps - 1).to(device)
 
 
 def model_state_dict(state: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
@@ -109,19 +122,30 @@ class MultiModalDiffusion(nn.Module):
             weight of the drift term to the noise term, §2). Since the normalisation is per
             modality, ``π_m²`` cancels and the weight is ``λ_m · schedule.vlb_head_weight[t]``.
         p_drop: probability that each modality is replaced by ``E_m(∅)`` in the drift (§2).
+        t_sampling, t_loc, t_scale: how ``t`` is drawn (:func:`draw_timesteps`): ``uniform``, or
+            ``logit_normal`` with the mean ``t_loc`` and the standard deviation ``t_scale`` of
+            ``logit(t/T)``. A non-uniform draw reweights the loss's terms over ``t`` (it is no
+            longer the bound's expectation; ``bits_per_dim`` always draws uniformly).
     """
 
-    def __init__(self, model: nn.Module, schedule: DriftSchedule, weighting: str = "simple", p_drop: float = 0.1):
+    def __init__(self, model: nn.Module, schedule: DriftSchedule, weighting: str = "simple", p_drop: float = 0.1,
+                 t_sampling: str = "uniform", t_loc: float = 0.0, t_scale: float = 1.0):
         super().__init__()
         weighting = getattr(weighting, "value", weighting)  # the config's enum or its string
         if weighting not in values(Weighting):
             raise ConfigError(f"diffusion.weighting must be one of {values(Weighting)}, got {weighting!r}")
         if not 0.0 <= p_drop <= 1.0:
             raise ConfigError(f"diffusion.p_drop must be in [0, 1], got {p_drop}")
+        t_sampling = getattr(t_sampling, "value", t_sampling)
+        if t_sampling not in values(TimestepSampling):
+            raise ConfigError(f"diffusion.t_sampling must be one of {values(TimestepSampling)}, got {t_sampling!r}")
+        if not (t_scale > 0 and abs(t_loc) < float("inf") and t_scale < float("inf")):
+            raise ConfigError(f"diffusion.t_loc / t_scale must be finite with t_scale > 0, got {t_loc}, {t_scale}")
         self.model = model
         self.schedule = schedule
         self.weighting = weighting
         self.p_drop = float(p_drop)
+        self.t_sampling, self.t_loc, self.t_scale = t_sampling, float(t_loc), float(t_scale)
         # Checkpoints written from the plain model (before this module held it) still load.
         self.register_load_state_dict_pre_hook(_add_model_prefix)
 
@@ -140,7 +164,7 @@ class MultiModalDiffusion(nn.Module):
             generator: the source of every random draw, in this fixed order: ``t``, ``ε``, each
                 modality's ``from_batch`` (e.g. random masks), the dropout masks. A re-seeded
                 generator reproduces the step.
-            t: (B,) int64 timesteps instead of ``U{0..T-1}``. noise: (B, C, H, W) ``ε`` instead of
+            t: (B,) int64 timesteps instead of the ``t_sampling`` draw. noise: (B, C, H, W) ``ε`` instead of
                 N(0, I). drop: ``{name: (B,) bool}`` masks instead of Bernoulli(p_drop) draws.
         """
         model, schedule = self.model, self.schedule
@@ -151,7 +175,8 @@ class MultiModalDiffusion(nn.Module):
         # loss sums are reductions that bf16 would round).
         with _full_precision(device):
             if t is None:
-                t = draw_randint(0, schedule.num_train_timesteps, (B,), generator, device)
+                t = draw_timesteps(schedule.num_train_timesteps, (B,), generator, device, self.t_sampling,
+                                   self.t_loc, self.t_scale)
             if noise is None:
                 noise = randn_tensor(x0.shape, generator=generator, device=device, dtype=x0.dtype)
             x_aux = {name: mod.from_batch(batch, generator=generator) for name, mod in model.modalities.items()}
