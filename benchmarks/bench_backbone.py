@@ -269,8 +269,8 @@ def main():
     ap.add_argument("--sections", nargs="+", default=["peak", "backbone", "sublayers", "mixer", "moe"])
     ap.add_argument("--width", type=int, default=256)
     ap.add_argument("--pattern", default="MEMEM*E")
-    # fp32 by default: this project's CPU machines have no AMX / AVX512-BF16, so bf16 matmuls are
-    # emulated and several times slower than fp32 (the "peak" section measures both).
+    # fp32 by default: this project's CPU machines have no AMX, and bf16 is slower there (emulated
+    # without AVX512-BF16; on one with it, autocast's casts cost more than they save at these widths).
     ap.add_argument("--dtype", choices=["fp32", "bf16"], default="fp32", help="autocast dtype of the timed steps")
     ap.add_argument("--batch", type=int, default=1)
     ap.add_argument("--repeats", type=int, default=3)

@@ -7,7 +7,7 @@ Class-conditional generation on Fashion-MNIST at 32x32 (the project's ``fashion_
 official split, 28x28 zero-padded to 32x32). Four candidates, each trained for the same clock
 budget (``--minutes``), one after the other, on ``--threads`` threads, then asked for ``--samples``
 class->image samples (classes cycled: 100 per class at 1,000) with DDIM, ``--steps`` steps and
-guidance ``--guidance``:
+guidance ``--guidance`` (``--sampler dpm``: DPM-Solver++ 2M instead, for every candidate):
 
   unidiff          the joint image-label model of configs/fashion_joint_image_label.yaml (hybrid
                    backbone ``MEM*EM*E``, patch 4), trained by ``unidiff.train.train`` with the
@@ -26,8 +26,11 @@ guidance ``eps_u + w (eps_c - eps_u)``. unidiff's guidance is its drift guidance
 ``w`` (1 = none for both). Recipes (``PEER_RECIPES``): DiT as its paper (lr 1e-4, constant, no
 weight decay); the UNet as diffusers' ``train_unconditional`` example (AdamW, weight decay 1e-6,
 warm-up), at its upper lr 2e-4 because the budget is short. Every candidate: batch ``--batch-size``
-(the config's 32), EMA decay 0.999 (the config's), gradient clipping 1.0, fp32 (bf16 is ~100x
-slower on a CPU without AMX; ``train.mixed_precision=no`` keeps unidiff there on any machine).
+(the config's 32), EMA decay 0.999 (the config's), gradient clipping 1.0, and one precision
+(``--precision``): ``auto`` is the project's rule (:func:`unidiff.launch.resolve_precision`: bf16
+autocast on a CPU with AMX, fp32 elsewhere, where bf16 measured slower: ~100x without bf16
+units, 1.3-3x with AVX512-BF16 alone), applied to every candidate's training, sampling and read-out alike (unidiff through
+``train.mixed_precision``, the peers under the same ``torch.autocast``).
 
 The budget. ``--clock cpu`` (default) counts the process's CPU time, which on one thread is what an
 idle core would take and is not stretched by other work on a shared machine; ``--clock wall``
@@ -49,7 +52,10 @@ against the official test set, beside the floor (as many real train images vs th
 training images/s and steps; sampling seconds; parameters (total and active: a routed MoE expert
 counts top_k / num_experts). For the unidiff models also image->label accuracy on the test set
 (their own label head read at ``eval.t_read``). ``target`` says whether unidiff beats both peers
-on FID and accuracy with image->label >= 0.88. Bad input: one line ``bench_quality: error: ...``,
+on FID and accuracy with image->label >= 0.88. The sampler lever: ``--also-sample ddim:50 dpm:20``
+samples and scores every trained model again with each SAMPLER:STEPS (its ``sampler_grid``), and
+``--read-at`` reads image->label at other timesteps and draw counts (``image_to_label_grid``).
+Bad input: one line ``bench_quality: error: ...``,
 exit code 2, nothing written.
 """
 
@@ -76,6 +82,7 @@ if str(REPO) not in sys.path:  # run as a script from anywhere
     sys.path.insert(0, str(REPO))
 
 from unidiff.errors import ConfigError, UnidiffError  # noqa: E402
+from unidiff.launch import autocast, resolve_precision  # noqa: E402
 
 FASHION_CONFIG = REPO / "configs" / "fashion_joint_image_label.yaml"
 NUM_CLASSES = 10
@@ -130,7 +137,8 @@ def unidiff_overrides(args, name: str, run_dir: Path, steps: int) -> list:
     no periodic samples, trackers or intermediate checkpoints (they would spend the budget)."""
     out = [f"run.dir={run_dir}", f"run.seed={args.seed}", f"run.threads={args.threads}",
            f"model.backbone.pattern='{PATTERNS[name]}'", f"train.steps={steps}", f"train.batch_size={args.batch_size}",
-           f"train.warmup_steps={min(60, max(steps // 10, 0))}", "train.mixed_precision=no", "train.sample_every=0",
+           f"train.warmup_steps={min(60, max(steps // 10, 0))}", f"train.mixed_precision={args.amp}",
+           "train.sample_every=0",
            f"train.ckpt_every={steps}", "train.keep_last=1", f"train.log_every={max(1, min(50, steps))}",
            "train.report_to=[]", f"eval.cache_dir={args.cache_dir}"]
     if args.reference_steps is not None:
@@ -188,7 +196,8 @@ def probe_unidiff_step(args, name: str, datasets, clock) -> float:
     for i in range(args.probe_steps + 1):
         if i == 1:  # the first step allocates: not timed
             t0 = clock()
-        out = objective(next(batches), generator=g)
+        with autocast(args.amp, "cpu"):  # what accelerate wraps the training forward in
+            out = objective(next(batches), generator=g)
         opt.zero_grad(set_to_none=True)
         out.loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), GRAD_CLIP)
@@ -204,9 +213,9 @@ def train_unidiff(args, name: str, datasets, budget: float, clock) -> Tuple[Any,
     from unidiff.train import train
 
     per_step = probe_unidiff_step(args, name, datasets, clock)
-    steps = max(1, int(budget / per_step))
     run_dir = Path(args.work) / name
-    cfg = unidiff_config(args, name, run_dir, steps)
+    cfg = unidiff_config(args, name, run_dir, max(1, int(budget / per_step)))
+    steps = int(cfg.train.steps)  # the budget's, unless a lever fixes it (--set train.steps=N)
     t0 = clock()
     with contextlib.redirect_stdout(sys.stderr):  # train's messages: stdout carries only the JSON
         train(cfg, datasets=datasets)
@@ -226,6 +235,16 @@ def unidiff_recipe(cfg) -> str:
             f"{getattr(tr.lr_schedule, 'value', tr.lr_schedule)} over {tr.steps} steps, warm-up {tr.warmup_steps}, "
             f"EMA {tr.ema_decay:g}), patch {cfg.model.backbone.patch_size}, p_drop {cfg.diffusion.p_drop:g}, "
             f"{getattr(cfg.model.prediction, 'value', cfg.model.prediction)}-prediction, drift guidance (--guidance)")
+
+
+def peer_sampler(name: str):
+    """The peers' sampling scheduler, from their training scheduler's config as diffusers swaps them:
+    DDIM, or DPM-Solver++ 2M (``algorithm_type="dpmsolver++"``, ``solver_order=2``; unidiff's ``dpm``)."""
+    from diffusers import DDIMScheduler, DPMSolverMultistepScheduler
+
+    if name == "ddim":
+        return DDIMScheduler.from_config(ddpm_scheduler().config)
+    return DPMSolverMultistepScheduler.from_config(ddpm_scheduler().config, algorithm_type="dpmsolver++", solver_order=2)
 
 
 def ddpm_scheduler():
@@ -262,7 +281,9 @@ def train_peer(args, name: str, datasets, budget: float, clock) -> Tuple[Any, Di
             y = torch.where(torch.rand(B, generator=g) < LABEL_DROP, torch.full_like(y, NULL_CLASS), y)
         noise = torch.randn(x0.shape, generator=g)
         t = torch.randint(0, T, (B,), generator=g)
-        loss = F.mse_loss(peer_forward(name, model, noise_sched.add_noise(x0, noise, t), t, y), noise)
+        with autocast(args.amp, "cpu"):
+            pred = peer_forward(name, model, noise_sched.add_noise(x0, noise, t), t, y)
+        loss = F.mse_loss(pred.float(), noise)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), GRAD_CLIP)
@@ -284,27 +305,28 @@ def train_peer(args, name: str, datasets, budget: float, clock) -> Tuple[Any, Di
 
 # --- sampling -----------------------------------------------------------------------------------------
 @torch.no_grad()
-def sample_peer(args, name: str, model, labels: torch.Tensor) -> torch.Tensor:
-    """Class->image samples (N, 1, 32, 32) in [-1, 1]: DDIM (eta 0) with classifier-free guidance."""
-    from diffusers import DDIMScheduler
-
+def sample_peer(args, name: str, model, labels: torch.Tensor, sampler: str, steps: int) -> torch.Tensor:
+    """Class->image samples (N, 1, 32, 32) in [-1, 1]: ``--sampler`` (DDIM, eta 0, or DPM-Solver++ 2M)
+    with classifier-free guidance."""
     out = []
     for i, y in enumerate(labels.split(args.sample_batch)):
-        sched = DDIMScheduler.from_config(ddpm_scheduler().config)
-        sched.set_timesteps(args.steps)
+        sched = peer_sampler(sampler)
+        sched.set_timesteps(steps)
         g = torch.Generator().manual_seed(args.seed * 1000 + i)
         x = torch.randn((len(y), 1, 32, 32), generator=g)
         yy = torch.cat([y, torch.full_like(y, NULL_CLASS)])
         for t in sched.timesteps:
-            eps_c, eps_u = peer_forward(name, model, torch.cat([x, x]), t.expand(2 * len(y)), yy).chunk(2)
+            with autocast(args.amp, "cpu"):
+                eps = peer_forward(name, model, torch.cat([x, x]), t.expand(2 * len(y)), yy).float()
+            eps_c, eps_u = eps.chunk(2)
             x = sched.step(eps_u + args.guidance * (eps_c - eps_u), t, x).prev_sample
         out.append(x.clamp(-1, 1))
     return torch.cat(out)
 
 
 @torch.no_grad()
-def sample_unidiff(args, model, cfg, labels: torch.Tensor) -> torch.Tensor:
-    """Class->image samples of a unidiff model: its DDIM with drift guidance ``--guidance``."""
+def sample_unidiff(args, model, cfg, labels: torch.Tensor, sampler: str, steps: int) -> torch.Tensor:
+    """Class->image samples of a unidiff model: its ``--sampler`` with drift guidance ``--guidance``."""
     from unidiff.config import build_schedule
     from unidiff.diffusion import sample
 
@@ -312,8 +334,9 @@ def sample_unidiff(args, model, cfg, labels: torch.Tensor) -> torch.Tensor:
     out = []
     for i, y in enumerate(labels.split(args.sample_batch)):
         g = torch.Generator().manual_seed(args.seed * 1000 + i)
-        res = sample(model, schedule, "class_to_image", known={"label": y}, scheduler="ddim", num_steps=args.steps,
-                     guidance_scale=args.guidance, generator=g)
+        with autocast(args.amp, "cpu"):  # as `unidiff sample` does, with the run's precision
+            res = sample(model, schedule, "class_to_image", known={"label": y}, scheduler=sampler,
+                         num_steps=steps, guidance_scale=args.guidance, generator=g)
         out.append(res.image.float())
     return torch.cat(out)
 
@@ -335,8 +358,9 @@ def image_to_label_accuracy(args, model, cfg, val_set, t_read: Optional[int] = N
         x, y = batch["image"][: limit - seen].float(), batch["label"][: limit - seen]
         if len(x) == 0:
             break
-        pred, _ = image_to_aux(model, schedule, x, "label", int(cfg.eval.t_read if t_read is None else t_read),
-                               int(cfg.eval.num_draws if num_draws is None else num_draws), g)
+        with autocast(args.amp, "cpu"):
+            pred, _ = image_to_aux(model, schedule, x, "label", int(cfg.eval.t_read if t_read is None else t_read),
+                                   int(cfg.eval.num_draws if num_draws is None else num_draws), g)
         right += int((pred.long() == y.long()).sum())
         seen += len(x)
     return right / max(seen, 1), seen
@@ -372,6 +396,7 @@ def check_args(args) -> None:
     if args.reuse is not None and not os.path.isfile(args.reuse):
         raise ConfigError(f"--reuse {args.reuse}: no such file")
     args.read_at = [read_at_pair(text) for text in args.read_at]
+    args.also_sample = [sampler_pair(text) for text in args.also_sample]
 
 
 # The settings two runs must share for one to reuse the other's candidates (--reuse).
@@ -426,12 +451,13 @@ def run(args) -> Dict[str, Any]:
         raise ConfigError(f"--read-at {' '.join(late)}: the read-out timestep must be < {T} (diffusion.num_train_timesteps)")
 
     settings = {"minutes_per_candidate": args.minutes, "clock": args.clock, "samples": args.samples,
-                "sampler": "ddim", "steps": args.steps, "guidance": args.guidance, "batch_size": args.batch_size,
+                "sampler": args.sampler, "steps": args.steps, "guidance": args.guidance, "batch_size": args.batch_size,
                 "seed": args.seed, "reference_steps": int(cfg0.eval.reference_steps), "read_n": args.read_n,
                 "unidiff_overrides": list(args.set), "train_items": len(train_set), "test_items": len(val_set),
                 "command": " ".join(sys.argv)}
     machine = {"cpu": cpu_name(), "threads": args.threads, "torch": torch.__version__,
-               "python": platform.python_version(), "precision": "fp32"}
+               "python": platform.python_version(), "precision": "fp32" if args.amp == "no" else args.amp,
+               "precision_reason": args.amp_reason}
     # Checked before any training, so a mismatch costs nothing.
     reused = load_reused(args.reuse, settings, machine, args.candidates) if args.reuse else {}
 
@@ -450,14 +476,21 @@ def run(args) -> Dict[str, Any]:
         else:
             model, cfg, fig = train_unidiff(args, name, datasets, budget, clock)
         total, active = count_parameters(model)
-        t0 = clock()
-        fake = sample_peer(args, name, model, labels) if name in PEERS else sample_unidiff(args, model, cfg, labels)
-        fig["sampling_seconds"] = clock() - t0
-        pred = torch.cat([clf(x).argmax(-1) for x in fake.split(250)])
-        fig.update(params_total=total, params_active=active,
-                   class_to_image_accuracy=float((pred == labels).float().mean()),
-                   fid=M.frechet_distance(test_stats, M.FeatureStats.from_features(
-                       M.extract_features(fake, feats)["features"], keep=0)))
+
+        def score(sampler: str, steps: int) -> Dict[str, float]:
+            """class->image samples of this model with ``sampler`` at ``steps``, judged."""
+            t0 = clock()
+            fake = (sample_peer(args, name, model, labels, sampler, steps) if name in PEERS
+                    else sample_unidiff(args, model, cfg, labels, sampler, steps))
+            seconds = clock() - t0
+            pred = torch.cat([clf(x).argmax(-1) for x in fake.split(250)])
+            return {"sampling_seconds": seconds, "class_to_image_accuracy": float((pred == labels).float().mean()),
+                    "fid": M.frechet_distance(test_stats, M.FeatureStats.from_features(
+                        M.extract_features(fake, feats)["features"], keep=0))}
+
+        fig.update(params_total=total, params_active=active, **score(args.sampler, args.steps))
+        # the sampler lever: the same model sampled otherwise, keyed "SAMPLER:STEPS"
+        fig["sampler_grid"] = {f"{sampler}:{steps}": score(sampler, steps) for sampler, steps in args.also_sample}
         if cfg is not None:
             fig["image_to_label_accuracy"], fig["image_to_label_n"] = image_to_label_accuracy(args, model, cfg, val_set)
             # the read-out lever: other (t_read, draws) on the same model, keyed "TxD"
@@ -496,6 +529,14 @@ def verdict(results: Dict[str, Dict[str, Any]]) -> Dict[str, Any]:
                        "image_to_label_at_least_0.88": read_ok, "met": fid_ok and acc_ok and read_ok, "peers": peers}}
 
 
+def sampler_pair(text: str) -> Tuple[str, int]:
+    """``"SAMPLER:STEPS"`` -> (sampler, steps) with a sampler of ``--sampler`` and steps >= 1."""
+    name, _, steps = text.partition(":")
+    if name not in ("ddim", "dpm") or not steps.isdigit() or int(steps) < 1:
+        raise ConfigError(f"--also-sample: {text!r} is not SAMPLER:STEPS (ddim or dpm, steps >= 1; e.g. dpm:20)")
+    return name, int(steps)
+
+
 def read_at_pair(text: str) -> Tuple[int, int]:
     """``"TxD"`` -> (t_read, num_draws) with T >= 0 and D >= 1, else a ConfigError naming it."""
     try:
@@ -512,7 +553,13 @@ def parse_args(argv=None):
     ap.add_argument("--minutes", type=float, default=15.0, help="training budget of each candidate")
     ap.add_argument("--clock", choices=("cpu", "wall"), default="cpu", help="what the budget counts (module docstring)")
     ap.add_argument("--samples", type=int, default=1000, help="class->image samples per candidate (classes cycled)")
-    ap.add_argument("--steps", type=int, default=20, help="DDIM steps")
+    ap.add_argument("--steps", type=int, default=20, help="sampling steps")
+    ap.add_argument("--sampler", choices=("ddim", "dpm"), default="ddim",
+                    help="every candidate's sampler: DDIM (eta 0) or DPM-Solver++ 2M")
+    ap.add_argument("--also-sample", nargs="*", default=[], metavar="SAMPLER:STEPS",
+                    help="also sample and score each model so (e.g. ddim:50 dpm:20), in its sampler_grid")
+    ap.add_argument("--precision", choices=("auto", "fp32", "bf16"), default="auto",
+                    help="every candidate's precision (auto: bf16 on CPUs with AMX, else fp32)")
     ap.add_argument("--guidance", type=float, default=2.0, help="guidance scale w (CFG for peers, drift for unidiff)")
     ap.add_argument("--batch-size", type=int, default=32, help="training batch of every candidate")
     ap.add_argument("--sample-batch", type=int, default=100, help="samples per sampling batch")
@@ -533,7 +580,12 @@ def parse_args(argv=None):
     ap.add_argument("--reuse", default=None, metavar="FILE",
                     help="take the candidates not named in --candidates from this earlier result (same settings)")
     ap.add_argument("--out", default=None, help="also write the JSON here (atomically)")
-    return ap.parse_args(argv)
+    args = ap.parse_args(argv)
+    # The precision every candidate runs at: "no" (fp32) or "bf16", and why.
+    args.amp, args.amp_reason = resolve_precision({"fp32": "no"}.get(args.precision, args.precision), "cpu")
+    if args.precision != "auto":
+        args.amp_reason = f"--precision {args.precision}"
+    return args
 
 
 def main(argv=None) -> int:

@@ -55,7 +55,7 @@ def test_bench_quality_end_to_end_schema_and_matched_sizes(tmp_path):
     out = tmp_path / "q.json"
     proc = _run(["--minutes", "0.02", "--samples", "20", "--steps", "2", "--batch-size", "8", "--probe-steps", "1",
                  "--reference-steps", "5", "--read-n", "20", "--sample-batch", "20", "--root", str(tmp_path / "fm"),
-                 "--read-at", "0x1", "5x3",
+                 "--read-at", "0x1", "5x3", "--also-sample", "dpm:2", "ddim:3",
                  "--cache-dir", str(tmp_path / "cache"), "--work", str(tmp_path / "work"), "--out", str(out)], tmp_path)
     assert proc.returncode == 0, proc.stderr[-3000:]
     res = json.loads(out.read_text())
@@ -68,6 +68,9 @@ def test_bench_quality_end_to_end_schema_and_matched_sizes(tmp_path):
         assert math.isclose(c["images_per_s"], c["steps"] * 8 / c["train_seconds"], rel_tol=1e-6), name
         assert 0.0 <= c["class_to_image_accuracy"] <= 1.0 and math.isfinite(c["fid"]) and c["fid"] >= 0, name
         assert 0 < c["params_active"] <= c["params_total"], name
+        assert set(c["sampler_grid"]) == {"dpm:2", "ddim:3"}, name  # the sampler lever, every candidate
+        for g in c["sampler_grid"].values():
+            assert 0.0 <= g["class_to_image_accuracy"] <= 1.0 and math.isfinite(g["fid"]) and g["sampling_seconds"] > 0
     for name in ("unidiff", "unidiff_attn"):  # MoE: fewer active than total parameters; the read-out is there
         c = res["candidates"][name]
         assert c["params_active"] < c["params_total"] and c["image_to_label_n"] == 20
@@ -128,6 +131,8 @@ def test_bench_quality_end_to_end_schema_and_matched_sizes(tmp_path):
     (["--read-at", "50x4", "fifty"], "'fifty'"),
     (["--read-at", "50x0"], "'50x0'"),
     (["--read-at", "1000x1"], "1000x1"),  # past the schedule's T: refused before any training
+    (["--also-sample", "euler:20"], "'euler:20'"),
+    (["--also-sample", "dpm:0"], "'dpm:0'"),
 ])
 def test_bench_quality_bad_input_is_one_line_and_writes_nothing(tmp_path, args, needle):
     out = tmp_path / "q.json"
@@ -146,7 +151,8 @@ def test_bench_quality_reuses_an_earlier_runs_peers_under_the_same_settings(tmp_
     """A peers-only run, then unidiff alone with --reuse: the result pairs the two, the margins are
     computed from the reused peer's own figures, and the unidiff override is applied and recorded."""
     _fixture(tmp_path / "fm")
-    common = [*TINY, "--root", str(tmp_path / "fm"), "--cache-dir", str(tmp_path / "cache")]
+    common = [*TINY, "--root", str(tmp_path / "fm"), "--cache-dir", str(tmp_path / "cache"),
+              "--sampler", "dpm", "--precision", "bf16"]
     peers = tmp_path / "peers.json"
     proc = _run([*common, "--candidates", "unet", "--out", str(peers)], tmp_path)
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -169,20 +175,27 @@ def test_bench_quality_reuses_an_earlier_runs_peers_under_the_same_settings(tmp_
     # The override reached the model: the run folder's config has patch 4 (1x32x32 -> 64 tokens).
     from unidiff.checkpoint import load_model
     assert load_model(tmp_path / "work" / "unidiff", "cpu").backbone.patch_size == 4
+    # The sampler and the precision asked of every candidate: recorded, and the unidiff run trained at it.
+    assert res["settings"]["sampler"] == first["settings"]["sampler"] == "dpm"
+    assert res["machine"]["precision"] == first["machine"]["precision"] == "bf16"
+    assert json.loads((tmp_path / "work" / "unidiff" / "precision.json").read_text())["mixed_precision"] == "bf16"
 
 
 def test_bench_quality_refuses_to_reuse_a_run_made_under_other_settings(tmp_path):
     _fixture(tmp_path / "fm")
     common = [*TINY, "--root", str(tmp_path / "fm"), "--cache-dir", str(tmp_path / "cache")]
     peers = tmp_path / "peers.json"
-    assert _run([*common, "--candidates", "unet", "--out", str(peers)], tmp_path).returncode == 0
+    assert _run([*common, "--candidates", "unet", "--precision", "fp32", "--out", str(peers)], tmp_path).returncode == 0
     out = tmp_path / "q.json"
-    args = [a if a != "2" else "3" for a in common]  # --steps 3 instead of 2
-    proc = _run([*args, "--candidates", "unidiff", "--reuse", str(peers), "--out", str(out)], tmp_path)
-    assert proc.returncode == 2, proc.stderr[-2000:]
-    lines = proc.stderr.strip().splitlines()
-    assert len(lines) == 1 and "settings.steps" in lines[0] and str(peers) in lines[0]
-    assert not out.exists()
+    other = {"settings.steps": [a if a != "2" else "3" for a in common] + ["--precision", "fp32"],  # --steps 3, not 2
+             "settings.sampler": [*common, "--sampler", "dpm", "--precision", "fp32"],
+             "machine.precision": [*common, "--precision", "bf16"]}
+    for key, args in other.items():
+        proc = _run([*args, "--candidates", "unidiff", "--reuse", str(peers), "--out", str(out)], tmp_path)
+        assert proc.returncode == 2, proc.stderr[-2000:]
+        lines = proc.stderr.strip().splitlines()
+        assert len(lines) == 1 and key in lines[0] and str(peers) in lines[0], (key, lines)
+        assert not out.exists()
 
 
 def test_unidiff_recipe_is_read_off_the_config_it_trained_with(tmp_path):

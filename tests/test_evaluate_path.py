@@ -139,13 +139,13 @@ def test_sample_store_shards_are_the_naive_loop_per_shard_seed(run, tmp_path, fa
 
 # --- 2, 3, 6 through evaluate() -----------------------------------------------------------------------
 def _cpu_has_native_bf16() -> bool:
-    """Read /proc/cpuinfo here, apart from unidiff.launch."""
+    """Whether `auto` picks bf16 on this CPU (AMX: amx_bf16), from /proc/cpuinfo read here, apart from unidiff.launch."""
     try:
         text = Path("/proc/cpuinfo").read_text()
     except OSError:
         return False
     flags = next((line.split(":", 1)[1].split() for line in text.splitlines() if line.startswith("flags")), [])
-    return bool({"amx_bf16", "avx512_bf16"} & set(flags))
+    return bool({"amx_bf16"} & set(flags))
 
 
 def test_killed_evaluation_leaves_no_stale_metrics_and_records_what_produced_them(run, fake_tqdm):

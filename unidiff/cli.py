@@ -510,7 +510,7 @@ def sample_to_file(run_dir, task: str, n: Optional[int], steps: Optional[int], s
 
     Precision: the run's ``train.mixed_precision`` resolved on this machine
     (:func:`unidiff.launch.resolve_precision`: ``auto`` is bf16 on bf16-capable CUDA devices and on
-    CPUs with AMX/AVX512-BF16, fp32 elsewhere); the sampling runs under :func:`unidiff.launch.autocast`
+    CPUs with AMX, fp32 elsewhere); the sampling runs under :func:`unidiff.launch.autocast`
     of that choice, the VAE decode of latent runs outside it. The choice and its reason are
     returned, printed and written to ``OUT.json``.
     """

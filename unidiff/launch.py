@@ -14,9 +14,9 @@ Two questions every entry point (training, evaluation, sampling) asks before it 
   the commands that work. FSDP asked of accelerate on CPU is silently dropped (only GPU-like
   distributed types become FSDP), so it is refused too.
 * **Precision.** ``train.mixed_precision: auto`` (:func:`resolve_precision`): bf16 where the
-  hardware multiplies bf16 natively (CUDA devices that support it, CPUs with AMX or AVX512-BF16),
-  fp32 elsewhere: on a CPU without those units bf16 matmuls are emulated and much slower than fp32
-  (BENCHMARKS.md). :func:`autocast` is the matching context for evaluation and sampling.
+  hardware multiplies bf16 fast (CUDA devices that support it, CPUs with AMX), fp32 elsewhere: on
+  a CPU without bf16 units its matmuls are emulated and ~100x slower than fp32, and on one with
+  AVX512-BF16 but no AMX a bf16-autocast training step was measured 1.3-3x slower (BENCHMARKS.md). :func:`autocast` is the matching context for evaluation and sampling.
 """
 
 from __future__ import annotations
@@ -31,8 +31,11 @@ import torch
 from .choices import MixedPrecision
 from .errors import UnidiffError
 
-# /proc/cpuinfo flags of native bf16 matrix arithmetic (Intel AMX, AVX512-BF16 on Intel and AMD Zen 4+).
-BF16_CPU_FLAGS = ("amx_bf16", "avx512_bf16")
+# /proc/cpuinfo flags under which `auto` trains a CPU run in bf16: Intel AMX's bf16 tiles. AVX512-BF16
+# alone (AMD Zen 4+, some Intel) has bf16 dot products too, but on the project's AMD EPYC with it a
+# bf16-autocast training step was 1.3-3x *slower* than fp32 for every model measured (BENCHMARKS.md,
+# "Precision on a CPU with AVX512-BF16"), so it stays fp32 unless asked.
+BF16_CPU_FLAGS = ("amx_bf16",)
 _MPI_SIZE_KEYS = ("PMI_SIZE", "OMPI_COMM_WORLD_SIZE", "MV2_COMM_WORLD_SIZE")
 
 CPU_LAUNCH_HINT = ("on CPU start N processes with `torchrun --standalone --nproc_per_node N -m unidiff.cli train "
@@ -95,8 +98,8 @@ def resolve_precision(requested: str | MixedPrecision, device_type: str, flags: 
     ``choice`` is ``"no"``, ``"bf16"`` or ``"fp16"``; ``reason`` a short sentence for the log. An
     explicit request is returned unchanged. ``auto``: on ``cuda`` bf16 when the device supports it
     (``torch.cuda.is_bf16_supported()``) else fp32; on ``cpu`` bf16 when ``flags`` (default: this
-    machine's ``/proc/cpuinfo``) has ``amx_bf16`` or ``avx512_bf16``, else fp32; fp32 on any other
-    device.
+    machine's ``/proc/cpuinfo``) has ``amx_bf16``, else fp32 (``avx512_bf16`` without AMX included:
+    measured slower, see ``BF16_CPU_FLAGS``); fp32 on any other device.
     """
     requested = MixedPrecision(getattr(requested, "value", requested))
     if requested is not MixedPrecision.auto:
@@ -110,7 +113,10 @@ def resolve_precision(requested: str | MixedPrecision, device_type: str, flags: 
         found = sorted(set(BF16_CPU_FLAGS) & (cpu_flags() if flags is None else set(flags)))
         if found:
             return "bf16", f"auto: the CPU has native bf16 matrix units ({', '.join(found)})"
-        return "no", ("auto: the CPU has neither amx_bf16 nor avx512_bf16, where bf16 matmuls are emulated "
+        if "avx512_bf16" in (cpu_flags() if flags is None else set(flags)):
+            return "no", ("auto: the CPU has avx512_bf16 but no amx_bf16; bf16 autocast trained slower than fp32 "
+                          "on such a CPU (BENCHMARKS.md): fp32")
+        return "no", ("auto: the CPU has no amx_bf16 (nor avx512_bf16), where bf16 matmuls are emulated "
                       "and slower than fp32: fp32")
     return "no", f"auto: fp32 on {device_type}"
 
