@@ -29,8 +29,9 @@ warm-up), at its upper lr 2e-4 because the budget is short. Every candidate: bat
 (the config's 32), EMA decay 0.999 (the config's), gradient clipping 1.0, and one precision
 (``--precision``): ``auto`` is the project's rule (:func:`unidiff.launch.resolve_precision`: bf16
 autocast on a CPU with AMX, fp32 elsewhere, where bf16 measured slower: ~100x without bf16
-units, 1.3-3x with AVX512-BF16 alone), applied to every candidate's training, sampling and read-out alike (unidiff through
-``train.mixed_precision``, the peers under the same ``torch.autocast``).
+units, up to 2.6x with AVX512-BF16 alone), applied to every candidate's training, sampling and
+read-out alike (unidiff through ``train.mixed_precision``, the peers under the same
+``torch.autocast``).
 
 The budget. ``--clock cpu`` (default) counts the process's CPU time, which on one thread is what an
 idle core would take and is not stretched by other work on a shared machine; ``--clock wall``

@@ -16,7 +16,8 @@ Two questions every entry point (training, evaluation, sampling) asks before it 
 * **Precision.** ``train.mixed_precision: auto`` (:func:`resolve_precision`): bf16 where the
   hardware multiplies bf16 fast (CUDA devices that support it, CPUs with AMX), fp32 elsewhere: on
   a CPU without bf16 units its matmuls are emulated and ~100x slower than fp32, and on one with
-  AVX512-BF16 but no AMX a bf16-autocast training step was measured 1.3-3x slower (BENCHMARKS.md). :func:`autocast` is the matching context for evaluation and sampling.
+  AVX512-BF16 but no AMX a bf16-autocast training step was measured up to 2.6x slower
+  (BENCHMARKS.md). :func:`autocast` is the matching context for evaluation and sampling.
 """
 
 from __future__ import annotations
@@ -33,8 +34,8 @@ from .errors import UnidiffError
 
 # /proc/cpuinfo flags under which `auto` trains a CPU run in bf16: Intel AMX's bf16 tiles. AVX512-BF16
 # alone (AMD Zen 4+, some Intel) has bf16 dot products too, but on the project's AMD EPYC with it a
-# bf16-autocast training step was 1.3-3x *slower* than fp32 for every model measured (BENCHMARKS.md,
-# "Precision on a CPU with AVX512-BF16"), so it stays fp32 unless asked.
+# bf16-autocast training step was 1.3-2.6x *slower* than fp32 for four of five models and no faster
+# for the fifth (BENCHMARKS.md, "Precision on a CPU with AVX512-BF16"), so it stays fp32 unless asked.
 BF16_CPU_FLAGS = ("amx_bf16",)
 _MPI_SIZE_KEYS = ("PMI_SIZE", "OMPI_COMM_WORLD_SIZE", "MV2_COMM_WORLD_SIZE")
 
