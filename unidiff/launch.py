@@ -111,10 +111,11 @@ def resolve_precision(requested: str | MixedPrecision, device_type: str, flags: 
             return "bf16", "auto: the CUDA device supports bf16"
         return "no", "auto: the CUDA device has no bf16 support, fp32"
     if device_type == "cpu":
-        found = sorted(set(BF16_CPU_FLAGS) & (cpu_flags() if flags is None else set(flags)))
+        have = cpu_flags() if flags is None else set(flags)
+        found = sorted(set(BF16_CPU_FLAGS) & have)
         if found:
             return "bf16", f"auto: the CPU has native bf16 matrix units ({', '.join(found)})"
-        if "avx512_bf16" in (cpu_flags() if flags is None else set(flags)):
+        if "avx512_bf16" in have:
             return "no", ("auto: the CPU has avx512_bf16 but no amx_bf16; bf16 autocast trained slower than fp32 "
                           "on such a CPU (BENCHMARKS.md): fp32")
         return "no", ("auto: the CPU has no amx_bf16 (nor avx512_bf16), where bf16 matmuls are emulated "
