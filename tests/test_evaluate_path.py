@@ -138,7 +138,7 @@ def test_sample_store_shards_are_the_naive_loop_per_shard_seed(run, tmp_path, fa
 
 
 # --- 2, 3, 6 through evaluate() -----------------------------------------------------------------------
-def _cpu_has_native_bf16() -> bool:
+def _auto_picks_bf16() -> bool:
     """Whether `auto` picks bf16 on this CPU (AMX: amx_bf16), from /proc/cpuinfo read here, apart from unidiff.launch."""
     try:
         text = Path("/proc/cpuinfo").read_text()
@@ -176,7 +176,7 @@ def test_killed_evaluation_leaves_no_stale_metrics_and_records_what_produced_the
     assert record["step"] == on_disk["step"] == 4 == metrics["step"]  # debug.yaml trains 4 steps
     assert record["checkpoint"].endswith("model") and record["n_samples"] == 16
     # 3. the precision rule of training, recorded: this CPU without native bf16 -> fp32 ("no")
-    assert record["precision"] == ("bf16" if _cpu_has_native_bf16() else "no")
+    assert record["precision"] == ("bf16" if _auto_picks_bf16() else "no")
     assert record["precision_reason"].startswith("auto:") and record["vae"] is None
     # 2. a bar per sample stream (16 joint, 16 class->image), each reaching its total
     assert [b.total for b in fake_tqdm.bars] == [16, 16] and all(b.n == b.total for b in fake_tqdm.bars)
