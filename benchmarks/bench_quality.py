@@ -37,8 +37,8 @@ The budget. ``--clock cpu`` (default) counts the process's CPU time, which on on
 idle core would take and is not stretched by other work on a shared machine; ``--clock wall``
 counts wall time. The peers run their own loop and stop when the budget is spent. unidiff's loop
 (``unidiff.train.train``) has no time limit and is not edited here: a timed probe of
-``--probe-steps`` optimiser steps of the same objective, model and batch gives its cost per step,
-and it is trained for ``budget / cost`` steps (so its LR schedule is the config's, over that many
+``--probe-steps`` (100) optimiser steps of the same objective, model and batch, after 5 untimed
+ones, gives its cost per step, and it is trained for ``budget / cost`` steps (so its LR schedule is the config's, over that many
 steps). Each candidate's measured training time is reported beside the budget.
 
 Split runs. ``--candidates`` may name any subset; ``--reuse FILE`` takes the candidates not named
@@ -91,6 +91,7 @@ NULL_CLASS = NUM_CLASSES  # the peers' unconditional label (classifier-free guid
 LABEL_DROP = 0.1  # the peers' label dropout (DiT's class_dropout_prob; unidiff's diffusion.p_drop)
 EMA_DECAY = 0.999
 GRAD_CLIP = 1.0
+PROBE_WARMUP = 5  # untimed steps before the probe's timed ones
 PATTERNS = {"unidiff": "MEM*EM*E", "unidiff_attn": "*E**E**E"}  # the digits preset's, and all-attention
 PEER_RECIPES = {
     "unet": dict(lr=2e-4, weight_decay=1e-6, lr_schedule="constant_with_warmup", warmup_steps=60,
@@ -180,7 +181,8 @@ def clock_fn(kind: str) -> Callable[[], float]:
 # --- training ---------------------------------------------------------------------------------------
 def probe_unidiff_step(args, name: str, datasets, clock) -> float:
     """Seconds (by ``clock``) of one optimiser step of unidiff's objective: ``--probe-steps`` steps of
-    forward, backward, clipping, AdamW and an EMA update on the bench's batch, after one warm-up."""
+    forward, backward, clipping, AdamW and an EMA update on the bench's batch, after ``PROBE_WARMUP``
+    untimed ones."""
     from diffusers.training_utils import EMAModel
 
     from unidiff.data import infinite_batches
@@ -194,8 +196,9 @@ def probe_unidiff_step(args, name: str, datasets, clock) -> float:
     batches = infinite_batches(train_set, args.batch_size, args.seed)
     g = torch.Generator().manual_seed(args.seed)
     t0 = 0.0
-    for i in range(args.probe_steps + 1):
-        if i == 1:  # the first step allocates: not timed
+    warmup = min(PROBE_WARMUP, args.probe_steps)
+    for i in range(warmup + args.probe_steps):
+        if i == warmup:  # the first steps allocate and warm the caches: not timed
             t0 = clock()
         with autocast(args.amp, "cpu"):  # what accelerate wraps the training forward in
             out = objective(next(batches), generator=g)
@@ -566,7 +569,7 @@ def parse_args(argv=None):
     ap.add_argument("--sample-batch", type=int, default=100, help="samples per sampling batch")
     ap.add_argument("--threads", type=int, default=1, help="torch intra-op threads")
     ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--probe-steps", type=int, default=20, help="timed steps of unidiff's cost-per-step probe")
+    ap.add_argument("--probe-steps", type=int, default=100, help="timed steps of unidiff's cost-per-step probe")
     ap.add_argument("--reference-steps", type=int, default=None,
                     help="reference classifier steps (default: the config's eval.reference_steps)")
     ap.add_argument("--read-n", type=int, default=0, help="test images for image->label (0 = all 10,000)")
