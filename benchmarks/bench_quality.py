@@ -38,7 +38,7 @@ idle core would take and is not stretched by other work on a shared machine; ``-
 counts wall time. The peers run their own loop and stop when the budget is spent. unidiff's loop
 (``unidiff.train.train``) has no time limit and is not edited here: a timed probe of
 ``--probe-steps`` (100) optimiser steps of the same objective, model and batch, after 5 untimed
-ones, gives its cost per step, and it is trained for ``budget / cost`` steps (so its LR schedule is the config's, over that many
+ones (skipped when ``--set train.steps=N`` fixes the count), gives its cost per step, and it is trained for ``budget / cost`` steps (so its LR schedule is the config's, over that many
 steps). Each candidate's measured training time is reported beside the budget.
 
 Split runs. ``--candidates`` may name any subset; ``--reuse FILE`` takes the candidates not named
@@ -196,9 +196,8 @@ def probe_unidiff_step(args, name: str, datasets, clock) -> float:
     batches = infinite_batches(train_set, args.batch_size, args.seed)
     g = torch.Generator().manual_seed(args.seed)
     t0 = 0.0
-    warmup = min(PROBE_WARMUP, args.probe_steps)
-    for i in range(warmup + args.probe_steps):
-        if i == warmup:  # the first steps allocate and warm the caches: not timed
+    for i in range(PROBE_WARMUP + args.probe_steps):
+        if i == PROBE_WARMUP:  # the first steps allocate and warm the caches: not timed
             t0 = clock()
         with autocast(args.amp, "cpu"):  # what accelerate wraps the training forward in
             out = objective(next(batches), generator=g)
@@ -216,9 +215,11 @@ def train_unidiff(args, name: str, datasets, budget: float, clock) -> Tuple[Any,
     from unidiff.checkpoint import load_model
     from unidiff.train import train
 
-    per_step = probe_unidiff_step(args, name, datasets, clock)
     run_dir = Path(args.work) / name
-    cfg = unidiff_config(args, name, run_dir, max(1, int(budget / per_step)))
+    fixed = any(item.split("=", 1)[0].strip() == "train.steps" for item in args.set)
+    # A lever that fixes train.steps needs no probe (its --set overrides the budget's count).
+    per_step = None if fixed else probe_unidiff_step(args, name, datasets, clock)
+    cfg = unidiff_config(args, name, run_dir, 1 if fixed else max(1, int(budget / per_step)))
     steps = int(cfg.train.steps)  # the budget's, unless a lever fixes it (--set train.steps=N)
     t0 = clock()
     with contextlib.redirect_stdout(sys.stderr):  # train's messages: stdout carries only the JSON

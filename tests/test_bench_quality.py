@@ -210,3 +210,16 @@ def test_unidiff_recipe_is_read_off_the_config_it_trained_with(tmp_path):
     plain = bench.unidiff_recipe(bench.unidiff_config(bench.parse_args(["--root", str(tmp_path)]), "unidiff",
                                                       tmp_path / "run", 400))
     assert "lr 0.0025" not in plain and "p_drop 0.5" in plain and "patch 4" in plain  # the config's own values
+
+
+def test_bench_quality_a_fixed_step_lever_trains_that_count_without_a_probe(tmp_path):
+    """--set train.steps=N: the run trains exactly N steps (read back from the run folder's log) and
+    reports no probe, since the budget does not set its step count."""
+    _fixture(tmp_path / "fm")
+    out = tmp_path / "q.json"
+    proc = _run([*TINY, "--root", str(tmp_path / "fm"), "--cache-dir", str(tmp_path / "cache"), "--candidates", "unidiff",
+                 "--set", "train.steps=3", "--work", str(tmp_path / "work"), "--out", str(out)], tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    ours = json.loads(out.read_text())["candidates"]["unidiff"]
+    assert ours["steps"] == 3 and ours["probe_seconds_per_step"] is None
+    assert "steps 0->3" in proc.stderr
