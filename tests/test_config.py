@@ -96,6 +96,7 @@ def test_saved_yaml_round_trips(tmp_path):
         ("diffusion.p_drop=1.5", "diffusion.p_drop"),
         ("diffusion.t_sampling=lognormal", "diffusion.t_sampling"),
         ("diffusion.t_scale=0", "diffusion.t_scale"),
+        ("diffusion.snr_gamma=-1", "diffusion.snr_gamma"),
         ("nosection.key=1", "nosection"),
     ],
 )

@@ -316,6 +316,54 @@ def test_vlb_weighting_reproducibility_and_functional_form():
     assert torch.equal(flat["head/label"], a.heads["label"]) and torch.equal(flat["drop/label"], a.drop["label"])
 
 
+@pytest.mark.parametrize("gamma", [5.0, 0.5])
+def test_min_snr_weighting_against_diffusers_snr_in_every_parameterisation(gamma):
+    # Min-SNR-γ (Hang et al. 2023) weights the x0 error of the image by min(SNR_t, γ), whatever the
+    # head predicts (up to the normalisation), from diffusers' compute_snr on the same betas.
+    from diffusers.training_utils import compute_snr
+
+    s, batch, T = _schedule(), _batch(), 50
+    snr = compute_snr(_ddpm(T), torch.arange(T)).double()
+    torch.testing.assert_close(s.snr, snr, rtol=1e-4, atol=0)
+    capped = snr.clamp(max=gamma)
+    x0 = batch["image"]
+    t = torch.tensor([0, 1, 17, 30, 49])
+    noise = torch.randn(x0.shape, generator=torch.Generator().manual_seed(2))
+    drop = {name: torch.zeros(B, dtype=torch.bool) for name in ("label", "representation")}
+    x0_hat = x0 + 0.3 * torch.randn(x0.shape, generator=torch.Generator().manual_seed(3))
+    x0_error = (x0_hat - x0).pow(2).mean(dim=(1, 2, 3))
+    for prediction in ("epsilon", "v_prediction", "sample"):
+        model = _model(prediction=prediction)
+        with torch.no_grad():
+            A = _true_drift(model, batch)
+
+        def image_fn(z, t):  # the same x̂0 in the head's parameterisation (ε̂ under the true drift)
+            eps_hat = (z - s.at("a", t, z) * x0_hat - s.at("kappa", t, z) * A) / s.at("sigma", t, z)
+            return s.target(x0_hat, eps_hat, t, prediction)
+
+        _with_outputs(model, image_fn, lambda z, t: {"label": torch.zeros(B, 3), "representation": torch.zeros(B, 4)})
+        # ||ε̂-ε||² = SNR ||x̂0-x0||², ||v̂-v||² = (SNR+1) ||x̂0-x0||²: L_simple of each parameterisation
+        factor = {"epsilon": snr, "v_prediction": snr + 1, "sample": torch.ones(T, dtype=torch.float64)}[prediction]
+        plain = MultiModalDiffusion(model, s)(batch, t=t, noise=noise, drop=drop)
+        torch.testing.assert_close(plain.image.double(), x0_error.double() * factor[t], rtol=1e-4, atol=1e-7)
+        # Min-SNR: min(SNR, γ) on the x0 error; the head's own loss gets min(SNR, γ)/factor, mean 1 over t
+        weight = capped / (capped / factor).mean()
+        out = MultiModalDiffusion(model, s, snr_gamma=gamma)(batch, t=t, noise=noise, drop=drop)
+        torch.testing.assert_close(out.image.double(), x0_error.double() * weight[t], rtol=1e-4, atol=1e-7)
+
+
+def test_min_snr_above_every_snr_is_l_simple_for_epsilon_and_bad_gammas_are_rejected():
+    s, model, batch = _schedule(), _model(), _batch()
+    g = lambda: torch.Generator().manual_seed(4)
+    plain = MultiModalDiffusion(model, s)(batch, generator=g())
+    capped = MultiModalDiffusion(model, s, snr_gamma=float(s.snr.max()) * 2)(batch, generator=g())
+    torch.testing.assert_close(capped.image, plain.image)
+    torch.testing.assert_close(capped.per_sample, plain.per_sample)
+    for bad in (0.0, -1.0, float("inf"), float("nan")):
+        with pytest.raises(ConfigError, match=r"snr_gamma"):
+            MultiModalDiffusion(model, s, snr_gamma=bad)
+
+
 def test_p_drop_one_drops_everything():
     s, model, batch = _schedule(), _model(), _batch()
     calls = _capture_inputs(model)

@@ -112,6 +112,7 @@ class DiffusionConfig:
     t_sampling: TimestepSampling = TimestepSampling.uniform  # how training draws t (§2)
     t_loc: float = 0.0  # logit_normal: the mean μ of logit(t/T) (negative: more low-noise steps)
     t_scale: float = 1.0  # logit_normal: its standard deviation s
+    snr_gamma: Optional[float] = None  # image loss: Min-SNR-γ weighting (§2; null: L_simple)
 
 
 @dataclass
@@ -402,6 +403,8 @@ def validate(cfg: DictConfig) -> None:
     _check(0 <= d.p_drop <= 1, "diffusion.p_drop", f"must be in [0, 1], got {d.p_drop}")
     _check(math.isfinite(d.t_loc), "diffusion.t_loc", f"must be a finite number, got {d.t_loc}")
     _check(d.t_scale > 0 and math.isfinite(d.t_scale), "diffusion.t_scale", f"must be > 0, got {d.t_scale}")
+    _check(d.snr_gamma is None or (d.snr_gamma > 0 and math.isfinite(d.snr_gamma)), "diffusion.snr_gamma",
+           f"must be null or a number > 0, got {d.snr_gamma}")
 
     import heads
 

@@ -263,12 +263,13 @@ def rank_draws(objective, batch_size: int, image_shape, dtype: torch.dtype, gene
 
 
 def build_objective(cfg: DictConfig, model: nn.Module):
-    """The training objective of ``cfg`` around ``model`` (checks ``diffusion.weighting``, ``p_drop``, ``t_sampling``)."""
+    """The training objective of ``cfg`` around ``model`` (checks ``diffusion.weighting``, ``p_drop``, ``t_sampling``, ``snr_gamma``)."""
     from .diffusion import MultiModalDiffusion
 
     d = cfg.diffusion
     return MultiModalDiffusion(model, build_schedule(cfg), weighting=d.weighting.value, p_drop=d.p_drop,
-                               t_sampling=d.t_sampling.value, t_loc=d.t_loc, t_scale=d.t_scale)
+                               t_sampling=d.t_sampling.value, t_loc=d.t_loc, t_scale=d.t_scale,
+                               snr_gamma=d.snr_gamma)
 
 
 def prepare_run(cfg: DictConfig, datasets: Optional[Tuple[Any, Any, Any]] = None):

@@ -126,10 +126,16 @@ class MultiModalDiffusion(nn.Module):
             ``logit_normal`` with the mean ``t_loc`` and the standard deviation ``t_scale`` of
             ``logit(t/T)``. A non-uniform draw reweights the loss's terms over ``t`` (it is no
             longer the bound's expectation; ``bits_per_dim`` always draws uniformly).
+        snr_gamma: ``None``: the image term is L_simple of the head's parameterisation. A number γ:
+            Min-SNR-γ (Hang et al. 2023), the image term times ``min(SNR_t, γ)`` divided by what turns
+            it into an x0 error (``SNR_t`` for ε, ``SNR_t + 1`` for v, 1 for x0: the convention of
+            diffusers' ``--snr_gamma`` training scripts), then normalised to mean 1 over
+            ``t ∈ [0, T)`` so that the balance against the heads' ``λ_m`` stays that of L_simple.
     """
 
     def __init__(self, model: nn.Module, schedule: DriftSchedule, weighting: str = "simple", p_drop: float = 0.1,
-                 t_sampling: str = "uniform", t_loc: float = 0.0, t_scale: float = 1.0):
+                 t_sampling: str = "uniform", t_loc: float = 0.0, t_scale: float = 1.0,
+                 snr_gamma: Optional[float] = None):
         super().__init__()
         weighting = getattr(weighting, "value", weighting)  # the config's enum or its string
         if weighting not in values(Weighting):
@@ -141,13 +147,27 @@ class MultiModalDiffusion(nn.Module):
             raise ConfigError(f"diffusion.t_sampling must be one of {values(TimestepSampling)}, got {t_sampling!r}")
         if not (t_scale > 0 and abs(t_loc) < float("inf") and t_scale < float("inf")):
             raise ConfigError(f"diffusion.t_loc / t_scale must be finite with t_scale > 0, got {t_loc}, {t_scale}")
+        if snr_gamma is not None and not (0 < snr_gamma < float("inf")):
+            raise ConfigError(f"diffusion.snr_gamma must be null or a number > 0, got {snr_gamma}")
         self.model = model
         self.schedule = schedule
+        self.snr_gamma = None if snr_gamma is None else float(snr_gamma)
+        if self.snr_gamma is not None:  # the weight's mean over t, from the float64 table (normalisation)
+            self._snr_mean = float(self._min_snr(schedule.snr, model.prediction).mean())
         self.weighting = weighting
         self.p_drop = float(p_drop)
         self.t_sampling, self.t_loc, self.t_scale = t_sampling, float(t_loc), float(t_scale)
         # Checkpoints written from the plain model (before this module held it) still load.
         self.register_load_state_dict_pre_hook(_add_model_prefix)
+
+    def _min_snr(self, snr: torch.Tensor, prediction: str) -> torch.Tensor:
+        """Min-SNR-γ's weight of the image term for the head's ``prediction``, before normalisation."""
+        weight = snr.clamp(max=self.snr_gamma)
+        if prediction == "epsilon":
+            return weight / snr
+        if prediction == "v_prediction":
+            return weight / (snr + 1.0)
+        return weight
 
     def forward(
         self,
@@ -192,6 +212,8 @@ class MultiModalDiffusion(nn.Module):
                 # y-space, so the drift never enters the image term (§1: y_t is a plain DDPM chain).
                 target = schedule.target(x0, noise, t, model.prediction)
                 image = (out.image.float() - target.float()).pow(2).flatten(1).mean(dim=1)  # (B,)
+                if self.snr_gamma is not None:
+                    image = image * (self._min_snr(schedule.at("snr", t, image), model.prediction) / self._snr_mean)
             else:  # label-only baseline: the backbone is a noise-aware classifier and nothing else
                 image = torch.zeros(B, device=device, dtype=torch.float32)
             per_sample = image

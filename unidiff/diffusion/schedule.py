@@ -47,7 +47,8 @@ class DriftSchedule:
         ``a`` sqrt(ᾱ_t), ``sigma`` sqrt(1-ᾱ_t), ``kappa`` κ_t, ``kappa_prev`` κ_{t-1},
         ``w`` transition drift weight, ``c1``/``c2``/``posterior_variance`` (β̃_t) of the
         posterior mean ``c1 x0 + c2 (z_t - κ_t A) + κ_{t-1} A``, ``lambda_eps`` λε_t,
-        ``lambda_A`` λA_t, ``vlb_head_weight`` (see :meth:`vlb_head_weight`).
+        ``lambda_A`` λA_t, ``vlb_head_weight`` (see :meth:`vlb_head_weight`), ``snr`` ᾱ_t/(1-ᾱ_t) of
+        the image chain (diffusers' ``compute_snr``; the Min-SNR-γ image weighting).
     """
 
     def __init__(self, betas: torch.Tensor, gamma: float = 1.0):
@@ -68,6 +69,7 @@ class DriftSchedule:
         self.alphas_cumprod_prev = torch.cat([one, self.alphas_cumprod[:-1]])
         self.a = self.alphas_cumprod.sqrt()
         self.sigma = (1.0 - self.alphas_cumprod).sqrt()
+        self.snr = self.alphas_cumprod / (1.0 - self.alphas_cumprod)
         a_prev = self.alphas_cumprod_prev.sqrt()
 
         # §1: κ_t = γ a_t σ_t, largest where ᾱ_t = 1/2, vanishing at both ends; κ_{-1} := 0.
