@@ -35,11 +35,12 @@ read-out alike (unidiff through ``train.mixed_precision``, the peers under the s
 
 The budget. ``--clock cpu`` (default) counts the process's CPU time, which on one thread is what an
 idle core would take and is not stretched by other work on a shared machine; ``--clock wall``
-counts wall time. The peers run their own loop and stop when the budget is spent. unidiff's loop
-(``unidiff.train.train``) has no time limit and is not edited here: a timed probe of
-``--probe-steps`` (100) optimiser steps of the same objective, model and batch, after 5 untimed
-ones (skipped when ``--set train.steps=N`` fixes the count), gives its cost per step, and it is trained for ``budget / cost`` steps (so its LR schedule is the config's, over that many
-steps). Each candidate's measured training time is reported beside the budget.
+counts wall time. The peers run their own loop and stop when the budget is spent; so does unidiff's
+(``unidiff.train.train`` with ``train.budget_minutes`` and ``train.budget_clock``: the same clock,
+checked after every optimiser step; its cosine LR schedule runs over the budget instead of a step
+count, README "Training for a time budget"). A lever that fixes ``--set train.steps=N`` trains
+exactly N steps instead, with no budget. Each candidate's training time (its loop's, by the
+budget's clock) is reported beside the budget.
 
 Split runs. ``--candidates`` may name any subset; ``--reuse FILE`` takes the candidates not named
 from an earlier result after checking it was made with the same settings on the same kind of CPU
@@ -65,6 +66,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import copy
+import json
 import math
 import os
 import platform
@@ -91,7 +93,7 @@ NULL_CLASS = NUM_CLASSES  # the peers' unconditional label (classifier-free guid
 LABEL_DROP = 0.1  # the peers' label dropout (DiT's class_dropout_prob; unidiff's diffusion.p_drop)
 EMA_DECAY = 0.999
 GRAD_CLIP = 1.0
-PROBE_WARMUP = 5  # untimed steps before the probe's timed ones
+STEP_CAP = 10_000_000  # unidiff's train.steps under a time budget: a cap no budget here reaches
 PATTERNS = {"unidiff": "MEM*EM*E", "unidiff_attn": "*E**E**E"}  # the digits preset's, and all-attention
 PEER_RECIPES = {
     "unet": dict(lr=2e-4, weight_decay=1e-6, lr_schedule="constant_with_warmup", warmup_steps=60,
@@ -134,10 +136,16 @@ def peer_forward(name: str, model, x: torch.Tensor, t: torch.Tensor, y: torch.Te
     return model(hidden_states=x, timestep=t, class_labels=y).sample
 
 
-def unidiff_overrides(args, name: str, run_dir: Path, steps: int) -> list:
+def unidiff_overrides(args, name: str, run_dir: Path, steps: Optional[int] = None) -> list:
     """The config overrides of a unidiff candidate: the bench's data, budget, threads and precision;
-    no periodic samples, trackers or intermediate checkpoints (they would spend the budget)."""
-    out = [f"run.dir={run_dir}", f"run.seed={args.seed}", f"run.threads={args.threads}",
+    no periodic samples, trackers or intermediate checkpoints (they would spend the budget).
+    ``steps``: a fixed step count (a ``--set train.steps=N`` lever), or None: the bench's time budget
+    (``train.budget_minutes`` of ``--clock``, with :data:`STEP_CAP` as ``train.steps``). The loop
+    counts its seconds by ``--clock`` either way (``train.budget_clock``)."""
+    budget = [] if steps is not None else [f"train.budget_minutes={args.minutes}"]
+    steps = STEP_CAP if steps is None else steps
+    out = [f"run.dir={run_dir}", f"run.seed={args.seed}", f"run.threads={args.threads}", *budget,
+           f"train.budget_clock={args.clock}",
            f"model.backbone.pattern='{PATTERNS[name]}'", f"train.steps={steps}", f"train.batch_size={args.batch_size}",
            f"train.warmup_steps={min(60, max(steps // 10, 0))}", f"train.mixed_precision={args.amp}",
            "train.sample_every=0",
@@ -150,7 +158,7 @@ def unidiff_overrides(args, name: str, run_dir: Path, steps: int) -> list:
     return out + list(args.set)  # the lever under study last: it wins over the bench's own settings
 
 
-def unidiff_config(args, name: str, run_dir: Path, steps: int):
+def unidiff_config(args, name: str, run_dir: Path, steps: Optional[int] = None):
     from unidiff.config import load_config
 
     return load_config(str(FASHION_CONFIG), unidiff_overrides(args, name, run_dir, steps))
@@ -179,54 +187,24 @@ def clock_fn(kind: str) -> Callable[[], float]:
 
 
 # --- training ---------------------------------------------------------------------------------------
-def probe_unidiff_step(args, name: str, datasets, clock) -> float:
-    """Seconds (by ``clock``) of one optimiser step of unidiff's objective: ``--probe-steps`` steps of
-    forward, backward, clipping, AdamW and an EMA update on the bench's batch, after ``PROBE_WARMUP``
-    untimed ones."""
-    from diffusers.training_utils import EMAModel
-
-    from unidiff.data import infinite_batches
-    from unidiff.train import build_objective
-
-    train_set, _, info = datasets
-    model, cfg = build_unidiff(args, name, info)
-    objective = build_objective(cfg, model)
-    opt = torch.optim.AdamW(model.parameters(), lr=cfg.train.lr, weight_decay=cfg.train.weight_decay)
-    ema = EMAModel(model.parameters(), decay=EMA_DECAY, foreach=True)
-    batches = infinite_batches(train_set, args.batch_size, args.seed)
-    g = torch.Generator().manual_seed(args.seed)
-    t0 = 0.0
-    for i in range(PROBE_WARMUP + args.probe_steps):
-        if i == PROBE_WARMUP:  # the first steps allocate and warm the caches: not timed
-            t0 = clock()
-        with autocast(args.amp, "cpu"):  # what accelerate wraps the training forward in
-            out = objective(next(batches), generator=g)
-        opt.zero_grad(set_to_none=True)
-        out.loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), GRAD_CLIP)
-        opt.step()
-        ema.step(model.parameters())
-    return (clock() - t0) / args.probe_steps
-
-
-def train_unidiff(args, name: str, datasets, budget: float, clock) -> Tuple[Any, Any, Dict[str, Any]]:
-    """Train a unidiff candidate for about ``budget`` seconds with the project's own loop; returns the
-    EMA model, the config and the training figures."""
-    from unidiff.checkpoint import load_model
+def train_unidiff(args, name: str, datasets) -> Tuple[Any, Any, Dict[str, Any]]:
+    """Train a unidiff candidate with the project's own loop for the bench's budget (``--minutes`` of
+    ``--clock``), or for the N steps of a ``--set train.steps=N`` lever; returns the EMA model, the
+    config and the training figures (steps and seconds as the loop counted them)."""
+    from unidiff import checkpoint as ckpt
     from unidiff.train import train
 
     run_dir = Path(args.work) / name
-    fixed = any(item.split("=", 1)[0].strip() == "train.steps" for item in args.set)
-    # A lever that fixes train.steps needs no probe (its --set overrides the budget's count).
-    per_step = None if fixed else probe_unidiff_step(args, name, datasets, clock)
-    cfg = unidiff_config(args, name, run_dir, 1 if fixed else max(1, int(budget / per_step)))
-    steps = int(cfg.train.steps)  # the budget's, unless a lever fixes it (--set train.steps=N)
-    t0 = clock()
+    fixed = [item.split("=", 1)[1].strip() for item in args.set if item.split("=", 1)[0].strip() == "train.steps"]
+    cfg = unidiff_config(args, name, run_dir, int(fixed[-1]) if fixed else None)
+    t0 = time.perf_counter()
     with contextlib.redirect_stdout(sys.stderr):  # train's messages: stdout carries only the JSON
         train(cfg, datasets=datasets)
-    seconds = clock() - t0
-    model = load_model(run_dir, "cpu").eval()
-    return model, cfg, {"steps": steps, "train_seconds": seconds, "probe_seconds_per_step": per_step,
+    wall = time.perf_counter() - t0
+    state = json.loads((ckpt.latest(run_dir / "checkpoints") / ckpt.STATE_FILE).read_text())["train"]
+    steps, seconds = int(state["step"]), float(state["spent"])  # by --clock (train.budget_clock)
+    model = ckpt.load_model(run_dir, "cpu").eval()
+    return model, cfg, {"steps": steps, "train_seconds": seconds, "train_wall_seconds": wall,
                         "overrides": list(args.set),
                         "images_per_s": steps * args.batch_size / max(seconds, 1e-9),
                         "recipe": unidiff_recipe(cfg)}
@@ -236,8 +214,10 @@ def unidiff_recipe(cfg) -> str:
     """The training recipe a unidiff candidate ran, read off its config (``--set`` included); the
     sampling settings are the run's ``settings``, the same for every candidate."""
     tr = cfg.train
+    span = (f"{tr.steps} steps" if tr.budget_minutes is None
+            else f"the {tr.budget_minutes:g}-min {getattr(tr.budget_clock, 'value', tr.budget_clock)} budget")
     return (f"{FASHION_CONFIG.relative_to(REPO)} (AdamW lr {tr.lr:g}, wd {tr.weight_decay:g}, "
-            f"{getattr(tr.lr_schedule, 'value', tr.lr_schedule)} over {tr.steps} steps, warm-up {tr.warmup_steps}, "
+            f"{getattr(tr.lr_schedule, 'value', tr.lr_schedule)} over {span}, warm-up {tr.warmup_steps}, "
             f"EMA {tr.ema_decay:g}), patch {cfg.model.backbone.patch_size}, p_drop {cfg.diffusion.p_drop:g}, "
             f"{getattr(cfg.model.prediction, 'value', cfg.model.prediction)}-prediction, drift guidance (--guidance)")
 
@@ -386,7 +366,7 @@ def cpu_name() -> str:
 def check_args(args) -> None:
     if not (args.minutes > 0 and math.isfinite(args.minutes)):
         raise ConfigError(f"--minutes must be a positive number, got {args.minutes}")
-    for key in ("samples", "steps", "batch_size", "threads", "probe_steps", "reference_steps", "sample_batch"):
+    for key in ("samples", "steps", "batch_size", "threads", "reference_steps", "sample_batch"):
         if getattr(args, key) is not None and getattr(args, key) < 1:
             raise ConfigError(f"--{key.replace('_', '-')} must be >= 1, got {getattr(args, key)}")
     if args.samples < 2:
@@ -479,7 +459,7 @@ def run(args) -> Dict[str, Any]:
             model, fig = train_peer(args, name, datasets, budget, clock)
             cfg = None
         else:
-            model, cfg, fig = train_unidiff(args, name, datasets, budget, clock)
+            model, cfg, fig = train_unidiff(args, name, datasets)
         total, active = count_parameters(model)
 
         def score(sampler: str, steps: int) -> Dict[str, float]:
@@ -570,7 +550,6 @@ def parse_args(argv=None):
     ap.add_argument("--sample-batch", type=int, default=100, help="samples per sampling batch")
     ap.add_argument("--threads", type=int, default=1, help="torch intra-op threads")
     ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--probe-steps", type=int, default=100, help="timed steps of unidiff's cost-per-step probe")
     ap.add_argument("--reference-steps", type=int, default=None,
                     help="reference classifier steps (default: the config's eval.reference_steps)")
     ap.add_argument("--read-n", type=int, default=0, help="test images for image->label (0 = all 10,000)")

@@ -53,7 +53,7 @@ def _run(args, tmp_path):
 def test_bench_quality_end_to_end_schema_and_matched_sizes(tmp_path):
     _fixture(tmp_path / "fm")
     out = tmp_path / "q.json"
-    proc = _run(["--minutes", "0.02", "--samples", "20", "--steps", "2", "--batch-size", "8", "--probe-steps", "1",
+    proc = _run(["--minutes", "0.02", "--samples", "20", "--steps", "2", "--batch-size", "8",
                  "--reference-steps", "5", "--read-n", "20", "--sample-batch", "20", "--root", str(tmp_path / "fm"),
                  "--read-at", "0x1", "5x3", "--also-sample", "dpm:2", "ddim:3",
                  "--cache-dir", str(tmp_path / "cache"), "--work", str(tmp_path / "work"), "--out", str(out)], tmp_path)
@@ -143,7 +143,7 @@ def test_bench_quality_bad_input_is_one_line_and_writes_nothing(tmp_path, args, 
     assert not out.exists() and not (tmp_path / "cache").exists()
 
 
-TINY = ["--minutes", "0.01", "--samples", "10", "--steps", "2", "--batch-size", "8", "--probe-steps", "1",
+TINY = ["--minutes", "0.01", "--samples", "10", "--steps", "2", "--batch-size", "8",
         "--reference-steps", "5", "--read-n", "10", "--sample-batch", "10"]
 
 
@@ -212,14 +212,35 @@ def test_unidiff_recipe_is_read_off_the_config_it_trained_with(tmp_path):
     assert "lr 0.0025" not in plain and "p_drop 0.5" in plain and "patch 4" in plain  # the config's own values
 
 
-def test_bench_quality_a_fixed_step_lever_trains_that_count_without_a_probe(tmp_path):
-    """--set train.steps=N: the run trains exactly N steps (read back from the run folder's log) and
-    reports no probe, since the budget does not set its step count."""
+def test_bench_quality_a_fixed_step_lever_trains_that_count_without_a_budget(tmp_path):
+    """--set train.steps=N: the run trains exactly N steps (read back from the run folder's log),
+    with no time budget in its config, its seconds still counted by the bench's clock."""
     _fixture(tmp_path / "fm")
     out = tmp_path / "q.json"
     proc = _run([*TINY, "--root", str(tmp_path / "fm"), "--cache-dir", str(tmp_path / "cache"), "--candidates", "unidiff",
                  "--set", "train.steps=3", "--work", str(tmp_path / "work"), "--out", str(out)], tmp_path)
     assert proc.returncode == 0, proc.stderr[-3000:]
     ours = json.loads(out.read_text())["candidates"]["unidiff"]
-    assert ours["steps"] == 3 and ours["probe_seconds_per_step"] is None
-    assert "steps 0->3" in proc.stderr
+    assert ours["steps"] == 3 and 0 < ours["train_seconds"] <= ours["train_wall_seconds"] * 2 + 1
+    assert "steps 0->3" in proc.stderr and "time budget" not in proc.stderr
+    assert "over 3 steps" in ours["recipe"]
+
+
+def test_bench_quality_trains_unidiff_and_a_peer_for_the_same_budget_by_the_same_clock(tmp_path):
+    """unidiff's own loop stops on the bench's budget (train.budget_minutes of --clock), as the peers'
+    loop does: both spend at least the budget and overrun it by at most about one step."""
+    _fixture(tmp_path / "fm")
+    out = tmp_path / "q.json"
+    budget = 0.05 * 60
+    proc = _run([*TINY[:1], "0.05", *TINY[2:], "--root", str(tmp_path / "fm"), "--cache-dir", str(tmp_path / "cache"),
+                 "--candidates", "unidiff", "unet", "--work", str(tmp_path / "work"), "--out", str(out)], tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    res = json.loads(out.read_text())["candidates"]
+    for name in ("unidiff", "unet"):
+        c = res[name]
+        per_step = c["train_seconds"] / c["steps"]
+        assert budget <= c["train_seconds"] <= budget + 3 * per_step + 0.5, (name, c["train_seconds"], c["steps"])
+    assert "time budget: 0.05 min of cpu time" in proc.stderr
+    assert "over the 0.05-min cpu budget" in res["unidiff"]["recipe"]
+    state = json.loads(next((tmp_path / "work" / "unidiff" / "checkpoints").glob("step_*/train_state.json")).read_text())
+    assert state["train"]["step"] == res["unidiff"]["steps"] and state["train"]["spent"] >= budget

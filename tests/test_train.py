@@ -80,7 +80,8 @@ def test_checkpoint_contents_keep_last_and_weights_only(tmp_path):
     assert not list(last.glob("custom_checkpoint_*"))
     torch.load(last / "optimizer.bin", map_location="cpu", weights_only=True)
     plain = json.loads((last / ckpt.STATE_FILE).read_text())
-    assert plain["train"] == {"step": 3, "bad_steps": 0, "bad_in_a_row": 0}
+    spent = plain["train"].pop("spent")  # seconds of the (wall) budget clock the loop ran
+    assert plain["train"] == {"step": 3, "bad_steps": 0, "bad_in_a_row": 0} and 0 < spent < 600
     assert plain["lr_scheduler"]["last_epoch"] == 3 and plain["ema"]["optimization_step"] == 3
     listed = set(json.loads((last / ckpt.MANIFEST).read_text())["files"])
     assert listed == {p.name for p in last.iterdir()} - {ckpt.MANIFEST, ckpt.DONE}
@@ -241,3 +242,70 @@ def test_init_from_a_missing_or_unrelated_run_is_refused_before_training(tmp_pat
     with pytest.raises(ckpt.CheckpointError, match="backbone differs"):
         prepare_run(_cfg(tmp_path / "b", f"train.init_from={other}"))
     assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()
+
+
+class _TickClock:
+    """A fake ``time.process_time`` that advances one second per call: the loop reads its budget
+    clock once at the start and once per optimiser step, so the spent seconds count the steps."""
+
+    def __init__(self):
+        self.now = 0.0
+
+    def __call__(self):
+        self.now += 1.0
+        return self.now
+
+
+def _lrs(run_dir: Path):
+    return [json.loads(line)["lr"] for line in (run_dir / "log.jsonl").read_text().splitlines()]
+
+
+def test_a_time_budget_stops_the_run_and_runs_the_lr_schedule_over_the_budget(tmp_path, monkeypatch):
+    # 0.2 min = 12 s of CPU clock, one second per step: 12 steps of the 1000 allowed, then the
+    # export; the cosine schedule (warm-up 2) decays over the budget, reaching 0 as it is spent.
+    monkeypatch.setattr("time.process_time", _TickClock())
+    extra = ("train.steps=1000", "train.budget_minutes=0.2", "train.budget_clock=cpu", "train.lr_schedule=cosine",
+             "train.warmup_steps=2", "train.ckpt_every=1000", "train.lr=0.01")
+    out = train(_cfg(tmp_path / "a", *extra))
+    lrs = _lrs(out)
+    assert len(lrs) == 12 and (out / "model").is_dir()
+    state = json.loads((ckpt.latest(out / "checkpoints") / ckpt.STATE_FILE).read_text())["train"]
+    assert state["step"] == 12 and state["spent"] == 12.0
+    # logged after step k: the LR of step k+1, cosine at the budget's fraction k/12 spent (warm-up: k/2)
+    expected = [0.01 * (k / 2 if k < 2 else 0.5 * (1 + math.cos(math.pi * k / 12))) for k in range(1, 13)]
+    assert lrs == pytest.approx(expected, rel=1e-9, abs=1e-12)
+
+    # Interrupted at step 5 and rerun: the spent seconds come from the checkpoint, so the resumed
+    # run follows the same schedule, stops at the same step and ends with the same weights.
+    monkeypatch.setattr("time.process_time", _TickClock())
+    cfg_b = _cfg(tmp_path / "b", *extra)
+    train(cfg_b, stop_at=5)
+    assert not (tmp_path / "b" / "model").exists()
+    resumed = train(cfg_b)
+    assert _lrs(resumed) == pytest.approx(lrs, rel=1e-9, abs=1e-12) and _losses(resumed) == _losses(out)
+    wa, wb = _weights(out), _weights(resumed)
+    assert all(torch.equal(wa[k], wb[k]) for k in wa)
+    # A rerun once the budget is spent trains nothing.
+    train(cfg_b)
+    assert len(_lrs(resumed)) == 12
+
+
+def test_a_budget_the_step_count_reaches_first_is_a_plain_run(tmp_path, monkeypatch):
+    # 100 minutes of a one-second-per-step clock never run out in 4 steps: the schedule runs at
+    # max(step, the budget's position), which is the step up to the 4/6000 of the budget spent.
+    monkeypatch.setattr("time.process_time", _TickClock())
+    extra = ("train.steps=4", "train.lr_schedule=cosine", "train.ckpt_every=4")
+    plain = train(_cfg(tmp_path / "p", *extra))
+    budget = train(_cfg(tmp_path / "b", *extra, "train.budget_minutes=100", "train.budget_clock=cpu"))
+    assert _lrs(budget) == pytest.approx(_lrs(plain), rel=1e-6) and _losses(budget) == pytest.approx(_losses(plain), rel=1e-6)
+    assert _lrs(plain)[-1] == 0.0
+
+
+@pytest.mark.parametrize("override,key", [("train.budget_minutes=0", "train.budget_minutes"),
+                                          ("train.budget_minutes=-2", "train.budget_minutes"),
+                                          ("train.budget_clock=gpu", "train.budget_clock")])
+def test_bad_time_budgets_name_their_key(override, key):
+    from unidiff.config import ConfigError
+
+    with pytest.raises(ConfigError, match=key.replace(".", r"\.")):
+        load_config(ROOT / "configs/debug.yaml", [override])

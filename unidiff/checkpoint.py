@@ -205,20 +205,24 @@ def set_aside(path: Path) -> Path:
 
 # --- the loop's own state -------------------------------------------------------------------------
 class TrainState:
-    """The loop's own counters (plain ints, saved in ``train_state.json``): ``step`` (optimiser
-    steps taken, skipped ones included), ``bad_steps`` (skipped for a non-finite loss or gradient,
-    in all) and ``bad_in_a_row`` (the current streak, checked against ``train.max_bad_steps``)."""
+    """The loop's own counters (saved in ``train_state.json``): ``step`` (optimiser steps taken,
+    skipped ones included), ``bad_steps`` (skipped for a non-finite loss or gradient, in all),
+    ``bad_in_a_row`` (the current streak, checked against ``train.max_bad_steps``) and ``spent``
+    (seconds of ``train.budget_clock`` the loop has run, over every invocation: a time budget's
+    progress)."""
 
-    def __init__(self, step: int = 0, bad_steps: int = 0, bad_in_a_row: int = 0):
+    def __init__(self, step: int = 0, bad_steps: int = 0, bad_in_a_row: int = 0, spent: float = 0.0):
         self.step, self.bad_steps, self.bad_in_a_row = int(step), int(bad_steps), int(bad_in_a_row)
+        self.spent = float(spent)
 
-    def state_dict(self) -> Dict[str, int]:
-        return {"step": self.step, "bad_steps": self.bad_steps, "bad_in_a_row": self.bad_in_a_row}
+    def state_dict(self) -> Dict[str, Any]:
+        return {"step": self.step, "bad_steps": self.bad_steps, "bad_in_a_row": self.bad_in_a_row, "spent": self.spent}
 
     def load_state_dict(self, state: Dict[str, Any]) -> None:
         self.step = int(state["step"])
         self.bad_steps = int(state.get("bad_steps", 0))
         self.bad_in_a_row = int(state.get("bad_in_a_row", 0))
+        self.spent = float(state.get("spent", 0.0))  # checkpoints from before time budgets: 0
 
 
 class CheckpointWriteError(CheckpointError, RuntimeError):

@@ -83,6 +83,14 @@ class MixedPrecision(str, Enum):
     fp16 = "fp16"
 
 
+class BudgetClock(str, Enum):
+    """What ``train.budget_minutes`` counts: wall time, or the process's CPU time (all its threads;
+    on one thread, what an idle machine's wall clock would show, whatever else runs beside it)."""
+
+    wall = "wall"
+    cpu = "cpu"
+
+
 class Tracker(str, Enum):
     """accelerate's experiment trackers (``train.report_to``); only ``tensorboard`` is a dependency,
     the others work when their package is installed (checked when training starts)."""

@@ -41,7 +41,7 @@ import yaml
 from omegaconf import DictConfig, ListConfig, OmegaConf, read_write
 from omegaconf.errors import OmegaConfBaseException
 
-from .choices import (BetaSchedule, LRSchedule, MixedPrecision, Prediction, Sampler, TimestepSampling, Tracker,
+from .choices import (BetaSchedule, BudgetClock, LRSchedule, MixedPrecision, Prediction, Sampler, TimestepSampling, Tracker,
                       UnknownDrift, Weighting)
 from .data import DataConfig
 from .errors import ConfigError, DataError
@@ -155,6 +155,11 @@ class TrainConfig:
     # Experiment trackers fed through accelerate (README "Tracking and plots"); [] = log.jsonl only.
     report_to: List[Tracker] = field(default_factory=lambda: [Tracker.tensorboard])
     max_bad_steps: int = 10  # consecutive optimiser steps skipped for a non-finite loss/gradient before the run stops
+    # A time budget (unidiff.train.train, README "Training for a time budget"): the loop stops once
+    # budget_minutes of budget_clock are spent (train.steps stays the cap), and the LR schedule
+    # runs over the budget's fraction spent instead of steps/train.steps; null = steps only.
+    budget_minutes: Optional[float] = None
+    budget_clock: BudgetClock = BudgetClock.wall
     # Fine-tuning: a run folder whose weights start this run (unidiff.checkpoint.init_from: every tensor
     # whose name and shape match is copied, the rest stay fresh); null = from scratch. In an experiment,
     # "arm:<name>" is an earlier arm's run folder (experiments/spec.py).
@@ -430,6 +435,8 @@ def validate(cfg: DictConfig) -> None:
     _check(len(t.betas) == 2 and all(0 <= b < 1 for b in t.betas), "train.betas", f"must be two numbers in [0, 1), got {list(t.betas)}")
     _check(t.grad_clip >= 0, "train.grad_clip", f"must be >= 0, got {t.grad_clip}")
     _check(t.max_bad_steps >= 1, "train.max_bad_steps", f"must be >= 1, got {t.max_bad_steps}")
+    _check(t.budget_minutes is None or (t.budget_minutes > 0 and math.isfinite(t.budget_minutes)),
+           "train.budget_minutes", f"must be null or a number of minutes > 0, got {t.budget_minutes}")
     _check(0 <= t.ema_decay < 1, "train.ema_decay", f"must be in [0, 1), got {t.ema_decay}")
     _check(t.batch_size <= MAX_BATCH, "train.batch_size", f"must be <= {MAX_BATCH}, got {t.batch_size}")
     _check(t.batch_size % t.grad_accum == 0, "train.batch_size",

@@ -83,10 +83,11 @@ class TrainingInterrupted(SystemExit):
 # Everything else must equal the saved config of the run being resumed, because it changes what the
 # training computes (seed, batch, LR, optimiser, data, model, ...). These only say where the run
 # lives, how long it goes (train.steps, not below the step reached), how often it logs, samples and
-# checkpoints, how it evaluates, and how fast it loads data or runs (train.compile).
+# checkpoints, how it evaluates, and how fast it loads data or runs (train.compile). The budget's
+# minutes may change like train.steps; its clock may not (the seconds spent so far are of that clock).
 MUTABLE_ON_RESUME = ("run.name", "run.dir", "train.steps", "train.log_every", "train.sample_every",
                      "train.ckpt_every", "train.keep_last", "train.resume", "train.compile",
-                     "train.max_bad_steps", "train.report_to", "run.threads", "data.num_workers", "data.download",
+                     "train.max_bad_steps", "train.report_to", "train.budget_minutes", "run.threads", "data.num_workers", "data.download",
                      "data.on_bad_file",
                      "sample", "eval")
 
@@ -171,6 +172,23 @@ def param_groups(model: nn.Module, weight_decay: float) -> list:
         else:
             decay.append(p)
     return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+
+
+# --- time budget: the LR schedule over the budget's fraction spent ------------------------------
+def budget_schedule_step(step: int, fraction: float, steps: int, warmup: int) -> float:
+    """The step at which a time-budgeted run reads its (step-based) LR schedule: its own ``step``
+    during warm-up, then ``warmup + fraction·(steps - warmup)``, where ``fraction`` is the budget's
+    share spent, or ``step`` when the step count runs ahead of the clock (never beyond ``steps``).
+    So the schedule's tail (cosine's decay to 0) arrives when the budget ends, whatever the speed."""
+    if step < warmup:
+        return float(step)
+    return float(min(steps, max(step, warmup + min(fraction, 1.0) * (steps - warmup))))
+
+
+def set_schedule_lr(lr_scheduler, at: float) -> None:
+    """Set every parameter group's LR to the diffusers schedule's value at (fractional) step ``at``."""
+    for group, base, fn in zip(lr_scheduler.optimizer.param_groups, lr_scheduler.base_lrs, lr_scheduler.lr_lambdas):
+        group["lr"] = base * fn(at)
 
 
 @torch.no_grad()
@@ -491,9 +509,21 @@ def train(cfg: DictConfig, stop_at: Optional[int] = None, datasets: Optional[Tup
         if tracker.name != "tensorboard":
             tracker.store_init_configuration(flat_config(cfg))
     end = tc.steps if stop_at is None else min(tc.steps, int(stop_at))
+    # --- time budget (train.budget_minutes): seconds of one clock, summed over invocations ------
+    budget = None if tc.budget_minutes is None else 60.0 * float(tc.budget_minutes)
+    clock = time.process_time if tc.budget_clock.value == "cpu" else time.perf_counter
+    spent_before, clock0 = state.spent, clock()
+    budget_spent = budget is not None and state.spent >= budget
+    if budget_spent:  # a rerun of a budget already spent (train.budget_minutes may be raised)
+        end = step
+    elif budget is not None and step:  # resumed: the LR at the budget's position, not the step's
+        set_schedule_lr(lr_scheduler, budget_schedule_step(step, state.spent / budget, tc.steps, tc.warmup_steps))
     sums: Dict[str, torch.Tensor] = {}
     counts: Dict[str, int] = {}
     n_micro, t_last = 0, time.time()
+    if budget is not None:
+        accelerator.print(f"time budget: {tc.budget_minutes:g} min of {tc.budget_clock.value} time "
+                          f"({state.spent / 60:.1f} spent); train.steps={tc.steps} is the cap")
     accelerator.print(f"training {cfg.run.name}: steps {step}->{end}, global batch {tc.batch_size}, "
                       f"{world} process(es), {sum(p.numel() for p in net.parameters()):,} parameters, {last_threads()}")
     # The bar redraws live on a terminal; elsewhere (a log file, an executed notebook, where every
@@ -547,9 +577,13 @@ def train(cfg: DictConfig, stop_at: Optional[int] = None, datasets: Optional[Tup
                     # One all-reduce and one host sync per optimiser step decide together, on every
                     # rank: skip this step (a non-finite loss or gradient anywhere) and stop after it
                     # (a signal on any rank).
-                    flags = torch.stack([~(finite & torch.isfinite(torch.as_tensor(norm, device=device))),
-                                         torch.tensor(signals.signum > 0, device=device)]).float()
-                    bad, stop = (accelerator.reduce(flags, reduction="sum") > 0).tolist()
+                    # The budget's clock goes into the same reduce: every rank takes the mean.
+                    flags = torch.stack([(~(finite & torch.isfinite(torch.as_tensor(norm, device=device)))).float(),
+                                         torch.tensor(float(signals.signum > 0), device=device),
+                                         torch.tensor(spent_before + clock() - clock0, device=device)])
+                    reduced = accelerator.reduce(flags, reduction="sum").tolist()
+                    bad, stop = reduced[0] > 0, reduced[1] > 0
+                    state.spent = reduced[2] / world
                     if not bad:
                         optimizer.step()
                 optimizer.zero_grad(set_to_none=True)
@@ -574,6 +608,9 @@ def train(cfg: DictConfig, stop_at: Optional[int] = None, datasets: Optional[Tup
             else:
                 state.bad_in_a_row = 0
                 lr_scheduler.step()
+                if budget is not None:  # the schedule over the budget's fraction, not the step count
+                    set_schedule_lr(lr_scheduler, budget_schedule_step(step + 1, state.spent / budget, tc.steps,
+                                                                       tc.warmup_steps))
                 ema.step(net.parameters())
                 update_moe_biases(net)  # aux-loss-free balancing (§5), counts summed over ranks
                 for logs in pending:
@@ -583,12 +620,14 @@ def train(cfg: DictConfig, stop_at: Optional[int] = None, datasets: Optional[Tup
             step += 1
             state.step = step
             bar.update(1)
+            if budget is not None and state.spent >= budget:  # spent: this step is the last (log, checkpoint)
+                budget_spent, end = True, step
 
             if step % tc.log_every == 0 or step == end:
                 keys = sorted(sums)
                 avg = (accelerator.reduce(torch.stack([sums[k] / counts[k] for k in keys]), reduction="mean").tolist()
                        if keys else [])  # every step of the period skipped: no averages
-                record = {"step": step, **dict(zip(keys, avg)), "lr": lr_scheduler.get_last_lr()[0],
+                record = {"step": step, **dict(zip(keys, avg)), "lr": optimizer.param_groups[0]["lr"],
                           "bad_steps": state.bad_steps}
                 elapsed, t_last = time.time() - t_last, time.time()
                 record["images_per_s"] = n_micro * micro_global / max(elapsed, 1e-9)
@@ -625,7 +664,7 @@ def train(cfg: DictConfig, stop_at: Optional[int] = None, datasets: Optional[Tup
 
     if accelerator.is_main_process:
         write_bad_files(out_dir, train_set)
-    if step == tc.steps and accelerator.is_main_process:
+    if (step == tc.steps or budget_spent) and accelerator.is_main_process:
         # The inference snapshot (EDM2's second checkpoint kind): what `sample`/`evaluate` load.
         ckpt.export_model(ckpt.ema_model_from(net, ema), out_dir / "model", run_config=cfg)
     accelerator.wait_for_everyone()
@@ -638,7 +677,7 @@ def train(cfg: DictConfig, stop_at: Optional[int] = None, datasets: Optional[Tup
         from .plots import plot_curves
 
         plot_curves([out_dir], out_dir / "curves.png")
-    if stop and step < tc.steps:
+    if stop and step < tc.steps and not budget_spent:
         # --- preemption: checkpointed above, now a clean exit with the signal's code ------------
         signum = signals.signum or signal.SIGTERM  # another rank got it first
         if main:
