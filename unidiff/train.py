@@ -30,6 +30,13 @@ Faults (README "What survives what"), each in its own block of :func:`train`:
   in a row raise :class:`TrainingDiverged`, as do non-finite weights at a checkpoint, which is then
   not written.
 
+Time budget (README "Training for a time budget"): with ``train.budget_minutes`` the loop also stops
+at the first optimiser step after that many minutes of ``train.budget_clock`` (wall or process CPU
+time, read once per step inside the step's all-reduce, so every rank stops together), and the LR
+schedule is read at :func:`budget_schedule_step`, the budget's fraction spent mapped onto
+``train.steps``. The seconds spent are ``TrainState.spent``, checkpointed and continued on resume.
+Such a run's LR depends on the clock, so unlike a step-counted run it does not repeat step for step.
+
 Several processes (README.md "Launching on several processes"; ``unidiff.launch`` sets up the
 launch and the precision rule): ``train.batch_size`` is the global batch of one optimiser step,
 split over processes and ``train.grad_accum`` micro-steps. Each process loads its rows of the
@@ -87,8 +94,8 @@ class TrainingInterrupted(SystemExit):
 # minutes may change like train.steps; its clock may not (the seconds spent so far are of that clock).
 MUTABLE_ON_RESUME = ("run.name", "run.dir", "train.steps", "train.log_every", "train.sample_every",
                      "train.ckpt_every", "train.keep_last", "train.resume", "train.compile",
-                     "train.max_bad_steps", "train.report_to", "train.budget_minutes", "run.threads", "data.num_workers", "data.download",
-                     "data.on_bad_file",
+                     "train.max_bad_steps", "train.report_to", "train.budget_minutes", "run.threads",
+                     "data.num_workers", "data.download", "data.on_bad_file",
                      "sample", "eval")
 
 
@@ -529,9 +536,11 @@ def train(cfg: DictConfig, stop_at: Optional[int] = None, datasets: Optional[Tup
     # The bar redraws live on a terminal; elsewhere (a log file, an executed notebook, where every
     # redraw is kept) at most about ten times a run and once a minute, postfix changes included.
     live = sys.stderr.isatty()
-    quiet = {} if live else {"mininterval": 60.0, "miniters": max(1, (tc.steps - step) // 10)}
-    bar = tqdm(total=tc.steps, initial=step, disable=not accelerator.is_local_main_process, desc=cfg.run.name,
-               dynamic_ncols=True, **quiet)
+    # Under a time budget the step count is not known ahead: no total, at most once a minute.
+    quiet = {} if live else {"mininterval": 60.0,
+                             "miniters": 1 if budget is not None else max(1, (tc.steps - step) // 10)}
+    bar = tqdm(total=None if budget is not None else tc.steps, initial=step,
+               disable=not accelerator.is_local_main_process, desc=cfg.run.name, dynamic_ncols=True, **quiet)
 
     def save(at: int) -> None:
         # --- never checkpoint non-finite weights (the loop stops instead) ------------------------
@@ -577,13 +586,15 @@ def train(cfg: DictConfig, stop_at: Optional[int] = None, datasets: Optional[Tup
                     # One all-reduce and one host sync per optimiser step decide together, on every
                     # rank: skip this step (a non-finite loss or gradient anywhere) and stop after it
                     # (a signal on any rank).
-                    # The budget's clock goes into the same reduce: every rank takes the mean.
+                    # The budget's clock goes into the same reduce: every rank takes the mean
+                    # (float32 there; one process keeps its own float64 seconds).
+                    spent = spent_before + clock() - clock0
                     flags = torch.stack([(~(finite & torch.isfinite(torch.as_tensor(norm, device=device)))).float(),
                                          torch.tensor(float(signals.signum > 0), device=device),
-                                         torch.tensor(spent_before + clock() - clock0, device=device)])
+                                         torch.tensor(spent, device=device)])
                     reduced = accelerator.reduce(flags, reduction="sum").tolist()
                     bad, stop = reduced[0] > 0, reduced[1] > 0
-                    state.spent = reduced[2] / world
+                    state.spent = spent if world == 1 else reduced[2] / world
                     if not bad:
                         optimizer.step()
                 optimizer.zero_grad(set_to_none=True)
