@@ -285,9 +285,14 @@ def test_a_time_budget_stops_the_run_and_runs_the_lr_schedule_over_the_budget(tm
     assert _lrs(resumed) == pytest.approx(lrs, rel=1e-9, abs=1e-12) and _losses(resumed) == _losses(out)
     wa, wb = _weights(out), _weights(resumed)
     assert all(torch.equal(wa[k], wb[k]) for k in wa)
-    # A rerun once the budget is spent trains nothing.
+    # A rerun once the budget is spent trains nothing, and so keeps the model's metrics.json.
+    (resumed / "metrics.json").write_text('{"fid": 1.0}\n')
     train(cfg_b)
     assert len(_lrs(resumed)) == 12
+    assert (resumed / "metrics.json").read_text() == '{"fid": 1.0}\n' and not (resumed / "metrics.stale.json").exists()
+    # A raised budget trains on: now the metrics are stale.
+    train(_cfg(tmp_path / "b", *extra[:1], "train.budget_minutes=0.25", *extra[2:]))
+    assert len(_lrs(resumed)) == 15 and (resumed / "metrics.stale.json").is_file()
 
 
 def test_a_budget_the_step_count_reaches_first_is_a_plain_run(tmp_path, monkeypatch):

@@ -457,7 +457,10 @@ def train(cfg: DictConfig, stop_at: Optional[int] = None, datasets: Optional[Tup
         else:
             write_text(config_path, to_yaml(cfg) + line + ("" if resume_from is not None else " (new run)") + "\n")
         # A metrics.json was computed from an earlier model: once this invocation trains, it is stale.
-        if start < tc.steps and (out_dir / "metrics.json").is_file():
+        # (A rerun of a time budget already spent trains nothing, whatever train.steps says.)
+        spent_already = (tc.budget_minutes is not None and resume_from is not None
+                         and ckpt.read_train_state(resume_from).spent >= 60.0 * float(tc.budget_minutes))
+        if start < tc.steps and not spent_already and (out_dir / "metrics.json").is_file():
             (out_dir / "metrics.json").replace(out_dir / "metrics.stale.json")
             accelerator.print(f"{out_dir / 'metrics.json'} moved to metrics.stale.json (the model changes now)")
         # Precision chosen by the machine (train.mixed_precision: auto): this invocation's choice.
