@@ -4,8 +4,8 @@
 One 2-process launch (``torchrun --standalone --nproc_per_node 2`` of this very file, plain: no
 ``ACCELERATE_USE_CPU``, the launch that used to crash) serves most checks; its worker (``_worker``,
 at the bottom) trains the debug config 2 steps, stops with a checkpoint, copies the run folder,
-then resumes to 4 steps in the same 2 processes. Every rank records its live weights and buffers
-after each optimiser step, and every file write it makes under the runs folder (a Python audit hook
+then resumes to 4 steps in the same 2 processes (every rank recording its live weights and buffers
+after each optimiser step), and last trains for a 3-second time budget. Every file write it makes under the runs folder (a Python audit hook
 sees every ``open`` for writing, ``mkdir``, rename and removal made from Python; files written by
 native code, safetensors' and ``torch.save``'s zip writer, are not seen, which is why the
 rank-0-only writes are also checked by the set of files in the run folder).
@@ -161,8 +161,18 @@ def test_only_rank_zero_writes(one_process, two_processes):
     files = lambda d: {str(p.relative_to(d)) for p in d.rglob("*") if p.is_file() and "tb" not in p.parts}  # noqa: E731
     extra = files(root / "runs" / "p") - files(one_process)
     assert extra == {f"checkpoints/step_00000{s}/random_states_1.pkl" for s in (2, 4)}
-    assert stdout.count("training debug:") == 2  # printed once per invocation, by rank 0 only
+    assert stdout.count("training debug:") == 3  # printed once per invocation (2 + the budget's), by rank 0 only
     assert "2 process(es)" in stdout
+
+
+def test_a_time_budget_stops_both_ranks_after_the_same_step(two_processes):
+    from unidiff import checkpoint as ckpt
+
+    root, ranks, _ = two_processes
+    run = root / "runs" / "budget"
+    state = json.loads((ckpt.latest(run / "checkpoints") / ckpt.STATE_FILE).read_text())["train"]
+    assert ranks[0]["budget_steps"] == ranks[1]["budget_steps"] == state["step"] == _log(run)[-1]["step"] > 1
+    assert state["spent"] >= 3.0 and (run / "model").is_dir()
 
 
 def test_batch_the_processes_do_not_divide_is_a_clear_error(two_processes):
@@ -404,7 +414,20 @@ def _worker(root: Path) -> None:
     # (no barrier needed: train's end destroyed the process group, and the next train's set-up of
     # a new one waits for rank 0)
     train(_cfg(runs / "p"))  # the same command again, 2 processes: resumes at step 2
-    torch.save({"states": states, "writes": writes, "odd": odd}, root / f"rank{rank}.pt")
+    # A 3-second wall-clock budget: the ranks' clocks differ, their mean (in the per-step
+    # all-reduce) decides, so both stop after the same step (one stopping alone would hang DDP).
+    steps_done = []
+
+    def counting(net):
+        steps_done.append(1)
+        return update(net)
+
+    moe.update_moe_biases = counting
+    train(_cfg(runs / "budget", "train.steps=100000", "train.ckpt_every=100000", "train.budget_minutes=0.05",
+               "train.budget_clock=wall"))
+    moe.update_moe_biases = update
+    torch.save({"states": states, "writes": writes, "odd": odd, "budget_steps": len(steps_done)},
+               root / f"rank{rank}.pt")
 
 
 if __name__ == "__main__":
