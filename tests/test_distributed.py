@@ -5,9 +5,9 @@ One 2-process launch (``torchrun --standalone --nproc_per_node 2`` of this very 
 ``ACCELERATE_USE_CPU``, the launch that used to crash) serves most checks; its worker (``_worker``,
 at the bottom) trains the debug config 2 steps, stops with a checkpoint, copies the run folder,
 then resumes to 4 steps in the same 2 processes (every rank recording its live weights and buffers
-after each optimiser step), and last trains for a 3-second time budget. Every file write it makes under the runs folder (a Python audit hook
-sees every ``open`` for writing, ``mkdir``, rename and removal made from Python; files written by
-native code, safetensors' and ``torch.save``'s zip writer, are not seen, which is why the
+after each optimiser step), and last trains for a 3-second time budget. Every file write a rank
+makes under the runs folder is recorded too (a Python audit hook sees every ``open`` for writing,
+``mkdir``, rename and removal made from Python; files written by native code, safetensors' and ``torch.save``'s zip writer, are not seen, which is why the
 rank-0-only writes are also checked by the set of files in the run folder).
 
 The one-process oracle is an ordinary ``train`` in this process. With the same global batch every
