@@ -7,8 +7,9 @@ at the bottom) trains the debug config 2 steps, stops with a checkpoint, copies 
 then resumes to 4 steps in the same 2 processes (every rank recording its live weights and buffers
 after each optimiser step), and last trains for a 3-second time budget. Every file write a rank
 makes under the runs folder is recorded too (a Python audit hook sees every ``open`` for writing,
-``mkdir``, rename and removal made from Python; files written by native code, safetensors' and ``torch.save``'s zip writer, are not seen, which is why the
-rank-0-only writes are also checked by the set of files in the run folder).
+``mkdir``, rename and removal made from Python; files written by native code, safetensors' and
+``torch.save``'s zip writer, are not seen, which is why the rank-0-only writes are also checked by
+the set of files in the run folder).
 
 The one-process oracle is an ordinary ``train`` in this process. With the same global batch every
 rank loads its rows of the one-process batch and keeps the same rows of the one-process noise,
