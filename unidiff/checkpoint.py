@@ -225,13 +225,6 @@ class TrainState:
         self.spent = float(state.get("spent", 0.0))  # checkpoints from before time budgets: 0
 
 
-def read_train_state(folder: str | os.PathLike) -> TrainState:
-    """The loop's counters saved in checkpoint ``folder``, read without loading anything else."""
-    state = TrainState()
-    state.load_state_dict(json.loads((Path(folder) / STATE_FILE).read_text())["train"])
-    return state
-
-
 class CheckpointWriteError(CheckpointError, RuntimeError):
     """A checkpoint could not be written (a full disk): one line for the CLI, and still the
     ``RuntimeError`` torch raised for it."""

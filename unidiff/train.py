@@ -456,13 +456,6 @@ def train(cfg: DictConfig, stop_at: Optional[int] = None, datasets: Optional[Tup
             write_text(config_path, config_path.read_text() + line + (f"; changed {changed}" if changed else "") + "\n")
         else:
             write_text(config_path, to_yaml(cfg) + line + ("" if resume_from is not None else " (new run)") + "\n")
-        # A metrics.json was computed from an earlier model: once this invocation trains, it is stale.
-        # (A rerun of a time budget already spent trains nothing, whatever train.steps says.)
-        spent_already = (tc.budget_minutes is not None and resume_from is not None
-                         and ckpt.read_train_state(resume_from).spent >= 60.0 * float(tc.budget_minutes))
-        if start < tc.steps and not spent_already and (out_dir / "metrics.json").is_file():
-            (out_dir / "metrics.json").replace(out_dir / "metrics.stale.json")
-            accelerator.print(f"{out_dir / 'metrics.json'} moved to metrics.stale.json (the model changes now)")
         # Precision chosen by the machine (train.mixed_precision: auto): this invocation's choice.
         write_json(out_dir / "precision.json", {"requested": tc.mixed_precision.value, "mixed_precision": accelerator.mixed_precision,
                                                 "reason": precision_reason, "device": str(accelerator.device),
@@ -528,6 +521,12 @@ def train(cfg: DictConfig, stop_at: Optional[int] = None, datasets: Optional[Tup
         end = step
     elif budget is not None and step:  # resumed: the LR at the budget's position, not the step's
         set_schedule_lr(lr_scheduler, budget_schedule_step(step, state.spent / budget, tc.steps, tc.warmup_steps))
+    # A metrics.json was computed from an earlier model: once this invocation trains, it is stale.
+    # Decided here, by the loop's own end (train.steps, stop_at, a budget already spent), after the
+    # checkpoint has loaded: a resume that fails leaves the metrics where they were.
+    if accelerator.is_main_process and step < end and (out_dir / "metrics.json").is_file():
+        (out_dir / "metrics.json").replace(out_dir / "metrics.stale.json")
+        accelerator.print(f"{out_dir / 'metrics.json'} moved to metrics.stale.json (the model changes now)")
     sums: Dict[str, torch.Tensor] = {}
     counts: Dict[str, int] = {}
     n_micro, t_last = 0, time.time()
