@@ -206,7 +206,7 @@ def train_unidiff(args, name: str, datasets) -> Tuple[Any, Any, Dict[str, Any]]:
     model = ckpt.load_model(run_dir, "cpu").eval()
     return model, cfg, {"steps": steps, "train_seconds": seconds, "train_wall_seconds": wall,
                         "overrides": list(args.set),
-                        "images_per_s": steps * args.batch_size / max(seconds, 1e-9),
+                        "images_per_s": steps * cfg.train.batch_size / max(seconds, 1e-9),  # a --set batch too
                         "recipe": unidiff_recipe(cfg)}
 
 

@@ -160,7 +160,8 @@ def test_bench_quality_reuses_an_earlier_runs_peers_under_the_same_settings(tmp_
     assert set(first["candidates"]) == {"unet"} and first["target"] is None and first["margins_vs_unidiff"] == {}
 
     out = tmp_path / "q.json"
-    proc = _run([*common, "--candidates", "unidiff", "--set", "model.backbone.patch_size=4", "--reuse", str(peers),
+    proc = _run([*common, "--candidates", "unidiff", "--set", "model.backbone.patch_size=4", "--set", "train.batch_size=4",
+                 "--reuse", str(peers),
                  "--work", str(tmp_path / "work"), "--out", str(out)], tmp_path)
     assert proc.returncode == 0, proc.stderr[-3000:]
     res = json.loads(out.read_text())
@@ -171,7 +172,9 @@ def test_bench_quality_reuses_an_earlier_runs_peers_under_the_same_settings(tmp_
     assert math.isclose(res["margins_vs_unidiff"]["unet"]["fid_difference"], first["candidates"]["unet"]["fid"] - ours["fid"],
                         rel_tol=1e-9, abs_tol=1e-9)
     assert res["target"]["peers"] == ["unet"]
-    assert res["settings"]["unidiff_overrides"] == ["model.backbone.patch_size=4"]
+    assert res["settings"]["unidiff_overrides"] == ["model.backbone.patch_size=4", "train.batch_size=4"]
+    # A batch lever: images/s counts the 4 images of each step it trained, not the bench's --batch-size 8.
+    assert math.isclose(ours["images_per_s"], ours["steps"] * 4 / ours["train_seconds"], rel_tol=1e-6)
     # The override reached the model: the run folder's config has patch 4 (1x32x32 -> 64 tokens).
     from unidiff.checkpoint import load_model
     assert load_model(tmp_path / "work" / "unidiff", "cpu").backbone.patch_size == 4
