@@ -174,7 +174,7 @@ def test_bench_quality_reuses_an_earlier_runs_peers_under_the_same_settings(tmp_
     assert res["target"]["peers"] == ["unet"]
     assert res["settings"]["unidiff_overrides"] == ["model.backbone.patch_size=4", "train.batch_size=4"]
     # A batch lever: images/s counts the 4 images of each step it trained, not the bench's --batch-size 8.
-    assert math.isclose(ours["images_per_s"], ours["steps"] * 4 / ours["train_seconds"], rel_tol=1e-6)
+    assert ours["steps"] > 0 and math.isclose(ours["images_per_s"], ours["steps"] * 4 / ours["train_seconds"], rel_tol=1e-6)
     # The override reached the model: the run folder's config has patch 4 (1x32x32 -> 64 tokens).
     from unidiff.checkpoint import load_model
     assert load_model(tmp_path / "work" / "unidiff", "cpu").backbone.patch_size == 4
