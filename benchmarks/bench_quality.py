@@ -55,7 +55,9 @@ training images/s and steps; sampling seconds; parameters (total and active: a r
 counts top_k / num_experts). For the unidiff models also image->label accuracy on the test set
 (their own label head read at ``eval.t_read``). ``target`` says whether unidiff beats both peers
 on FID and accuracy with image->label >= 0.88. The sampler lever: ``--also-sample ddim:50 dpm:20``
-samples and scores every trained model again with each SAMPLER:STEPS (its ``sampler_grid``), and
+samples and scores every trained model again with each SAMPLER:STEPS (its ``sampler_grid``; DDIM at
+``--sampler`` keeps each library's default, diffusers' x̂0 clipping to [-1, 1] for the peers and
+none for unidiff, and ``ddim:20:clip`` / ``ddim:20:noclip`` set it alike for every candidate), and
 ``--read-at`` reads image->label at other timesteps and draw counts (``image_to_label_grid``).
 Bad input: one line ``bench_quality: error: ...``,
 exit code 2, nothing written.
@@ -222,13 +224,14 @@ def unidiff_recipe(cfg) -> str:
             f"{getattr(cfg.model.prediction, 'value', cfg.model.prediction)}-prediction, drift guidance (--guidance)")
 
 
-def peer_sampler(name: str):
+def peer_sampler(name: str, clip: Optional[bool] = None):
     """The peers' sampling scheduler, from their training scheduler's config as diffusers swaps them:
-    DDIM, or DPM-Solver++ 2M (``algorithm_type="dpmsolver++"``, ``solver_order=2``; unidiff's ``dpm``)."""
+    DDIM (``clip``: its ``clip_sample``; None keeps diffusers' default, on), or DPM-Solver++ 2M
+    (``algorithm_type="dpmsolver++"``, ``solver_order=2``; unidiff's ``dpm``)."""
     from diffusers import DDIMScheduler, DPMSolverMultistepScheduler
 
     if name == "ddim":
-        return DDIMScheduler.from_config(ddpm_scheduler().config)
+        return DDIMScheduler.from_config(ddpm_scheduler().config, **({} if clip is None else {"clip_sample": clip}))
     return DPMSolverMultistepScheduler.from_config(ddpm_scheduler().config, algorithm_type="dpmsolver++", solver_order=2)
 
 
@@ -290,12 +293,13 @@ def train_peer(args, name: str, datasets, budget: float, clock) -> Tuple[Any, Di
 
 # --- sampling -----------------------------------------------------------------------------------------
 @torch.no_grad()
-def sample_peer(args, name: str, model, labels: torch.Tensor, sampler: str, steps: int) -> torch.Tensor:
+def sample_peer(args, name: str, model, labels: torch.Tensor, sampler: str, steps: int,
+                clip: Optional[bool] = None) -> torch.Tensor:
     """Class->image samples (N, 1, 32, 32) in [-1, 1]: ``--sampler`` (DDIM, eta 0, or DPM-Solver++ 2M)
-    with classifier-free guidance."""
+    with classifier-free guidance; ``clip`` as :func:`peer_sampler`."""
     out = []
     for i, y in enumerate(labels.split(args.sample_batch)):
-        sched = peer_sampler(sampler)
+        sched = peer_sampler(sampler, clip)
         sched.set_timesteps(steps)
         g = torch.Generator().manual_seed(args.seed * 1000 + i)
         x = torch.randn((len(y), 1, 32, 32), generator=g)
@@ -310,8 +314,10 @@ def sample_peer(args, name: str, model, labels: torch.Tensor, sampler: str, step
 
 
 @torch.no_grad()
-def sample_unidiff(args, model, cfg, labels: torch.Tensor, sampler: str, steps: int) -> torch.Tensor:
-    """Class->image samples of a unidiff model: its ``--sampler`` with drift guidance ``--guidance``."""
+def sample_unidiff(args, model, cfg, labels: torch.Tensor, sampler: str, steps: int,
+                   clip: Optional[bool] = None) -> torch.Tensor:
+    """Class->image samples of a unidiff model: its ``--sampler`` with drift guidance ``--guidance``;
+    ``clip``: DDIM's ``clip_sample`` (None: unidiff's default, off)."""
     from unidiff.config import build_schedule
     from unidiff.diffusion import sample
 
@@ -321,7 +327,8 @@ def sample_unidiff(args, model, cfg, labels: torch.Tensor, sampler: str, steps: 
         g = torch.Generator().manual_seed(args.seed * 1000 + i)
         with autocast(args.amp, "cpu"):  # as `unidiff sample` does, with the run's precision
             res = sample(model, schedule, "class_to_image", known={"label": y}, scheduler=sampler,
-                         num_steps=steps, guidance_scale=args.guidance, generator=g)
+                         num_steps=steps, guidance_scale=args.guidance, generator=g,
+                         scheduler_kwargs=None if clip is None else {"clip_sample": clip})
         out.append(res.image.float())
     return torch.cat(out)
 
@@ -381,6 +388,7 @@ def check_args(args) -> None:
     if args.reuse is not None and not os.path.isfile(args.reuse):
         raise ConfigError(f"--reuse {args.reuse}: no such file")
     args.read_at = [read_at_pair(text) for text in args.read_at]
+    args.also_sample_text = list(args.also_sample)  # the grid's keys, as given
     args.also_sample = [sampler_pair(text) for text in args.also_sample]
 
 
@@ -462,11 +470,11 @@ def run(args) -> Dict[str, Any]:
             model, cfg, fig = train_unidiff(args, name, datasets)
         total, active = count_parameters(model)
 
-        def score(sampler: str, steps: int) -> Dict[str, float]:
-            """class->image samples of this model with ``sampler`` at ``steps``, judged."""
+        def score(sampler: str, steps: int, clip: Optional[bool] = None) -> Dict[str, float]:
+            """class->image samples of this model with ``sampler`` at ``steps`` (``clip``: sampler_pair), judged."""
             t0 = clock()
-            fake = (sample_peer(args, name, model, labels, sampler, steps) if name in PEERS
-                    else sample_unidiff(args, model, cfg, labels, sampler, steps))
+            fake = (sample_peer(args, name, model, labels, sampler, steps, clip) if name in PEERS
+                    else sample_unidiff(args, model, cfg, labels, sampler, steps, clip))
             seconds = clock() - t0
             pred = torch.cat([clf(x).argmax(-1) for x in fake.split(250)])
             return {"sampling_seconds": seconds, "class_to_image_accuracy": float((pred == labels).float().mean()),
@@ -475,7 +483,7 @@ def run(args) -> Dict[str, Any]:
 
         fig.update(params_total=total, params_active=active, **score(args.sampler, args.steps))
         # the sampler lever: the same model sampled otherwise, keyed "SAMPLER:STEPS"
-        fig["sampler_grid"] = {f"{sampler}:{steps}": score(sampler, steps) for sampler, steps in args.also_sample}
+        fig["sampler_grid"] = {text: score(*pair) for text, pair in zip(args.also_sample_text, args.also_sample)}
         if cfg is not None:
             fig["image_to_label_accuracy"], fig["image_to_label_n"] = image_to_label_accuracy(args, model, cfg, val_set)
             # the read-out lever: other (t_read, draws) on the same model, keyed "TxD"
@@ -514,12 +522,19 @@ def verdict(results: Dict[str, Dict[str, Any]]) -> Dict[str, Any]:
                        "image_to_label_at_least_0.88": read_ok, "met": fid_ok and acc_ok and read_ok, "peers": peers}}
 
 
-def sampler_pair(text: str) -> Tuple[str, int]:
-    """``"SAMPLER:STEPS"`` -> (sampler, steps) with a sampler of ``--sampler`` and steps >= 1."""
-    name, _, steps = text.partition(":")
-    if name not in ("ddim", "dpm") or not steps.isdigit() or int(steps) < 1:
-        raise ConfigError(f"--also-sample: {text!r} is not SAMPLER:STEPS (ddim or dpm, steps >= 1; e.g. dpm:20)")
-    return name, int(steps)
+def sampler_pair(text: str) -> Tuple[str, int, Optional[bool]]:
+    """``"SAMPLER:STEPS[:clip|:noclip]"`` -> (sampler, steps, clip) with a sampler of ``--sampler``,
+    steps >= 1, and clip None (each candidate's default: DDIM clips x̂0 to [-1, 1] for the peers,
+    as diffusers' ``DDIMScheduler`` does by default, and not for unidiff, whose
+    ``make_scheduler`` leaves it off for latent spaces), True or False (that, for every candidate).
+    DPM-Solver++ has no ``clip_sample``, so a clip suffix is DDIM's only."""
+    name, steps, *rest = text.split(":") + [""] * (":" not in text)
+    clip = {(): None, ("clip",): True, ("noclip",): False}.get(tuple(rest), "bad")
+    if name not in ("ddim", "dpm") or not steps.isdigit() or int(steps) < 1 or clip == "bad" \
+            or (name == "dpm" and clip is not None):
+        raise ConfigError(f"--also-sample: {text!r} is not SAMPLER:STEPS[:clip|:noclip] (ddim or dpm, steps >= 1, "
+                          "the clip suffix for ddim only; e.g. dpm:20, ddim:20:noclip)")
+    return name, int(steps), clip
 
 
 def read_at_pair(text: str) -> Tuple[int, int]:
@@ -541,8 +556,9 @@ def parse_args(argv=None):
     ap.add_argument("--steps", type=int, default=20, help="sampling steps")
     ap.add_argument("--sampler", choices=("ddim", "dpm"), default="ddim",
                     help="every candidate's sampler: DDIM (eta 0) or DPM-Solver++ 2M")
-    ap.add_argument("--also-sample", nargs="*", default=[], metavar="SAMPLER:STEPS",
-                    help="also sample and score each model so (e.g. ddim:50 dpm:20), in its sampler_grid")
+    ap.add_argument("--also-sample", nargs="*", default=[], metavar="SAMPLER:STEPS[:clip|:noclip]",
+                    help="also sample and score each model so (e.g. ddim:50 dpm:20 ddim:20:noclip), in its "
+                         "sampler_grid; :clip / :noclip set DDIM's x̂0 clipping for every candidate alike")
     ap.add_argument("--precision", choices=("auto", "fp32", "bf16"), default="auto",
                     help="every candidate's precision (auto: bf16 on CPUs with AMX, else fp32)")
     ap.add_argument("--guidance", type=float, default=2.0, help="guidance scale w (CFG for peers, drift for unidiff)")

@@ -55,7 +55,7 @@ def test_bench_quality_end_to_end_schema_and_matched_sizes(tmp_path):
     out = tmp_path / "q.json"
     proc = _run(["--minutes", "0.02", "--samples", "20", "--steps", "2", "--batch-size", "8",
                  "--reference-steps", "5", "--read-n", "20", "--sample-batch", "20", "--root", str(tmp_path / "fm"),
-                 "--read-at", "0x1", "5x3", "--also-sample", "dpm:2", "ddim:3",
+                 "--read-at", "0x1", "5x3", "--also-sample", "dpm:2", "ddim:3", "ddim:3:clip", "ddim:3:noclip",
                  "--cache-dir", str(tmp_path / "cache"), "--work", str(tmp_path / "work"), "--out", str(out)], tmp_path)
     assert proc.returncode == 0, proc.stderr[-3000:]
     res = json.loads(out.read_text())
@@ -68,9 +68,16 @@ def test_bench_quality_end_to_end_schema_and_matched_sizes(tmp_path):
         assert math.isclose(c["images_per_s"], c["steps"] * 8 / c["train_seconds"], rel_tol=1e-6), name
         assert 0.0 <= c["class_to_image_accuracy"] <= 1.0 and math.isfinite(c["fid"]) and c["fid"] >= 0, name
         assert 0 < c["params_active"] <= c["params_total"], name
-        assert set(c["sampler_grid"]) == {"dpm:2", "ddim:3"}, name  # the sampler lever, every candidate
+        assert set(c["sampler_grid"]) == {"dpm:2", "ddim:3", "ddim:3:clip", "ddim:3:noclip"}, name  # every candidate
         for g in c["sampler_grid"].values():
             assert 0.0 <= g["class_to_image_accuracy"] <= 1.0 and math.isfinite(g["fid"]) and g["sampling_seconds"] > 0
+        # DDIM's defaults: diffusers' scheduler clips x̂0 for the peers, unidiff's make_scheduler does not
+        default = "ddim:3:noclip" if name.startswith("unidiff") else "ddim:3:clip"
+        same = {k: c["sampler_grid"][default][k] for k in ("fid", "class_to_image_accuracy")}
+        assert same == {k: c["sampler_grid"]["ddim:3"][k] for k in same}, name
+    for name in ("unet", "dit"):  # an eps-model's x̂0 at high noise is far outside [-1, 1]: clipping changes it
+        grid = res["candidates"][name]["sampler_grid"]
+        assert grid["ddim:3:clip"]["fid"] != grid["ddim:3:noclip"]["fid"], name
     for name in ("unidiff", "unidiff_attn"):  # MoE: fewer active than total parameters; the read-out is there
         c = res["candidates"][name]
         assert c["params_active"] < c["params_total"] and c["image_to_label_n"] == 20
@@ -133,6 +140,8 @@ def test_bench_quality_end_to_end_schema_and_matched_sizes(tmp_path):
     (["--read-at", "1000x1"], "1000x1"),  # past the schedule's T: refused before any training
     (["--also-sample", "euler:20"], "'euler:20'"),
     (["--also-sample", "dpm:0"], "'dpm:0'"),
+    (["--also-sample", "dpm:20:clip"], "'dpm:20:clip'"),  # DPM-Solver++ has no clip_sample
+    (["--also-sample", "ddim:20:clamp"], "'ddim:20:clamp'"),
 ])
 def test_bench_quality_bad_input_is_one_line_and_writes_nothing(tmp_path, args, needle):
     out = tmp_path / "q.json"
@@ -247,3 +256,29 @@ def test_bench_quality_trains_unidiff_and_a_peer_for_the_same_budget_by_the_same
     assert "over the 0.05-min cpu budget" in res["unidiff"]["recipe"]
     state = json.loads(next((tmp_path / "work" / "unidiff" / "checkpoints").glob("step_*/train_state.json")).read_text())
     assert state["train"]["step"] == res["unidiff"]["steps"] and state["train"]["spent"] >= budget
+
+
+def test_bench_clip_switch_clips_unidiffs_x0_and_none_keeps_its_default_off(tmp_path):
+    """sample_unidiff's clip: True clips DDIM's x̂0 to [-1, 1] (diffusers' clip_sample), so a model
+    whose x̂0 leaves [-1, 1] samples otherwise; False is unidiff's default (None)."""
+    import torch
+    from unidiff.config import build_model, load_config, resolve_with_data
+    from unidiff.data import build_datasets
+
+    _fixture(tmp_path / "fm")
+    bench = _bench_module()
+    args = bench.parse_args(["--root", str(tmp_path / "fm"), "--sample-batch", "4", "--precision", "fp32"])
+    bench.check_args(args)
+    args.amp = "no"
+    cfg = load_config(str(REPO / "configs" / "fashion_joint_image_label.yaml"), [f"data.root={tmp_path / 'fm'}"])
+    _, _, info = build_datasets(cfg.data)
+    cfg = resolve_with_data(cfg, info)
+    torch.manual_seed(0)
+    model = build_model(cfg, (1, 32, 32)).eval()
+    with torch.no_grad():  # weights far from an x̂0 model's: outputs well outside [-1, 1]
+        for p in model.parameters():
+            p.add_(torch.randn_like(p))
+    labels = torch.arange(4)
+    runs = {clip: bench.sample_unidiff(args, model, cfg, labels, "ddim", 3, clip) for clip in (None, False, True)}
+    assert torch.equal(runs[None], runs[False])
+    assert (runs[True] - runs[None]).abs().max() > 1e-3
