@@ -482,7 +482,7 @@ def run(args) -> Dict[str, Any]:
                         M.extract_features(fake, feats)["features"], keep=0))}
 
         fig.update(params_total=total, params_active=active, **score(args.sampler, args.steps))
-        # the sampler lever: the same model sampled otherwise, keyed "SAMPLER:STEPS"
+        # the sampler lever: the same model sampled otherwise, keyed as given ("SAMPLER:STEPS[:clip|:noclip]")
         fig["sampler_grid"] = {text: score(*pair) for text, pair in zip(args.also_sample_text, args.also_sample)}
         if cfg is not None:
             fig["image_to_label_accuracy"], fig["image_to_label_n"] = image_to_label_accuracy(args, model, cfg, val_set)
@@ -528,8 +528,9 @@ def sampler_pair(text: str) -> Tuple[str, int, Optional[bool]]:
     as diffusers' ``DDIMScheduler`` does by default, and not for unidiff, whose
     ``make_scheduler`` leaves it off for latent spaces), True or False (that, for every candidate).
     DPM-Solver++ has no ``clip_sample``, so a clip suffix is DDIM's only."""
-    name, steps, *rest = text.split(":") + [""] * (":" not in text)
-    clip = {(): None, ("clip",): True, ("noclip",): False}.get(tuple(rest), "bad")
+    name, _, rest = text.partition(":")
+    steps, colon, suffix = rest.partition(":")
+    clip = {"clip": True, "noclip": False}.get(suffix, "bad") if colon else None
     if name not in ("ddim", "dpm") or not steps.isdigit() or int(steps) < 1 or clip == "bad" \
             or (name == "dpm" and clip is not None):
         raise ConfigError(f"--also-sample: {text!r} is not SAMPLER:STEPS[:clip|:noclip] (ddim or dpm, steps >= 1, "

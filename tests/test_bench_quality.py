@@ -142,6 +142,7 @@ def test_bench_quality_end_to_end_schema_and_matched_sizes(tmp_path):
     (["--also-sample", "dpm:0"], "'dpm:0'"),
     (["--also-sample", "dpm:20:clip"], "'dpm:20:clip'"),  # DPM-Solver++ has no clip_sample
     (["--also-sample", "ddim:20:clamp"], "'ddim:20:clamp'"),
+    (["--also-sample", "ddim:20:"], "'ddim:20:'"),
 ])
 def test_bench_quality_bad_input_is_one_line_and_writes_nothing(tmp_path, args, needle):
     out = tmp_path / "q.json"
@@ -268,8 +269,6 @@ def test_bench_clip_switch_clips_unidiffs_x0_and_none_keeps_its_default_off(tmp_
     _fixture(tmp_path / "fm")
     bench = _bench_module()
     args = bench.parse_args(["--root", str(tmp_path / "fm"), "--sample-batch", "4", "--precision", "fp32"])
-    bench.check_args(args)
-    args.amp = "no"
     cfg = load_config(str(REPO / "configs" / "fashion_joint_image_label.yaml"), [f"data.root={tmp_path / 'fm'}"])
     _, _, info = build_datasets(cfg.data)
     cfg = resolve_with_data(cfg, info)
