@@ -388,8 +388,7 @@ def check_args(args) -> None:
     if args.reuse is not None and not os.path.isfile(args.reuse):
         raise ConfigError(f"--reuse {args.reuse}: no such file")
     args.read_at = [read_at_pair(text) for text in args.read_at]
-    args.also_sample_text = list(args.also_sample)  # the grid's keys, as given
-    args.also_sample = [sampler_pair(text) for text in args.also_sample]
+    args.also_sample = {text: sampler_pair(text) for text in args.also_sample}  # keyed as given: the grid's keys
 
 
 # The settings two runs must share for one to reuse the other's candidates (--reuse).
@@ -483,7 +482,7 @@ def run(args) -> Dict[str, Any]:
 
         fig.update(params_total=total, params_active=active, **score(args.sampler, args.steps))
         # the sampler lever: the same model sampled otherwise, keyed as given ("SAMPLER:STEPS[:clip|:noclip]")
-        fig["sampler_grid"] = {text: score(*pair) for text, pair in zip(args.also_sample_text, args.also_sample)}
+        fig["sampler_grid"] = {text: score(*pair) for text, pair in args.also_sample.items()}
         if cfg is not None:
             fig["image_to_label_accuracy"], fig["image_to_label_n"] = image_to_label_accuracy(args, model, cfg, val_set)
             # the read-out lever: other (t_read, draws) on the same model, keyed "TxD"
